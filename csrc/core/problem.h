@@ -1,0 +1,56 @@
+// The problem descriptor: every runtime shape and option of one MoE forward call.
+// Python validates once with friendly messages; validate() here is the second line of defence
+// so that no kernel ever sees an unchecked shape.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace flashmoe {
+
+// Codes travel through the pybind11 boundary; keep in sync with python/flashmoe/_codes.py.
+enum class Activation : int32_t { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
+enum class Scoring : int32_t { softmax = 0, sigmoid = 1 };
+
+// expert_capacity == kDropless means every pick is admitted.
+constexpr int64_t kDropless = -1;
+
+struct Problem {
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int64_t ffn = 0;      // I, the intermediate size of one expert
+  int64_t experts = 0;  // E
+  int64_t top_k = 0;
+  bool gated = true;
+  Activation activation = Activation::silu;
+  Scoring scoring = Scoring::softmax;
+  bool normalize = true;
+  int64_t expert_capacity = kDropless;
+  DType dtype = DType::f32;
+  bool has_router_bias = false;
+  bool has_b1 = false;
+  bool has_b2 = false;
+
+  // Width of the first expert GEMM: gate and up projections side by side when gated.
+  FLASHMOE_HD int64_t gemm0_cols() const { return gated ? 2 * ffn : ffn; }
+  FLASHMOE_HD bool dropless() const { return expert_capacity == kDropless; }
+};
+
+// Returns nullptr when the descriptor is coherent, else a message naming the field.
+inline const char* validate(const Problem& p) {
+  if (p.tokens < 0) return "tokens must be >= 0";
+  if (p.hidden <= 0) return "hidden must be > 0";
+  if (p.ffn <= 0) return "ffn must be > 0";
+  if (p.experts <= 0) return "experts must be > 0";
+  if (p.top_k < 1 || p.top_k > p.experts) return "top_k must be in [1, experts]";
+  if (int32_t(p.activation) < 0 || int32_t(p.activation) > 3) return "activation code out of range";
+  if (int32_t(p.scoring) < 0 || int32_t(p.scoring) > 1) return "scoring code out of range";
+  if (int32_t(p.dtype) < 0 || int32_t(p.dtype) > 3) return "dtype code out of range";
+  if (p.expert_capacity < kDropless) return "expert_capacity must be >= 0, or -1 for dropless";
+  // Row indices of the expert-sorted buffers are int32 on every backend.
+  if (p.tokens * p.top_k > int64_t(INT32_MAX)) return "tokens * top_k must fit in int32";
+  return nullptr;
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,224 @@
+"""The torch custom ops ``torch.ops.flashmoe.*``: native kernels, fake (meta) kernels and autograd.
+
+``flashmoe::moe_forward`` is the operator of the contract in docs/operator.md. Its CPU kernel is
+the native C++ backend (``flashmoe._C``). Its backward is a second op, ``flashmoe::moe_backward``,
+so that both stay opaque to torch.compile and the data-dependent expert loop never reaches a graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C, reference
+
+_DTYPE_CODES = {
+    torch.float32: _C.DType.f32,
+    torch.bfloat16: _C.DType.bf16,
+    torch.float16: _C.DType.f16,
+    torch.float64: _C.DType.f64,
+}
+_NATIVE_DEVICES = ("cpu",)
+
+
+def has_native_kernel(device: torch.device) -> bool:
+    """Whether ``flashmoe::moe_forward`` has a compiled kernel for tensors on ``device``."""
+    return torch.device(device).type in _NATIVE_DEVICES
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor):
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
+    reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
+                       capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2)
+    named = dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias, b1=b1, b2=b2)
+    for name, tensor in named.items():
+        if tensor is not None and not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (row-major, stride {_row_major_strides(tensor.shape)}), "
+                             f"got stride {tuple(tensor.stride())}; call .contiguous() once, outside the hot loop")
+
+
+def _row_major_strides(shape) -> tuple:
+    strides, running = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(running)
+        running *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _empty_outputs(x, router_weight, top_k):
+    tokens, experts = x.shape[0], router_weight.shape[0]
+    accumulate = _accumulate_dtype(x.dtype)
+    return (
+        torch.empty_like(x),
+        x.new_empty((tokens, top_k), dtype=torch.int32),
+        x.new_empty((tokens, top_k), dtype=accumulate),
+        x.new_empty((experts,), dtype=torch.int32),
+        x.new_empty((tokens, experts), dtype=accumulate),
+        x.new_empty((), dtype=torch.int64),
+    )
+
+
+def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor):
+    problem = _C.Problem()
+    problem.tokens, problem.hidden = x.shape
+    problem.experts = router_weight.shape[0]
+    problem.ffn = w1.shape[1] // 2 if gated else w1.shape[1]
+    problem.top_k = top_k
+    problem.gated = gated
+    problem.activation = getattr(_C.Activation, activation)
+    problem.scoring = getattr(_C.Scoring, scoring)
+    problem.normalize = normalize
+    problem.dtype = _DTYPE_CODES[x.dtype]
+    problem.expert_capacity = (
+        -1 if capacity_factor is None
+        else _C.expert_capacity(capacity_factor, problem.tokens, top_k, problem.experts)
+    )
+    problem.has_router_bias = router_bias is not None
+    problem.has_b1 = b1 is not None
+    problem.has_b2 = b2 is not None
+    return problem
+
+
+def _address(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+@torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
+def moe_forward(
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    router_bias: Optional[Tensor],
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    top_k: int,
+    gated: bool,
+    activation: str,
+    normalize: bool,
+    scoring: str,
+    capacity_factor: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
+    expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest."""
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor)
+    if not has_native_kernel(x.device):
+        raise NotImplementedError(
+            f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
+            f"(compiled: {', '.join(_NATIVE_DEVICES)}); use flashmoe.moe(..., backend='reference')"
+        )
+    outputs = _empty_outputs(x, router_weight, top_k)
+    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    _C.moe_forward_cpu(
+        problem=_problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+                         capacity_factor),
+        x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
+        w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
+        topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
+        router_logits=_address(router_logits), dropped=_address(dropped), num_threads=torch.get_num_threads(),
+    )
+    return outputs
+
+
+@moe_forward.register_fake
+def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+                      capacity_factor):
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor)
+    return _empty_outputs(x, router_weight, top_k)
+
+
+@torch.library.custom_op("flashmoe::moe_backward", mutates_args=())
+def moe_backward(
+    grad_y: Tensor,
+    grad_topk_weights: Optional[Tensor],
+    grad_router_logits: Optional[Tensor],
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    router_bias: Optional[Tensor],
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    topk_ids: Tensor,
+    top_k: int,
+    gated: bool,
+    activation: str,
+    normalize: bool,
+    scoring: str,
+    capacity_factor: Optional[float],
+) -> list[Tensor]:
+    """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``; an absent
+    bias gets an empty tensor. The routing (topk_ids) and admission are the forward's own: the
+    selection is piecewise constant, so only the weights and the expert math carry gradient."""
+    accumulate = _accumulate_dtype(x.dtype)
+    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
+    leaves = [None if t is None else t.detach().to(accumulate).requires_grad_() for t in inputs]
+    xa, router_weight_a, w1_a, w2_a, router_bias_a, b1_a, b2_a = leaves
+    with torch.enable_grad():
+        logits = reference.router_logits(xa, router_weight_a, router_bias_a)
+        scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+        topk_weights = scores.gather(1, topk_ids.long())
+        if normalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, router_weight.shape[0])
+        admitted = reference.admit(topk_ids, router_weight.shape[0], capacity)
+        y = reference.combine(xa, w1_a, w2_a, topk_ids, topk_weights, admitted, gated=gated, activation=activation,
+                              b1=b1_a, b2=b2_a)
+        outputs, grads = [y], [grad_y.to(accumulate)]
+        if grad_topk_weights is not None:
+            outputs.append(topk_weights)
+            grads.append(grad_topk_weights.to(accumulate))
+        if grad_router_logits is not None:
+            outputs.append(logits)
+            grads.append(grad_router_logits.to(accumulate))
+        wanted = [leaf for leaf in leaves if leaf is not None]
+        found = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
+    found = iter(found)
+    result = []
+    for tensor, leaf in zip(inputs, leaves):
+        if leaf is None:
+            result.append(x.new_empty((0,)))
+            continue
+        grad = next(found)
+        result.append(torch.zeros_like(tensor) if grad is None else grad.to(tensor.dtype))
+    return result
+
+
+@moe_backward.register_fake
+def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor):
+    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
+    return [x.new_empty((0,)) if t is None else torch.empty_like(t) for t in inputs]
+
+
+_OPTIONS = ("top_k", "gated", "activation", "normalize", "scoring", "capacity_factor")
+
+
+def _setup_context(ctx, inputs, output):
+    x, router_weight, w1, w2, router_bias, b1, b2, *options = inputs
+    ctx.options = dict(zip(_OPTIONS, options))
+    ctx.has_bias = (router_bias is not None, b1 is not None, b2 is not None)
+    ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, output[1])
+
+
+def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_router_logits, _grad_dropped):
+    x, router_weight, w1, w2, router_bias, b1, b2, topk_ids = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
+                                            router_bias, b1, b2, topk_ids, **ctx.options)
+    grad_x, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2 = grads
+    has_router_bias, has_b1, has_b2 = ctx.has_bias
+    return (grad_x, grad_router_weight, grad_w1, grad_w2,
+            grad_router_bias if has_router_bias else None, grad_b1 if has_b1 else None,
+            grad_b2 if has_b2 else None, None, None, None, None, None, None)
+
+
+moe_forward.register_autograd(_backward, setup_context=_setup_context)
