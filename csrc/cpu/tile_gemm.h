@@ -26,8 +26,9 @@ const char* isa_name(Isa isa);
 // - the arithmetic producing c[i][n] depends only on row a_rows[i], row n of b and depth;
 //   never on m, on i, on which other rows share the call, or on the thread that runs it;
 // - so a token's result is the same whether it is computed alone or in a batch.
-// With accumulate=false c is overwritten; with accumulate=true the new sum is added to c
-// (one rounding per call), which callers use to split depth into fixed-size chunks.
+// With accumulate=false c is overwritten; with accumulate=true the new sum is added to c.
+// Depth is summed in chunks that depend on depth alone (depth_chunk, tile_gemm_blocking.h), each
+// added to c with one rounding; callers may split depth further with accumulate=true.
 template <typename T>
 void tile_gemm_nt(const T* const* a_rows, int64_t m, const T* b, int64_t ldb, int64_t n_cols,
                   int64_t depth, accum_t<T>* c, int64_t ldc, bool accumulate);
