@@ -156,39 +156,95 @@ def moe_backward(
 ) -> list[Tensor]:
     """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``; an absent
     bias gets an empty tensor. The routing (topk_ids) and admission are the forward's own: the
-    selection is piecewise constant, so only the weights and the expert math carry gradient."""
+    selection is piecewise constant, so only the weights and the expert math carry gradient.
+    Computed in fp32 (fp64 for fp64) with explicit formulas: an op body runs below autograd."""
     accumulate = _accumulate_dtype(x.dtype)
-    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
-    leaves = [None if t is None else t.detach().to(accumulate).requires_grad_() for t in inputs]
-    xa, router_weight_a, w1_a, w2_a, router_bias_a, b1_a, b2_a = leaves
-    with torch.enable_grad():
-        logits = reference.router_logits(xa, router_weight_a, router_bias_a)
-        scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-        topk_weights = scores.gather(1, topk_ids.long())
-        if normalize:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, router_weight.shape[0])
-        admitted = reference.admit(topk_ids, router_weight.shape[0], capacity)
-        y = reference.combine(xa, w1_a, w2_a, topk_ids, topk_weights, admitted, gated=gated, activation=activation,
-                              b1=b1_a, b2=b2_a)
-        outputs, grads = [y], [grad_y.to(accumulate)]
-        if grad_topk_weights is not None:
-            outputs.append(topk_weights)
-            grads.append(grad_topk_weights.to(accumulate))
-        if grad_router_logits is not None:
-            outputs.append(logits)
-            grads.append(grad_router_logits.to(accumulate))
-        wanted = [leaf for leaf in leaves if leaf is not None]
-        found = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
-    found = iter(found)
-    result = []
-    for tensor, leaf in zip(inputs, leaves):
-        if leaf is None:
-            result.append(x.new_empty((0,)))
-            continue
-        grad = next(found)
-        result.append(torch.zeros_like(tensor) if grad is None else grad.to(tensor.dtype))
-    return result
+    xa, router_weight_a, w1_a, w2_a, router_bias_a, b1_a, b2_a = (
+        None if t is None else t.to(accumulate) for t in (x, router_weight, w1, w2, router_bias, b1, b2))
+    num_experts = router_weight.shape[0]
+    ids = topk_ids.long()
+
+    # Forward quantities of the router.
+    logits = reference.router_logits(xa, router_weight_a, router_bias_a)
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    picked_scores = scores.gather(1, ids)
+    picked_sum = picked_scores.sum(dim=-1, keepdim=True)
+    weights = picked_scores / picked_sum if normalize else picked_scores
+    capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, num_experts)
+    admitted = reference.admit(topk_ids, num_experts, capacity)
+
+    # Experts: y[t] += w[t, j] * (h · W2ᵀ + b2),  h = act(z) (⊙ up),  z = x · W1ᵀ + b1.
+    grad_y = grad_y.to(accumulate)
+    grad_weights = torch.zeros_like(weights)
+    grad_x = torch.zeros_like(xa)
+    grad_w1, grad_w2 = torch.zeros_like(w1_a), torch.zeros_like(w2_a)
+    grad_b1 = None if b1 is None else torch.zeros_like(b1_a)
+    grad_b2 = None if b2 is None else torch.zeros_like(b2_a)
+    for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
+        token, slot = picks // top_k, picks % top_k
+        expert_x, w1_e, w2_e = xa[token], w1_a[expert], w2_a[expert]
+        z = expert_x @ w1_e.T + (0 if b1 is None else b1_a[expert])
+        if gated:
+            gate, up = z.chunk(2, dim=-1)
+            activated, activated_grad = _activation_with_grad(gate, activation)
+            h = activated * up
+        else:
+            activated, activated_grad = _activation_with_grad(z, activation)
+            h = activated
+        out = h @ w2_e.T + (0 if b2 is None else b2_a[expert])
+        grad_token = grad_y[token]
+        grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
+        grad_out = weights[token, slot].unsqueeze(1) * grad_token
+        grad_w2[expert] = grad_out.T @ h
+        if grad_b2 is not None:
+            grad_b2[expert] = grad_out.sum(dim=0)
+        grad_h = grad_out @ w2_e
+        grad_z = torch.cat([grad_h * up * activated_grad, grad_h * activated], dim=-1) if gated \
+            else grad_h * activated_grad
+        grad_w1[expert] = grad_z.T @ expert_x
+        if grad_b1 is not None:
+            grad_b1[expert] = grad_z.sum(dim=0)
+        grad_x.index_add_(0, token, grad_z @ w1_e)
+
+    # Router: weights -> picked scores -> all scores -> logits.
+    if grad_topk_weights is not None:
+        grad_weights = grad_weights + grad_topk_weights.to(accumulate)
+    if normalize:
+        grad_picked = (grad_weights - (grad_weights * weights).sum(dim=-1, keepdim=True)) / picked_sum
+    else:
+        grad_picked = grad_weights
+    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
+    if scoring == "softmax":
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+    else:
+        grad_logits = grad_scores * scores * (1 - scores)
+    if grad_router_logits is not None:
+        grad_logits = grad_logits + grad_router_logits.to(accumulate)
+    grad_x += grad_logits @ router_weight_a
+    grad_router_weight = grad_logits.T @ xa
+    grad_router_bias = None if router_bias is None else grad_logits.sum(dim=0)
+
+    grads = (grad_x, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2)
+    inputs = (x, router_weight, w1, w2, router_bias, b1, b2)
+    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """act(v) and act'(v), elementwise."""
+    if activation == "silu":
+        sigmoid = torch.sigmoid(v)
+        return v * sigmoid, sigmoid * (1 + v * (1 - sigmoid))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(v * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * v * v) * 0.3989422804014327
+        return v * cdf, cdf + v * pdf
+    if activation == "gelu_tanh":
+        inner_grad = 0.7978845608028654 * (1 + 3 * 0.044715 * v * v)
+        t = torch.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
+        return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * inner_grad
+    if activation == "relu":
+        return torch.relu(v), (v > 0).to(v.dtype)
+    raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
 @moe_backward.register_fake
