@@ -318,10 +318,14 @@ def test_expert_capacity_expression():
     assert reference.expert_capacity(None, 100, 2, 8) is None
     assert reference.expert_capacity(1.0, 100, 2, 8) == 25
     assert reference.expert_capacity(1.25, 100, 2, 8) == 32  # 31.25 rounds up
-    # Left to right in doubles: 2.2 * 25 * 3 / 3 = 55.00000000000001, so the ceil is 56;
-    # grouping 2.2 * (25 * 3) / 3 would give exactly 55.
-    assert reference.expert_capacity(2.2, 25, 3, 3) == 56
+    # Left to right in doubles: 1.1 * 45 * 2 / 3 = 33.00000000000001, so the ceil is 34;
+    # grouping 1.1 * (45 * 2 / 3) would give exactly 33.
+    assert reference.expert_capacity(1.1, 45, 2, 3) == 34
     assert reference.expert_capacity(2, 0, 4, 8) == 0
+    # Clamped to T: an expert never gets more picks than there are tokens.
+    assert reference.expert_capacity(2.2, 25, 3, 3) == 25
+    assert reference.expert_capacity(1e300, 10, 8, 2) == 10
+    assert reference.expert_capacity(1e308, 10**6, 8, 2) == 10**6  # the product overflows to inf
 
 
 @pytest.mark.parametrize("capacity_factor,exc", [

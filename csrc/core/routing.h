@@ -27,8 +27,14 @@ FLASHMOE_HD void score_experts(const Acc* logits, int64_t experts, Scoring scori
   for (int64_t e = 0; e < experts; ++e) scores[e] /= sum;
 }
 
-// Picks the top_k highest scores. A strict '>' keeps the lower index on ties, and a NaN score
-// never wins a comparison, so NaN logits still yield distinct, in-range expert ids.
+// Orders scores as a descending sort that puts NaN first (torch.sort's order): a NaN outranks
+// every number, and a strict comparison keeps the lower index on ties, NaN ties included.
+template <typename Acc>
+FLASHMOE_HD bool outranks(Acc a, Acc b) {
+  return a != a ? b == b : a > b;
+}
+
+// Picks the top_k highest scores under outranks(); the ids are always distinct and in range.
 template <typename Acc>
 FLASHMOE_HD void select_top_k(const Acc* scores, int64_t experts, int64_t top_k, bool normalize,
                               int32_t* topk_ids, Acc* topk_weights) {
@@ -38,7 +44,7 @@ FLASHMOE_HD void select_top_k(const Acc* scores, int64_t experts, int64_t top_k,
       bool taken = false;
       for (int64_t i = 0; i < j; ++i) taken = taken || topk_ids[i] == int32_t(e);
       if (taken) continue;
-      if (best < 0 || scores[e] > scores[best]) best = e;
+      if (best < 0 || outranks(scores[e], scores[best])) best = e;
     }
     topk_ids[j] = int32_t(best);
     topk_weights[j] = scores[best];

@@ -59,6 +59,8 @@ def moe(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
     if backend == "auto":
         backend = "native" if ops.has_native_kernel(x.device) else "reference"
         if backend == "reference" and x.device.type not in _warned_devices:
@@ -68,8 +70,8 @@ def moe(
                    capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2)
     if backend == "reference":
         return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options)
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise TypeError(f"x must be a tensor with at least 1 dimension [..., H], got {type(x).__name__}")
+    # Validated here, before the op's schema coerces Python values (True -> 1, "1.0" -> 1.0).
+    reference.validate(x, router_weight, w1, w2, **options)
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,

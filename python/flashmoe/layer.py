@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .functional import moe
+from .functional import BACKENDS, moe
 
 # HF transformers activation modules, by class name, mapped to our activation names.
 _HF_ACTIVATIONS = {
@@ -78,6 +78,8 @@ class MoE(nn.Module):
         if scoring not in reference.SCORINGS:
             raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
         reference.expert_capacity(capacity_factor, 1, top_k, num_experts)  # validates capacity_factor
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         factory = dict(device=device, dtype=dtype)
         rows = 2 * ffn_size if gated else ffn_size
         self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k

@@ -32,11 +32,12 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor):
+def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+              capacity_factor):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
-                       capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2)
+                       capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize)
     named = dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias, b1=b1, b2=b2)
     for name, tensor in named.items():
         if tensor is not None and not tensor.is_contiguous():
@@ -108,7 +109,8 @@ def moe_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
     expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest."""
-    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor)
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+              capacity_factor)
     if not has_native_kernel(x.device):
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
@@ -130,7 +132,8 @@ def moe_forward(
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
                       capacity_factor):
-    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, scoring, capacity_factor)
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+              capacity_factor)
     return _empty_outputs(x, router_weight, top_k)
 
 

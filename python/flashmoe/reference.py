@@ -136,6 +136,7 @@ def validate(
     router_bias,
     b1,
     b2,
+    normalize=True,
 ) -> None:
     """Check the arguments of :func:`moe`; raise naming the argument and what was expected.
 
@@ -200,6 +201,8 @@ def validate(
     if not isinstance(scoring, str):
         raise TypeError(f"scoring must be a str, one of {SCORINGS}, got {type(scoring).__name__}")
     _check_scoring(scoring)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     _check_capacity_factor(capacity_factor)
 
 
@@ -253,11 +256,14 @@ def expert_capacity(capacity_factor, num_tokens: int, top_k: int, num_experts: i
 
     The expression is evaluated left to right in Python (IEEE double) floats; the C++
     side evaluates the same expression in the same order, so both agree bit for bit.
+    The result is clamped to T: an expert never receives more picks than there are tokens,
+    so a larger capacity admits the same picks, and a huge factor cannot overflow.
     """
     _check_capacity_factor(capacity_factor)
     if capacity_factor is None:
         return None
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    capacity = capacity_factor * num_tokens * top_k / num_experts
+    return min(math.ceil(capacity), num_tokens) if math.isfinite(capacity) else num_tokens
 
 
 def admit(topk_ids: Tensor, num_experts: int, capacity: Optional[int]) -> Tensor:
@@ -375,7 +381,7 @@ def moe(
     """
     validate(
         x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
-        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
+        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
     )
     hidden = x.shape[-1]
     num_experts = router_weight.shape[0]
