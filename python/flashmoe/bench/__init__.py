@@ -1,0 +1,16 @@
+"""flashmoe-bench: the benchmark command line (see bench/README.md).
+
+configs   named layer shapes, FLOP and byte counts
+problem   random weights and rotating inputs
+routing   uniform and skewed (Zipf router bias) routing
+baselines HF-style expert loop, torch._grouped_mm, dense-matmul floor
+backends  --backend names -> runners
+timing    perf_counter / CUDA-event timers
+memory    will a configuration fit
+report    header, table, JSON
+cli       argument parsing and the sweep
+"""
+
+from .cli import main
+
+__all__ = ["main"]

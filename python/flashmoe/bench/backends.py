@@ -1,0 +1,87 @@
+"""Backend names accepted by --backend, and how each one is built for a problem.
+
+A builder takes a MoEProblem and returns a runner: runner(i) computes the layer
+on the problem's i-th rotating input. Building may do setup work that is not
+timed (the floor repeats its inputs there).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from . import baselines
+from .problem import MoEProblem
+
+Runner = Callable[[int], torch.Tensor]
+FLOOR_BACKEND = "dense-matmul-floor"
+REFERENCE_BACKEND = "reference"
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run in this installation (not built, too old a torch)."""
+
+
+def _flashmoe_native(problem: MoEProblem) -> Runner:
+    import flashmoe
+
+    moe = getattr(flashmoe, "moe", None)
+    if moe is None:
+        raise BackendUnavailable(
+            "native backend unavailable: flashmoe.moe is not defined in this checkout "
+            "(python/flashmoe/ops.py); use --backend reference,hf-loop")
+    weights, options = problem.weights, problem.moe_options()
+    return lambda index: moe(problem.inputs[index], weights.router_weight, weights.w1, weights.w2,
+                             backend="native", **options)
+
+
+def _flashmoe_reference(problem: MoEProblem) -> Runner:
+    try:
+        from flashmoe import reference
+    except ImportError as error:
+        raise BackendUnavailable(f"reference backend unavailable: {error}") from None
+    weights, options = problem.weights, problem.moe_options()
+    return lambda index: reference.moe(problem.inputs[index], weights.router_weight, weights.w1,
+                                       weights.w2, **options)
+
+
+def _baseline(function) -> Callable[[MoEProblem], Runner]:
+    def build(problem: MoEProblem) -> Runner:
+        weights, options = problem.weights, problem.moe_options()
+        return lambda index: function(problem.inputs[index], weights.router_weight, weights.w1,
+                                      weights.w2, **options)
+    return build
+
+
+def _grouped_mm(problem: MoEProblem) -> Runner:
+    if not baselines.grouped_mm_available():
+        raise BackendUnavailable(f"grouped-mm unavailable: torch {torch.__version__} has no torch._grouped_mm")
+    return _baseline(baselines.grouped_mm_moe)(problem)
+
+
+def _dense_matmul_floor(problem: MoEProblem) -> Runner:
+    shape, weights = problem.shape, problem.weights
+    return baselines.DenseMatmulFloor(problem.inputs, weights.router_weight, weights.w1, weights.w2,
+                                      top_k=shape.top_k, gated=shape.gated, activation=shape.activation)
+
+
+BACKENDS: Dict[str, Callable[[MoEProblem], Runner]] = {
+    "native": _flashmoe_native,
+    REFERENCE_BACKEND: _flashmoe_reference,
+    "hf-loop": _baseline(baselines.hf_loop_moe),
+    "grouped-mm": _grouped_mm,
+}
+
+BACKEND_HELP = {
+    "native": "flashmoe.moe(backend='native'): the C++/CUDA op",
+    REFERENCE_BACKEND: "flashmoe.reference.moe: the pure-PyTorch specification",
+    "hf-loop": "HF transformers 5 Mixtral-style Python loop over hit experts",
+    "grouped-mm": "sort by expert + torch._grouped_mm (where torch has it)",
+}
+
+
+def build_runner(backend: str, problem: MoEProblem) -> Runner:
+    if backend == FLOOR_BACKEND:
+        return _dense_matmul_floor(problem)
+    return BACKENDS[backend](problem)

@@ -1,0 +1,84 @@
+"""The tensors one benchmark row runs on: random weights and rotating inputs.
+
+Weights are drawn once per (shape, dtype) and shared by every backend, token
+count and routing regime. Nothing is zero: a kernel that skips zeros or hits a
+degenerate routing would time something the layer never does in practice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .configs import LayerShape, dtype_bytes
+
+# Rotate through enough inputs that together they overflow a 64 MiB cache twice.
+ROTATION_BYTES = 128 * 2**20
+MAX_ROTATING_INPUTS = 16
+
+
+@dataclass
+class ExpertWeights:
+    router_weight: torch.Tensor  # [E, H], std 1/sqrt(H) so router logits are O(1)
+    w1: torch.Tensor             # [E, N0, H], N0 = 2I gated (gate rows first) or I
+    w2: torch.Tensor             # [E, H, I]
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def make_weights(shape: LayerShape, dtype: torch.dtype, device: torch.device, seed: int) -> ExpertWeights:
+    """Normal weights with std 1/sqrt(fan_in), drawn directly in `dtype` (no fp32 copy)."""
+    generator = make_generator(device, seed)
+    hidden, ffn, experts = shape.hidden_size, shape.ffn_size, shape.num_experts
+
+    def normal(*size: int, fan_in: int) -> torch.Tensor:
+        tensor = torch.empty(size, dtype=dtype, device=device)
+        return tensor.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+
+    return ExpertWeights(
+        router_weight=normal(experts, hidden, fan_in=hidden),
+        w1=normal(experts, shape.w1_rows, hidden, fan_in=hidden),
+        w2=normal(experts, hidden, ffn, fan_in=ffn),
+    )
+
+
+def rotating_input_count(tokens: int, hidden_size: int, dtype: torch.dtype, iters: int) -> int:
+    """Enough inputs to overflow the cache, but no more than the timed iterations use."""
+    input_bytes = tokens * hidden_size * dtype_bytes(dtype)
+    wanted = min(MAX_ROTATING_INPUTS, math.ceil(ROTATION_BYTES / input_bytes), iters)
+    return max(2, wanted)
+
+
+@dataclass
+class MoEProblem:
+    """Everything a backend needs for one (shape, dtype, routing, T) row."""
+
+    shape: LayerShape
+    weights: ExpertWeights
+    router_bias: Optional[torch.Tensor]  # [E] fp32, or None for uniform routing
+    inputs: List[torch.Tensor]           # rotating x tensors, each [T, H], N(0, 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def moe_options(self) -> dict:
+        """Keyword arguments of flashmoe.moe / flashmoe.reference.moe, minus weights."""
+        shape = self.shape
+        return dict(top_k=shape.top_k, gated=shape.gated, activation=shape.activation,
+                    normalize=shape.normalize, scoring=shape.scoring,
+                    capacity_factor=shape.capacity_factor, router_bias=self.router_bias)
+
+
+def make_inputs(shape: LayerShape, tokens: int, dtype: torch.dtype, device: torch.device,
+                seed: int, count: int) -> List[torch.Tensor]:
+    generator = make_generator(device, seed)
+    return [torch.randn(tokens, shape.hidden_size, generator=generator, device=device).to(dtype)
+            for _ in range(count)]

@@ -1,0 +1,182 @@
+"""flashmoe-bench: the command line runs in-process on tiny shapes, and its baselines are fair."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashmoe
+from flashmoe import reference
+from flashmoe.bench import baselines, cli, configs, memory, routing
+
+TINY_SHAPE = ["--hidden", "32", "--ffn", "16", "--experts", "8", "--top-k", "2"]
+FAST = ["--tokens", "1,5", "--iters", "2", "--warmup", "1", "--budget", "0", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes run fastest on one thread, and a busy machine stalls OpenMP barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ROW_KEYS = {"config", "shape", "dtype", "tokens", "routing", "backend", "status", "error", "median_ms",
+            "p10_ms", "p90_ms", "min_ms", "max_ms", "samples_ms", "iterations", "tokens_per_s", "tflops",
+            "flops", "speedup_vs_reference", "routing_stats"}
+
+
+def run_cli(tmp_path, capsys, *flags):
+    json_path = tmp_path / "out" / "bench.json"
+    exit_code = cli.main([*TINY_SHAPE, *FAST, "--json", str(json_path), *flags])
+    captured = capsys.readouterr()
+    results = json.loads(json_path.read_text()) if json_path.exists() else None
+    return exit_code, captured, results
+
+
+def assert_ok_rows(rows):
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["status"] == "ok", row["error"]
+        assert len(row["samples_ms"]) == row["iterations"] == 2
+        for key in ("median_ms", "p10_ms", "p90_ms", "tokens_per_s", "tflops"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+
+
+def test_cli_reference_and_hf_loop(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop",
+                                           "--dtype", "fp32,bf16", "--floors")
+    assert exit_code == 0, captured.err
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 3  # dtypes x tokens x (2 backends + floor)
+    assert_ok_rows(rows)
+    assert {row["backend"] for row in rows} == {"reference", "hf-loop", "dense-matmul-floor"}
+    assert all(row["speedup_vs_reference"] == 1.0 for row in rows if row["backend"] == "reference")
+    assert rows[0]["flops"] == configs.useful_flops(configs.custom_shape(32, 16, 8, 2), rows[0]["tokens"])
+    for key in ("torch", "device", "device_name", "threads", "argv", "timestamp", "flashmoe"):
+        assert key in results["environment"]
+    # the table: header row, then one line per row
+    assert "median ms" in captured.out and "TFLOP/s" in captured.out and "vs ref" in captured.out
+    assert captured.out.count("H32-I16-E8-k2") >= len(rows)
+
+
+def test_cli_skewed_plain_sigmoid(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop",
+                                           "--routing", "skewed", "--plain", "--activation", "gelu",
+                                           "--scoring", "sigmoid", "--no-normalize")
+    assert exit_code == 0, captured.err
+    assert_ok_rows(results["rows"])
+    assert all("hot_pick_fraction" in row["routing_stats"] for row in results["rows"])
+    assert "plain gelu sigmoid" in results["rows"][0]["shape"]
+
+
+@pytest.mark.skipif(not hasattr(flashmoe, "moe"), reason="flashmoe.moe is not written yet")
+def test_cli_native_backend(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "native,reference")
+    assert exit_code == 0, captured.out + captured.err
+    assert_ok_rows(results["rows"])
+
+
+def test_failing_backend_is_reported_and_the_run_continues(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "hf-loop,reference",
+                                           "--capacity-factor", "1.0")
+    assert exit_code == 1
+    failed = [row for row in results["rows"] if row["status"] != "ok"]
+    assert {row["backend"] for row in failed} == {"hf-loop"}
+    assert "capacity_factor=None" in failed[0]["error"]
+    assert_ok_rows([row for row in results["rows"] if row["backend"] == "reference"])
+    assert "error: NotImplementedError" in captured.out
+    assert "rows failed" in captured.err
+
+
+@pytest.mark.parametrize("flags, flag_name", [
+    (["--config", "no-such-model"], "--config"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--tokens", "0"], "--tokens"),
+    (["--tokens", "4,-1"], "--tokens"),
+    (["--backend", "cutlass"], "--backend"),
+    (["--routing", "zipf"], "--routing"),
+    (["--hidden", "64"], "--ffn"),
+    (["--config", "olmoe", "--top-k", "99"], "--top-k"),
+])
+def test_bad_flags_exit_nonzero_naming_the_flag(capsys, flags, flag_name):
+    assert cli.main(flags) != 0
+    assert flag_name in capsys.readouterr().err
+
+
+def test_refuses_shapes_that_do_not_fit(capsys, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**30)
+    assert cli.main(["--config", "olmoe", "--dtype", "fp32", "--tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "olmoe fp32" in err and "--experts" in err
+
+
+def test_deepseek_fp32_weight_estimate():
+    size = configs.weight_bytes(configs.NAMED_CONFIGS["deepseek-v3"], torch.float32)
+    assert 44e9 < size < 46e9
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "flashmoe.bench", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "olmoe" in result.stdout and "skewed" in result.stdout
+
+
+def _random_layer(generator, *, tokens, hidden, ffn, experts, gated, dtype=torch.float32):
+    def normal(*size, std):
+        return (torch.randn(*size, generator=generator) * std).to(dtype)
+
+    w1_rows = 2 * ffn if gated else ffn
+    return (normal(tokens, hidden, std=1.0), normal(experts, hidden, std=hidden ** -0.5),
+            normal(experts, w1_rows, hidden, std=hidden ** -0.5), normal(experts, hidden, ffn, std=ffn ** -0.5))
+
+
+BASELINE_CASES = [
+    dict(gated=True, activation="silu", scoring="softmax", normalize=True, bias=False),
+    dict(gated=True, activation="silu", scoring="softmax", normalize=False, bias=True),
+    dict(gated=True, activation="gelu_tanh", scoring="sigmoid", normalize=True, bias=True),
+    dict(gated=False, activation="gelu", scoring="softmax", normalize=True, bias=False),
+    dict(gated=False, activation="relu", scoring="sigmoid", normalize=False, bias=False),
+]
+BASELINES = [baselines.hf_loop_moe] + ([baselines.grouped_mm_moe] if baselines.grouped_mm_available() else [])
+
+
+@pytest.mark.parametrize("baseline", BASELINES, ids=lambda function: function.__name__)
+@pytest.mark.parametrize("case", BASELINE_CASES, ids=str)
+def test_baselines_match_reference_fp32(baseline, case):
+    generator = torch.Generator().manual_seed(1234)
+    x, router_weight, w1, w2 = _random_layer(generator, tokens=37, hidden=48, ffn=24, experts=16,
+                                             gated=case["gated"])
+    router_bias = torch.randn(16, generator=generator) if case["bias"] else None
+    options = dict(top_k=4, gated=case["gated"], activation=case["activation"], scoring=case["scoring"],
+                   normalize=case["normalize"], router_bias=router_bias)
+    expected = reference.moe(x, router_weight, w1, w2, **options)
+    actual = baseline(x, router_weight, w1, w2, **options)
+    assert actual.dtype == x.dtype and actual.shape == x.shape
+    rel_err = ((actual - expected).norm() / expected.norm()).item()
+    assert rel_err <= 1e-5, rel_err
+
+
+def test_baselines_refuse_capacity():
+    generator = torch.Generator().manual_seed(0)
+    x, router_weight, w1, w2 = _random_layer(generator, tokens=4, hidden=8, ffn=4, experts=4, gated=True)
+    with pytest.raises(NotImplementedError, match="capacity_factor=None"):
+        baselines.hf_loop_moe(x, router_weight, w1, w2, top_k=2, capacity_factor=1.0)
+
+
+def test_skewed_bias_puts_about_half_the_picks_on_the_hot_experts():
+    shape = configs.custom_shape(64, 16, 32, 2)
+    router_weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) / 8
+    skew = routing.skewed_router_bias(shape, router_weight, torch.Generator().manual_seed(4))
+    assert int(skew.hot_experts.sum()) == routing.hot_expert_count(shape) == 4
+    fresh_tokens = torch.randn(4096, 64, generator=torch.Generator().manual_seed(5))
+    stats = routing.routing_stats(shape, fresh_tokens, router_weight, skew.router_bias, skew.hot_experts)
+    assert 0.4 <= stats["hot_pick_fraction"] <= 0.6, stats
+    uniform = routing.routing_stats(shape, fresh_tokens, router_weight, None, skew.hot_experts)
+    assert uniform["hot_pick_fraction"] < 0.3, uniform
