@@ -218,7 +218,7 @@ def empty_outputs(problem: dict, top_k: int, *, poison: bool = False) -> dict:
 
 
 def call_native_raw(problem: dict, *, top_k, gated=True, activation="silu", normalize=True, scoring="softmax",
-                    capacity_factor=None, num_threads=1, schedule=0, outputs=None) -> dict:
+                    capacity_factor=None, num_threads=1, outputs=None) -> dict:
     """Runs flashmoe._C.moe_forward_cpu directly; returns the dict of output tensors."""
     x = problem["x"]
     hidden = x.shape[1]
@@ -241,7 +241,7 @@ def call_native_raw(problem: dict, *, top_k, gated=True, activation="silu", norm
         w2=address("w2", problem), b2=address("b2", problem), y=address("y", outputs),
         topk_ids=address("topk_ids", outputs), topk_weights=address("topk_weights", outputs),
         expert_counts=address("expert_counts", outputs), router_logits=address("router_logits", outputs),
-        dropped=address("dropped", outputs), num_threads=num_threads, schedule=schedule,
+        dropped=address("dropped", outputs), num_threads=num_threads,
     )
     return outputs
 

@@ -202,13 +202,6 @@ def test_native_null_and_inconsistent_pointers(pointer):
         _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
 
 
-@pytest.mark.parametrize("schedule", (-1, 3))
-def test_native_rejects_schedule(schedule):
-    problem = base_problem()
-    with pytest.raises(ValueError, match="schedule"):
-        call_native_raw(problem, top_k=2, schedule=schedule)
-
-
 @pytest.mark.parametrize("capacity_factor", (math.nan, math.inf, 0.0, -1.0))
 def test_native_expert_capacity_rejects(capacity_factor):
     with pytest.raises(ValueError, match="capacity_factor"):

@@ -1,5 +1,5 @@
 """The native CPU backend's own promises: bit-reproducible results (runs, thread counts,
-schedules, batch composition), every output element written, NaN/inf inputs that propagate
+processor counts, batch composition), every output element written, NaN/inf inputs that propagate
 without hanging or crashing, and a large token count."""
 
 import resource
@@ -73,15 +73,13 @@ def test_thread_count_invariant(config, dtype, num_threads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
-def test_fused_and_split_schedules_identical(config, dtype):
+def test_processor_counts_identical(config, dtype):
+    """Processors pick tasks in whatever order they race to; the bits must not care."""
     problem = _problem(config, dtype, seed=2)
     top_k, options = config[4], config[5]
-    runs = {(schedule, threads): call_native_raw(problem, top_k=top_k, num_threads=threads, schedule=schedule,
-                                                 **options)
-            for schedule in (0, 1, 2) for threads in (1, 2)}
-    base = runs[(1, 1)]
-    for key, outputs in runs.items():
-        assert_same_outputs(base, outputs, f"schedule/threads (1, 1) and {key}")
+    runs = {threads: call_native_raw(problem, top_k=top_k, num_threads=threads, **options) for threads in (1, 2, 5)}
+    for threads, outputs in runs.items():
+        assert_same_outputs(runs[1], outputs, f"1 and {threads} processors")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -108,13 +106,13 @@ def test_batch_invariance(gated, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("capacity_factor", (None, 0.5))
-@pytest.mark.parametrize("schedule", (1, 2))
-def test_poisoned_outputs_fully_written(schedule, capacity_factor, dtype):
+@pytest.mark.parametrize("threads", (1, 2))
+def test_poisoned_outputs_fully_written(threads, capacity_factor, dtype):
     tokens, experts, top_k = 77, 8, 2
     problem = make_problem(5, tokens=tokens, hidden=67, ffn=300, experts=experts, dtype=dtype, router_bias=True,
                            expert_bias=True, top_k=top_k)
     outputs = empty_outputs(problem, top_k, poison=True)
-    call_native_raw(problem, top_k=top_k, capacity_factor=capacity_factor, num_threads=2, schedule=schedule,
+    call_native_raw(problem, top_k=top_k, capacity_factor=capacity_factor, num_threads=threads,
                     outputs=outputs)
     for name in ("y", "topk_weights", "router_logits"):
         assert not outputs[name].isnan().any(), f"{name} has unwritten (NaN) elements"

@@ -1,5 +1,5 @@
-// The CPU backend's MoE forward: route, assign capacity slots, expert tile GEMMs over the
-// slotted tokens, then combine in fixed order. The same stages as the GPU kernel.
+// The CPU backend's single-rank MoE forward: the dataflow runtime (cpu/dataflow.h) at world
+// size 1, on a cached cluster. One code path for one rank and for many.
 #pragma once
 
 #include <cstdint>
@@ -26,15 +26,6 @@ struct MoETensors {
   int64_t* dropped;           // [1]                                 (output)
 };
 
-// How expert work is cut into tasks. Both give bit-identical results (the tile GEMM is
-// batch-invariant), so the choice is purely about parallelism.
-enum class ExpertSchedule : int32_t {
-  automatic = 0,
-  fused = 1,  // one task per (expert, row tile): GEMM0 -> activation -> GEMM1, h stays per worker
-  split = 2,  // GEMM0 tasks per (expert, row tile, ffn chunk), then GEMM1 tasks per (.., hidden chunk)
-};
-
-void moe_forward(const Problem& problem, const MoETensors& tensors, int num_threads,
-                 ExpertSchedule schedule = ExpertSchedule::automatic);
+void moe_forward(const Problem& problem, const MoETensors& tensors, int num_threads);
 
 }  // namespace flashmoe::cpu

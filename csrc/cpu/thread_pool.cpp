@@ -30,9 +30,11 @@ class ThreadPool {
 
   int size() const { return int(threads_.size()); }
 
-  void run(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
+  // team: worker w runs exactly task w, so all num_threads tasks run at the same time.
+  void run(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn, bool team) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      team_ = team;
       job_ = &fn;
       num_tasks_ = num_tasks;
       next_task_.store(0, std::memory_order_relaxed);
@@ -51,16 +53,24 @@ class ThreadPool {
 
  private:
   void drain(int worker) {
+    if (team_) {
+      run_task(worker, worker);
+      return;
+    }
     for (;;) {
       const int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
       if (task >= num_tasks_) return;
-      try {
-        (*job_)(task, worker);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_task_.store(num_tasks_, std::memory_order_relaxed);  // stop handing out work
-      }
+      run_task(task, worker);
+    }
+  }
+
+  void run_task(int64_t task, int worker) {
+    try {
+      (*job_)(task, worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_task_.store(num_tasks_, std::memory_order_relaxed);  // stop handing out work
     }
   }
 
@@ -87,6 +97,7 @@ class ThreadPool {
   int64_t num_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
   int active_workers_ = 0;
+  bool team_ = false;
   int pending_ = 0;
   uint64_t generation_ = 0;
   bool stopping_ = false;
@@ -103,6 +114,17 @@ void forget_pool_in_child() {
   pool = nullptr;
 }
 
+void run_on_pool(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn, bool team) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  static std::once_flag registered;
+  std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
+  if (pool == nullptr || pool->size() < num_threads - 1) {
+    delete pool;
+    pool = new ThreadPool(num_threads - 1);
+  }
+  pool->run(num_tasks, num_threads, fn, team);
+}
+
 }  // namespace
 
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
@@ -112,14 +134,15 @@ void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(i
     for (int64_t task = 0; task < num_tasks; ++task) fn(task, 0);
     return;
   }
-  std::lock_guard<std::mutex> lock(pool_mutex);
-  static std::once_flag registered;
-  std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
-  if (pool == nullptr || pool->size() < num_threads - 1) {
-    delete pool;
-    pool = new ThreadPool(num_threads - 1);
+  run_on_pool(num_tasks, num_threads, fn, false);
+}
+
+void run_team(int team_size, const std::function<void(int member)>& fn) {
+  if (team_size <= 1) {
+    fn(0);
+    return;
   }
-  pool->run(num_tasks, num_threads, fn);
+  run_on_pool(team_size, team_size, [&](int64_t task, int) { fn(int(task)); }, true);
 }
 
 }  // namespace flashmoe::cpu

@@ -15,4 +15,8 @@ namespace flashmoe::cpu {
 // rethrown here after all workers stop. Concurrent calls from several threads are serialized.
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t task, int worker)>& fn);
 
+// Runs fn(member) for member in [0, team_size), each on its own thread, all at the same time
+// (the caller is member 0), so members may wait on each other. Exceptions as in parallel_for.
+void run_team(int team_size, const std::function<void(int member)>& fn);
+
 }  // namespace flashmoe::cpu

@@ -1,0 +1,34 @@
+// The task-count bound: how a rank knows its last task is its last, with no global barrier.
+//
+// Before any signal arrives, a rank counts every cell (source, local expert) at its largest
+// possible size, plus the combine of its own tokens. Each arriving SignalWord carries the cell's
+// real row count and lowers the bound by the difference. Every cell can hold at least one task,
+// so while any signal is missing the bound stays above what can have completed; completed ==
+// bound therefore means every signal has arrived and every task has run.
+#pragma once
+
+#include <cstdint>
+
+#include "core/expert_placement.h"
+#include "core/tiling.h"
+
+namespace flashmoe {
+
+struct TaskBound {
+  Tiling tiling;
+  ExpertPlacement placement;
+  int64_t max_cell_rows = 0;  // rows one source can send one expert: its token count at most
+  int64_t ffn = 0;
+  int64_t hidden = 0;
+
+  FLASHMOE_HD int64_t cell_tasks(int64_t rows) const { return tiling.cell_tasks(rows, ffn, hidden); }
+  // Upper bound for a rank that will combine `own_tokens` tokens.
+  FLASHMOE_HD int64_t initial(int64_t own_tokens) const {
+    return placement.world_size * placement.local_experts() * cell_tasks(max_cell_rows) +
+           tiling.token_tiles(own_tokens);
+  }
+  // How much the bound drops when a cell turns out to have `rows` rows.
+  FLASHMOE_HD int64_t correction(int64_t rows) const { return cell_tasks(max_cell_rows) - cell_tasks(rows); }
+};
+
+}  // namespace flashmoe

@@ -1,0 +1,599 @@
+#include "cpu/dataflow.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "core/capacity.h"
+#include "core/heap_layout.h"
+#include "core/routing.h"
+#include "core/signal_word.h"
+#include "core/task.h"
+#include "core/task_bound.h"
+#include "cpu/expert_tiles.h"
+#include "cpu/thread_pool.h"
+#include "cpu/tile_gemm.h"
+
+namespace flashmoe::cpu {
+namespace {
+
+// Flags live in raw heap bytes, as NVSHMEM signals do; these are the only accesses to them.
+uint64_t load_acquire(const std::byte* address) {
+  return __atomic_load_n(reinterpret_cast<const uint64_t*>(address), __ATOMIC_ACQUIRE);
+}
+void store_release(std::byte* address, uint64_t value) {
+  __atomic_store_n(reinterpret_cast<uint64_t*>(address), value, __ATOMIC_RELEASE);
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Thrown by a member that stops because another member failed; never leaves the runtime.
+struct Aborted {};
+
+struct AlignedFree {
+  void operator()(std::byte* bytes) const { std::free(bytes); }
+};
+using HeapBytes = std::unique_ptr<std::byte[], AlignedFree>;
+
+HeapBytes aligned_bytes(int64_t bytes) {
+  const size_t size = size_t(HeapLayout::align(std::max<int64_t>(bytes, 1)));
+  auto* memory = static_cast<std::byte*>(std::aligned_alloc(HeapLayout::kAlignment, size));
+  if (memory == nullptr) throw std::bad_alloc();
+  return HeapBytes(memory);
+}
+
+// A row tile whose GEMM0 tasks wait for a free intermediate buffer.
+struct PendingRowTile {
+  int32_t source;
+  int32_t local_expert;
+  int32_t row_tile;
+};
+
+}  // namespace
+
+// Everything a rank owns: its heap, the routing of its current call, its subscriber and
+// scheduler state, its task queue and its intermediate buffers.
+struct RankState {
+  HeapBytes heap;
+  uint32_t epoch = 0;
+  // Routing of the current call (written by member 0 between team barriers).
+  std::vector<int64_t> expert_offsets;
+  std::vector<int32_t> pick_row, row_token;
+  std::atomic<int64_t> next_gate_tile{0}, next_dispatch_expert{0};
+  // Subscriber state: touched only by the member holding the OS token.
+  std::atomic<bool> os_token{false};
+  std::vector<uint8_t> dispatch_seen, return_seen;
+  int64_t returns_seen = 0;
+  bool combine_released = false;
+  std::deque<PendingRowTile> backlog;
+  std::vector<int64_t> cell_rows, cell_first_row;
+  std::unique_ptr<std::atomic<int64_t>[]> cell_remaining;  // row tiles of a cell still in GEMM1
+  // Scheduler: the task queue and the termination counters.
+  std::mutex queue_mutex;
+  std::deque<Task> queue;
+  std::atomic<int64_t> completed{0}, bound{0};
+  // Intermediate (h) buffers: one row tile each, recycled when the tile's last GEMM1 ends.
+  HeapBytes h_storage;
+  std::unique_ptr<std::atomic<int64_t>[]> gemm0_remaining, gemm1_remaining;
+  std::mutex free_mutex;
+  std::vector<int32_t> free_buffers;
+  // The rank's team barrier.
+  std::atomic<int64_t> barrier_arrived{0}, barrier_generation{0};
+};
+
+struct Cluster::State {
+  ClusterConfig config;
+  ExpertPlacement placement;
+  HeapLayout layout;
+  Tiling tiling;
+  TaskBound task_bound;
+  int64_t h_buffers = 0;
+  std::vector<std::unique_ptr<RankState>> ranks;
+  // Failure handling and the watchdog.
+  std::atomic<bool> abort{false};
+  std::mutex error_mutex;
+  std::string error;
+  bool broken = false;
+  std::atomic<int64_t> last_progress_ns{0};
+
+  void note_progress() { last_progress_ns.store(now_ns(), std::memory_order_relaxed); }
+
+  [[noreturn]] void fail(const std::string& message) {
+    {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (error.empty()) error = message;
+    }
+    abort.store(true, std::memory_order_release);
+    throw Aborted{};
+  }
+};
+
+namespace {
+
+// One member (thread) of one rank, running calls of the protocol for storage type T.
+template <typename T>
+class Member {
+  using Acc = accum_t<T>;
+
+ public:
+  Member(Cluster::State& cluster, int64_t rank, int member, const ExpertWeights& weights, const RankIO& io)
+      : c_(cluster), p_(cluster.config.shape), rank_(rank), member_(member), team_(cluster.config.threads_per_rank),
+        s_(*cluster.ranks[size_t(rank)]), io_(io), chaos_(cluster.config.chaos, rank, member),
+        router_weight_(static_cast<const T*>(weights.router_weight)),
+        router_bias_(static_cast<const T*>(weights.router_bias)), w1_(static_cast<const T*>(weights.w1)),
+        b1_(static_cast<const T*>(weights.b1)), w2_(static_cast<const T*>(weights.w2)),
+        b2_(static_cast<const T*>(weights.b2)), x_(static_cast<const T*>(io.x)) {
+    const Tiling& tiling = c_.tiling;
+    gate_.resize(size_t(tiling.row_tile * tiling.ffn_tile));
+    up_.resize(gate_.size());
+    out_.resize(size_t(tiling.row_tile * tiling.hidden_tile));
+    scores_.resize(size_t(p_.experts));
+    sum_.resize(size_t(p_.hidden));
+  }
+
+  void call() {
+    barrier("start of call");
+    if (member_ == 0) begin_call();
+    barrier("after reset");
+    gate();
+    barrier("after gate");
+    if (member_ == 0) assign();
+    barrier("after slot assignment");
+    dispatch_rows();
+    barrier("after dispatch copies");
+    if (member_ == 0) publish_dispatch_signals();
+    dataflow();
+  }
+
+ private:
+  // ---- Phase 0: a new epoch and fresh local state (remote peers never touch it). ----
+  void begin_call() {
+    const int64_t cells = c_.placement.world_size * c_.placement.local_experts();
+    s_.epoch = SignalWord::next_epoch(s_.epoch);
+    s_.next_gate_tile.store(0, std::memory_order_relaxed);
+    s_.next_dispatch_expert.store(0, std::memory_order_relaxed);
+    s_.dispatch_seen.assign(size_t(cells), 0);
+    s_.return_seen.assign(size_t(cells), 0);
+    s_.returns_seen = 0;
+    s_.combine_released = false;
+    s_.backlog.clear();
+    s_.queue.clear();
+    s_.completed.store(0, std::memory_order_relaxed);
+    s_.bound.store(c_.task_bound.initial(io_.tokens), std::memory_order_relaxed);
+    s_.free_buffers.clear();
+    for (int32_t b = int32_t(c_.h_buffers) - 1; b >= 0; --b) s_.free_buffers.push_back(b);
+  }
+
+  // ---- Phase 1: gate. Router GEMM with fp32 accumulation, scores, top-k. ----
+  void gate() {
+    const int64_t E = p_.experts, H = p_.hidden, k = p_.top_k, tile = c_.tiling.token_tile;
+    for (int64_t task; (task = s_.next_gate_tile.fetch_add(1)) < c_.tiling.token_tiles(io_.tokens);) {
+      const int64_t t0 = task * tile, m = std::min(tile, io_.tokens - t0);
+      std::vector<const T*> rows(static_cast<size_t>(m));
+      for (int64_t i = 0; i < m; ++i) rows[size_t(i)] = x_ + (t0 + i) * H;
+      Acc* logits = static_cast<Acc*>(io_.router_logits) + t0 * E;
+      tile_gemm_nt<T>(rows.data(), m, router_weight_, H, E, H, logits, E, false);
+      for (int64_t i = 0; i < m; ++i) {
+        Acc* row = logits + i * E;
+        if (router_bias_) for (int64_t e = 0; e < E; ++e) row[e] += load_value(router_bias_[e]);
+        score_experts(row, E, p_.scoring, scores_.data());
+        select_top_k(scores_.data(), E, k, p_.normalize, io_.topk_ids + (t0 + i) * k,
+                     static_cast<Acc*>(io_.topk_weights) + (t0 + i) * k);
+      }
+      c_.note_progress();
+    }
+  }
+
+  // ---- Phase 2: token-order slot assignment under this source's capacity. ----
+  void assign() {
+    s_.expert_offsets.assign(size_t(p_.experts + 1), 0);
+    s_.pick_row.resize(size_t(io_.tokens * p_.top_k));
+    s_.row_token.resize(size_t(io_.tokens * p_.top_k));
+    *io_.dropped = assign_slots(io_.topk_ids, io_.tokens, p_.top_k, p_.experts, io_.expert_capacity,
+                                SlotAssignment{io_.expert_counts, s_.expert_offsets.data(), s_.pick_row.data(),
+                                               s_.row_token.data()});
+  }
+
+  // Row of expert e's first pick in this source's region on e's owner: rows of the owner's
+  // earlier experts come first.
+  int64_t owner_first_row(int64_t expert) const {
+    const int64_t owner_first_expert = c_.placement.owner(expert) * c_.placement.local_experts();
+    return s_.expert_offsets[size_t(expert)] - s_.expert_offsets[size_t(owner_first_expert)];
+  }
+
+  // ---- Phase 3: dispatch. Copy admitted tokens into the owners' heaps. ----
+  void dispatch_rows() {
+    const int64_t row_bytes = c_.layout.row_bytes();
+    for (int64_t e; (e = s_.next_dispatch_expert.fetch_add(1)) < p_.experts;) {
+      chaos_.point();
+      std::byte* owner_heap = c_.ranks[size_t(c_.placement.owner(e))]->heap.get();
+      const int64_t first = owner_first_row(e);
+      for (int64_t row = s_.expert_offsets[size_t(e)]; row < s_.expert_offsets[size_t(e + 1)]; ++row) {
+        const T* token = x_ + int64_t(s_.row_token[size_t(row)]) * p_.hidden;
+        std::memcpy(owner_heap + c_.layout.dispatch_row(rank_, first + row - s_.expert_offsets[size_t(e)]), token,
+                    size_t(row_bytes));
+      }
+      c_.note_progress();
+    }
+  }
+
+  // Then one release store per expert, rows=0 included: the owner learns the cell is empty.
+  void publish_dispatch_signals() {
+    for (int64_t e = 0; e < p_.experts; ++e) {
+      chaos_.point();
+      const int64_t rows = s_.expert_offsets[size_t(e + 1)] - s_.expert_offsets[size_t(e)];
+      const Fault fault = c_.config.chaos.fault;
+      if (fault == Fault::skip_empty_dispatch_signal && rows == 0) continue;
+      const uint32_t epoch = fault == Fault::stale_epoch && e == p_.experts - 1 ? s_.epoch - 1 : s_.epoch;
+      std::byte* owner_heap = c_.ranks[size_t(c_.placement.owner(e))]->heap.get();
+      store_release(owner_heap + c_.layout.dispatch_flag(rank_, c_.placement.local_index(e)),
+                    SignalWord::make(epoch, rows, owner_first_row(e)).bits);
+    }
+  }
+
+  // ---- Phase 4: the dataflow loop. Every member is a processor and, in turn, the OS. ----
+  void dataflow() {
+    for (;;) {
+      if (c_.abort.load(std::memory_order_acquire)) throw Aborted{};
+      bool subscribed = false;
+      if (!s_.os_token.exchange(true, std::memory_order_acquire)) {
+        subscribed = subscribe();
+        s_.os_token.store(false, std::memory_order_release);
+      }
+      Task task;
+      if (pop(task)) {
+        chaos_.point();
+        run(task);
+        chaos_.point();
+        s_.completed.fetch_add(1, std::memory_order_acq_rel);
+        c_.note_progress();
+        continue;
+      }
+      // completed <= bound always; equal means every signal arrived and every task ran.
+      const int64_t completed = s_.completed.load(std::memory_order_acquire);
+      if (completed == s_.bound.load(std::memory_order_acquire)) return;
+      if (!subscribed) {
+        check_watchdog("processor", [&] { return describe_dataflow_wait(); });
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  // The OS role: poll flags (acquire), turn arrivals into tasks, lower the bound.
+  bool subscribe() {
+    chaos_.point();
+    const int64_t W = c_.placement.world_size, L = c_.placement.local_experts();
+    bool arrived = false;
+    for (int64_t cell = 0; cell < W * L; ++cell) {
+      if (s_.dispatch_seen[size_t(cell)]) continue;
+      const SignalWord word{load_acquire(s_.heap.get() + c_.layout.dispatch_flag(cell / L, cell % L))};
+      if (!word.is_epoch(s_.epoch)) continue;
+      s_.dispatch_seen[size_t(cell)] = 1;
+      on_dispatch(cell / L, cell % L, word);
+      arrived = true;
+    }
+    release_backlog();
+    for (int64_t cell = 0; cell < W * L; ++cell) {
+      if (s_.return_seen[size_t(cell)]) continue;
+      const SignalWord word{load_acquire(s_.heap.get() + c_.layout.return_flag(cell / L, cell % L))};
+      if (!word.is_epoch(s_.epoch)) continue;
+      s_.return_seen[size_t(cell)] = 1;
+      ++s_.returns_seen;
+      arrived = true;
+    }
+    if (s_.returns_seen == W * L && !s_.combine_released) {
+      s_.combine_released = true;
+      std::vector<Task> combines;
+      for (int64_t tile = 0; tile < c_.tiling.token_tiles(io_.tokens); ++tile) {
+        Task task;
+        task.kind = TaskKind::combine;
+        task.epoch = s_.epoch;
+        task.column_begin = tile * c_.tiling.token_tile;
+        task.columns = std::min(c_.tiling.token_tile, io_.tokens - task.column_begin);
+        combines.push_back(task);
+      }
+      push(combines);
+    }
+    if (arrived) c_.note_progress();
+    return arrived;
+  }
+
+  void on_dispatch(int64_t source, int64_t local_expert, SignalWord word) {
+    const int64_t cell = source * c_.placement.local_experts() + local_expert;
+    s_.cell_rows[size_t(cell)] = word.rows();
+    s_.cell_first_row[size_t(cell)] = word.first_row();
+    if (word.rows() == 0) {
+      // Nothing to compute, but the source still waits for this cell's return flag.
+      publish_return(source, local_expert, word.rows(), word.first_row());
+    } else {
+      s_.cell_remaining[size_t(cell)].store(c_.tiling.row_tiles(word.rows()), std::memory_order_relaxed);
+      for (int64_t tile = 0; tile < c_.tiling.row_tiles(word.rows()); ++tile) {
+        s_.backlog.push_back(PendingRowTile{int32_t(source), int32_t(local_expert), int32_t(tile)});
+      }
+    }
+    s_.bound.fetch_sub(c_.task_bound.correction(word.rows()), std::memory_order_acq_rel);
+  }
+
+  void publish_return(int64_t source, int64_t local_expert, int64_t rows, int64_t first_row) {
+    chaos_.point();
+    store_release(c_.ranks[size_t(source)]->heap.get() + c_.layout.return_flag(rank_, local_expert),
+                  SignalWord::make(s_.epoch, rows, first_row).bits);
+  }
+
+  // Row tiles become GEMM0 tasks as intermediate buffers free up.
+  void release_backlog() {
+    const Tiling& tiling = c_.tiling;
+    while (!s_.backlog.empty()) {
+      int32_t buffer;
+      {
+        std::lock_guard<std::mutex> lock(s_.free_mutex);
+        if (s_.free_buffers.empty()) return;
+        buffer = s_.free_buffers.back();
+        s_.free_buffers.pop_back();
+      }
+      const PendingRowTile pending = s_.backlog.front();
+      s_.backlog.pop_front();
+      const int64_t cell = pending.source * c_.placement.local_experts() + pending.local_expert;
+      const int64_t row_begin = pending.row_tile * tiling.row_tile;
+      s_.gemm0_remaining[size_t(buffer)].store(tiling.ffn_tiles(p_.ffn), std::memory_order_relaxed);
+      s_.gemm1_remaining[size_t(buffer)].store(tiling.hidden_tiles(p_.hidden), std::memory_order_relaxed);
+      std::vector<Task> tasks;
+      for (int64_t column = 0; column < p_.ffn; column += tiling.ffn_tile) {
+        Task task;
+        task.kind = TaskKind::gemm0;
+        task.epoch = s_.epoch;
+        task.source = pending.source;
+        task.local_expert = pending.local_expert;
+        task.row_tile = pending.row_tile;
+        task.buffer = buffer;
+        task.first_row = s_.cell_first_row[size_t(cell)] + row_begin;
+        task.rows = std::min(tiling.row_tile, s_.cell_rows[size_t(cell)] - row_begin);
+        task.column_begin = column;
+        task.columns = std::min(tiling.ffn_tile, p_.ffn - column);
+        tasks.push_back(task);
+      }
+      push(tasks);
+    }
+  }
+
+  void push(const std::vector<Task>& tasks) {
+    std::lock_guard<std::mutex> lock(s_.queue_mutex);
+    s_.queue.insert(s_.queue.end(), tasks.begin(), tasks.end());
+  }
+
+  bool pop(Task& task) {
+    std::lock_guard<std::mutex> lock(s_.queue_mutex);
+    if (s_.queue.empty()) return false;
+    std::swap(s_.queue[chaos_.pick(s_.queue.size())], s_.queue.front());
+    task = s_.queue.front();
+    s_.queue.pop_front();
+    return true;
+  }
+
+  void run(const Task& task) {
+    switch (task.kind) {
+      case TaskKind::gemm0: return run_gemm0(task);
+      case TaskKind::gemm1: return run_gemm1(task);
+      case TaskKind::combine: return run_combine(task);
+    }
+  }
+
+  T* h_row(int32_t buffer, int64_t row) const {
+    return reinterpret_cast<T*>(s_.h_storage.get()) + (int64_t(buffer) * c_.tiling.row_tile + row) * p_.ffn;
+  }
+
+  void run_gemm0(const Task& task) {
+    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert);
+    const int64_t N0 = p_.gemm0_cols();
+    std::vector<const T*> x_rows(static_cast<size_t>(task.rows));
+    std::vector<T*> h_rows(static_cast<size_t>(task.rows));
+    for (int64_t i = 0; i < task.rows; ++i) {
+      x_rows[size_t(i)] = reinterpret_cast<const T*>(s_.heap.get() + c_.layout.dispatch_row(task.source, task.first_row + i));
+      h_rows[size_t(i)] = h_row(task.buffer, i);
+    }
+    gemm0_tile<T>(p_, x_rows.data(), task.rows, w1_ + expert * N0 * p_.hidden, b1_ ? b1_ + expert * N0 : nullptr,
+                  task.column_begin, task.column_begin + task.columns, h_rows.data(), gate_.data(), up_.data());
+    // The last GEMM0 tile of a row tile releases its GEMM1 tiles.
+    if (s_.gemm0_remaining[size_t(task.buffer)].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    std::vector<Task> tasks;
+    for (int64_t column = 0; column < p_.hidden; column += c_.tiling.hidden_tile) {
+      Task next = task;
+      next.kind = TaskKind::gemm1;
+      next.column_begin = column;
+      next.columns = std::min(c_.tiling.hidden_tile, p_.hidden - column);
+      tasks.push_back(next);
+    }
+    push(tasks);
+  }
+
+  void run_gemm1(const Task& task) {
+    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert);
+    std::byte* source_heap = c_.ranks[size_t(task.source)]->heap.get();
+    std::vector<const T*> h_rows(static_cast<size_t>(task.rows));
+    std::vector<T*> out_rows(static_cast<size_t>(task.rows));
+    for (int64_t i = 0; i < task.rows; ++i) {
+      h_rows[size_t(i)] = h_row(task.buffer, i);
+      out_rows[size_t(i)] = reinterpret_cast<T*>(source_heap + c_.layout.return_row(rank_, task.first_row + i));
+    }
+    gemm1_tile<T>(p_, h_rows.data(), task.rows, w2_ + expert * p_.hidden * p_.ffn, b2_ ? b2_ + expert * p_.hidden : nullptr,
+                  task.column_begin, task.column_begin + task.columns, out_rows.data(), out_.data());
+    if (s_.gemm1_remaining[size_t(task.buffer)].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    {
+      std::lock_guard<std::mutex> lock(s_.free_mutex);
+      s_.free_buffers.push_back(task.buffer);
+    }
+    // The last row tile of a cell tells the source its rows are home.
+    const int64_t cell = task.source * c_.placement.local_experts() + task.local_expert;
+    if (s_.cell_remaining[size_t(cell)].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    publish_return(task.source, task.local_expert, s_.cell_rows[size_t(cell)], s_.cell_first_row[size_t(cell)]);
+  }
+
+  // y[t] = sum over admitted picks j, in ascending j, of weight[t, j] * (row that came home).
+  void run_combine(const Task& task) {
+    const int64_t H = p_.hidden, k = p_.top_k;
+    const Acc* weights = static_cast<const Acc*>(io_.topk_weights);
+    for (int64_t t = task.column_begin; t < task.column_begin + task.columns; ++t) {
+      std::fill(sum_.begin(), sum_.end(), Acc(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t row = s_.pick_row[size_t(t * k + j)];
+        if (row < 0) continue;
+        const int64_t expert = io_.topk_ids[t * k + j];
+        const int64_t owner_row = row - s_.expert_offsets[size_t(c_.placement.owner(expert) * c_.placement.local_experts())];
+        const T* src = reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(c_.placement.owner(expert), owner_row));
+        const Acc weight = weights[t * k + j];
+        for (int64_t n = 0; n < H; ++n) sum_[size_t(n)] += weight * load_value(src[n]);
+      }
+      T* dst = static_cast<T*>(io_.y) + t * H;
+      for (int64_t n = 0; n < H; ++n) dst[n] = store_value<T>(sum_[size_t(n)]);
+    }
+  }
+
+  // ---- Waiting, bounded. ----
+  template <typename Describe>
+  void check_watchdog(const char* role, Describe describe) {
+    if (c_.abort.load(std::memory_order_acquire)) throw Aborted{};
+    const int64_t idle = now_ns() - c_.last_progress_ns.load(std::memory_order_relaxed);
+    if (idle < int64_t(c_.config.watchdog_seconds * 1e9)) return;
+    std::ostringstream message;
+    message << "flashmoe watchdog: no progress for " << c_.config.watchdog_seconds << " s; rank " << rank_
+            << " (member " << member_ << ", role " << role << ", epoch " << s_.epoch << ") is waiting for "
+            << describe();
+    c_.fail(message.str());
+  }
+
+  std::string describe_dataflow_wait() const {
+    const int64_t W = c_.placement.world_size, L = c_.placement.local_experts();
+    std::ostringstream what;
+    int listed = 0;
+    for (int64_t cell = 0; cell < W * L && listed < 8; ++cell) {
+      const SignalWord word{load_acquire(s_.heap.get() + c_.layout.dispatch_flag(cell / L, cell % L))};
+      if (word.is_epoch(s_.epoch)) continue;
+      what << (listed++ ? "; " : "") << "dispatch flag (source " << cell / L << ", local expert " << cell % L
+           << ") holding epoch " << word.epoch() << " rows " << word.rows();
+    }
+    for (int64_t cell = 0; cell < W * L && listed < 8; ++cell) {
+      const SignalWord word{load_acquire(s_.heap.get() + c_.layout.return_flag(cell / L, cell % L))};
+      if (word.is_epoch(s_.epoch)) continue;
+      what << (listed++ ? "; " : "") << "return flag (owner " << cell / L << ", local expert " << cell % L
+           << ") holding epoch " << word.epoch();
+    }
+    what << " [tasks completed " << s_.completed.load() << " of bound " << s_.bound.load() << "]";
+    return what.str();
+  }
+
+  void barrier(const char* name) {
+    if (team_ == 1) return;
+    const int64_t generation = s_.barrier_generation.load(std::memory_order_acquire);
+    if (s_.barrier_arrived.fetch_add(1, std::memory_order_acq_rel) == team_ - 1) {
+      s_.barrier_arrived.store(0, std::memory_order_relaxed);
+      s_.barrier_generation.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    while (s_.barrier_generation.load(std::memory_order_acquire) == generation) {
+      check_watchdog("team", [&] { return std::string("its team at the barrier ") + name; });
+      std::this_thread::yield();
+    }
+  }
+
+  Cluster::State& c_;
+  const Problem& p_;
+  const int64_t rank_;
+  const int member_;
+  const int team_;
+  RankState& s_;
+  const RankIO& io_;
+  Chaos chaos_;
+  const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_, *x_;
+  std::vector<Acc> gate_, up_, out_, scores_, sum_;
+};
+
+template <typename T>
+void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
+  const int team = state.config.threads_per_rank;
+  run_team(int(state.placement.world_size) * team, [&](int thread) {
+    const int64_t rank = thread / team;
+    try {
+      Member<T> member(state, rank, thread % team, weights, ranks[size_t(rank)]);
+      for (int64_t call = 0; call < repeats; ++call) member.call();
+    } catch (const Aborted&) {
+      // Another member reported the failure; this one just stops.
+    } catch (...) {
+      state.abort.store(true, std::memory_order_release);
+      throw;
+    }
+  });
+}
+
+}  // namespace
+
+Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.config = config;
+  s.placement = ExpertPlacement{config.world_size, config.shape.experts};
+  if (const char* error = validate(s.placement)) throw std::invalid_argument(error);
+  if (const char* error = validate(config.shape)) throw std::invalid_argument(error);
+  if (config.max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+  if (config.threads_per_rank < 1) throw std::invalid_argument("threads_per_rank must be >= 1");
+  s.layout = HeapLayout{s.placement, config.max_tokens, config.shape.top_k, config.shape.hidden,
+                        dtype_size(config.shape.dtype)};
+  if (s.layout.region_rows() > SignalWord::kMaxRows) throw std::invalid_argument("max_tokens * top_k too large for a SignalWord");
+  s.task_bound = TaskBound{s.tiling, s.placement, config.max_tokens, config.shape.ffn, config.shape.hidden};
+  s.h_buffers = std::max<int64_t>(4, 2 * int64_t(config.threads_per_rank));
+  const int64_t cells = config.world_size * s.placement.local_experts();
+  for (int64_t r = 0; r < config.world_size; ++r) {
+    auto rank = std::make_unique<RankState>();
+    rank->heap = aligned_bytes(s.layout.total_bytes());
+    std::memset(rank->heap.get(), 0, size_t(2 * s.layout.flags_bytes()));  // epoch 0: never written
+    rank->cell_rows.assign(size_t(cells), 0);
+    rank->cell_first_row.assign(size_t(cells), 0);
+    rank->cell_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(cells));
+    rank->h_storage = aligned_bytes(s.h_buffers * s.tiling.row_tile * config.shape.ffn * dtype_size(config.shape.dtype));
+    rank->gemm0_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(s.h_buffers));
+    rank->gemm1_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(s.h_buffers));
+    s.ranks.push_back(std::move(rank));
+  }
+}
+
+Cluster::~Cluster() = default;
+
+const ClusterConfig& Cluster::config() const { return state_->config; }
+int64_t Cluster::heap_bytes() const { return state_->layout.total_bytes(); }
+uint32_t Cluster::epoch(int64_t rank) const { return state_->ranks.at(size_t(rank))->epoch; }
+
+void Cluster::forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
+  State& s = *state_;
+  if (s.broken) throw std::runtime_error("flashmoe: this cluster failed earlier and cannot run again: " + s.error);
+  if (int64_t(ranks.size()) != s.config.world_size) throw std::invalid_argument("one RankIO per rank is required");
+  for (const RankIO& io : ranks) {
+    if (io.tokens < 0 || io.tokens > s.config.max_tokens) throw std::invalid_argument("a rank's tokens exceed max_tokens");
+  }
+  s.note_progress();
+  try {
+    switch (s.config.shape.dtype) {
+      case DType::f32: run_all<float>(s, weights, ranks, repeats); break;
+      case DType::bf16: run_all<bfloat16>(s, weights, ranks, repeats); break;
+      case DType::f16: run_all<float16>(s, weights, ranks, repeats); break;
+      case DType::f64: run_all<double>(s, weights, ranks, repeats); break;
+    }
+  } catch (...) {
+    s.broken = true;
+    if (!s.error.empty()) throw std::runtime_error(s.error);
+    throw;
+  }
+  if (!s.error.empty()) {
+    s.broken = true;
+    throw std::runtime_error(s.error);
+  }
+}
+
+}  // namespace flashmoe::cpu

@@ -1,0 +1,85 @@
+// The CPU dataflow runtime: W ranks in one process, each with its own simulated symmetric heap,
+// running the protocol of csrc/core exactly as the persistent GPU kernel does:
+//
+//   gate      route the rank's tokens, assign capacity slots in token order
+//   dispatch  copy each admitted token into its expert owner's heap, then release-store a
+//             SignalWord (an expert that gets no rows still gets rows=0)
+//   subscribe poll dispatch flags with acquire loads, turn arrivals into GEMM0 tasks, lower the
+//             task bound; poll return flags and release the combine once all have arrived
+//   process   GEMM0 tiles; the last GEMM0 tile of a row tile releases its GEMM1 tiles; GEMM1
+//             writes into the source's heap, and the last tile of a cell signals the source
+//   combine   y in fixed pick order from the rows that came home
+//
+// A rank is done when its completed tasks reach its corrected task bound: no global barrier.
+// Flags are never cleared; each call has a new epoch. The single-rank native operator is W=1.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/expert_placement.h"
+#include "core/problem.h"
+#include "core/tiling.h"
+#include "cpu/chaos.h"
+
+namespace flashmoe::cpu {
+
+struct ClusterConfig {
+  Problem shape;               // hidden, ffn, experts, top_k, options and dtype; tokens ignored
+  int64_t world_size = 1;
+  int64_t max_tokens = 1;      // per rank per call; sizes the symmetric heaps
+  int threads_per_rank = 1;    // processors per rank; every one also takes the OS role in turn
+  ChaosOptions chaos;
+  double watchdog_seconds = 60;  // a wait with no progress anywhere for this long is a hang
+};
+
+// Expert weights, shared by all ranks (rank q uses experts [q·L, (q+1)·L)). Layouts as in
+// moe_forward.h; optional ones are nullptr.
+struct ExpertWeights {
+  const void* router_weight;
+  const void* router_bias;
+  const void* w1;
+  const void* b1;
+  const void* w2;
+  const void* b2;
+};
+
+// One rank's tokens and outputs; layouts as in moe_forward.h.
+struct RankIO {
+  const void* x;             // [tokens, H]
+  int64_t tokens;
+  int64_t expert_capacity;   // per expert for this source rank, or kDropless
+  void* y;                   // [tokens, H]
+  int32_t* topk_ids;         // [tokens, k]
+  void* topk_weights;        // [tokens, k] acc
+  int32_t* expert_counts;    // [E]
+  void* router_logits;       // [tokens, E] acc
+  int64_t* dropped;          // [1]
+};
+
+class Cluster {
+ public:
+  explicit Cluster(const ClusterConfig& config);
+  ~Cluster();
+  Cluster(const Cluster&) = delete;
+  Cluster& operator=(const Cluster&) = delete;
+
+  // Runs one forward on every rank (ranks[r] is rank r's). With repeats > 1 every rank runs that
+  // many calls back to back without waiting for the other ranks between them, so a fast rank
+  // starts its next epoch while a slow one is still in the last. Throws std::runtime_error when
+  // the watchdog sees a hang; the message names the rank, role and wait.
+  void forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats = 1);
+
+  const ClusterConfig& config() const;
+  int64_t heap_bytes() const;  // per rank
+  uint32_t epoch(int64_t rank) const;
+
+  struct State;  // the runtime's internals, defined in dataflow.cpp
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace flashmoe::cpu
