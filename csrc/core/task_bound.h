@@ -5,6 +5,11 @@
 // real row count and lowers the bound by the difference. Every cell can hold at least one task,
 // so while any signal is missing the bound stays above what can have completed; completed ==
 // bound therefore means every signal has arrived and every task has run.
+//
+// The combine counts at least one task, even for a rank with no tokens, and is released only when
+// every return flag has arrived. Return flags are the owners' acknowledgement that they consumed
+// this rank's dispatch signals, so when a rank finishes a call, overwriting its dispatch flags in
+// the next epoch can no longer hide one the owner has not read yet.
 #pragma once
 
 #include <cstdint>
@@ -22,10 +27,14 @@ struct TaskBound {
   int64_t hidden = 0;
 
   FLASHMOE_HD int64_t cell_tasks(int64_t rows) const { return tiling.cell_tasks(rows, ffn, hidden); }
+  // Combine tasks of a rank with `own_tokens` tokens: one per token tile, and never none.
+  FLASHMOE_HD int64_t combine_tasks(int64_t own_tokens) const {
+    const int64_t tiles = tiling.token_tiles(own_tokens);
+    return tiles > 0 ? tiles : 1;
+  }
   // Upper bound for a rank that will combine `own_tokens` tokens.
   FLASHMOE_HD int64_t initial(int64_t own_tokens) const {
-    return placement.world_size * placement.local_experts() * cell_tasks(max_cell_rows) +
-           tiling.token_tiles(own_tokens);
+    return placement.world_size * placement.local_experts() * cell_tasks(max_cell_rows) + combine_tasks(own_tokens);
   }
   // How much the bound drops when a cell turns out to have `rows` rows.
   FLASHMOE_HD int64_t correction(int64_t rows) const { return cell_tasks(max_cell_rows) - cell_tasks(rows); }

@@ -294,11 +294,11 @@ class Member {
     if (s_.returns_seen == W * L && !s_.combine_released) {
       s_.combine_released = true;
       std::vector<Task> combines;
-      for (int64_t tile = 0; tile < c_.tiling.token_tiles(io_.tokens); ++tile) {
+      for (int64_t tile = 0; tile < c_.task_bound.combine_tasks(io_.tokens); ++tile) {
         Task task;
         task.kind = TaskKind::combine;
         task.epoch = s_.epoch;
-        task.column_begin = tile * c_.tiling.token_tile;
+        task.column_begin = std::min(io_.tokens, tile * c_.tiling.token_tile);
         task.columns = std::min(c_.tiling.token_tile, io_.tokens - task.column_begin);
         combines.push_back(task);
       }

@@ -1,0 +1,173 @@
+"""Expert parallelism on one machine: W simulated ranks running the dataflow protocol.
+
+The CPU runtime behind this module is the same one the native operator runs at W=1: each rank has
+its own simulated symmetric heap, dispatches its tokens into the heaps of the experts' owners,
+publishes SignalWords, and computes, returns and combines exactly as the GPU kernel does.
+It is how the protocol is proven on machines without GPUs; see docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C, reference
+from .ops import _DTYPE_CODES, _accumulate_dtype, _address
+
+FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch")
+
+
+class SimulatedCluster:
+    """W ranks with persistent simulated symmetric heaps, for repeated expert-parallel calls.
+
+    Args:
+        hidden_size, ffn_size, num_experts, top_k: the layer shape (E divisible by world_size).
+        world_size: W, the number of simulated ranks; expert e lives on rank ``e // (E // W)``.
+        max_tokens: the most tokens any rank may bring to one call (sizes the heaps).
+        dtype: float32, bfloat16, float16 or float64.
+        gated, activation, normalize, scoring: as in :func:`flashmoe.moe`.
+        with_router_bias, with_b1, with_b2: whether calls pass router_bias, b1, b2.
+        threads_per_rank: processor threads per rank.
+        chaos_seed: None, or a seed for chaos mode (random delays and yields at every send,
+            poll and task boundary, and a shuffled task order). Results must not change.
+        fault: a deliberate protocol fault, for tests that prove faults are caught:
+            ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"``.
+        watchdog_seconds: a wait with no progress anywhere for this long raises RuntimeError
+            naming the rank, the role and the flags it waits for.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, world_size: int,
+                 max_tokens: int, dtype: torch.dtype = torch.float32, gated: bool = True, activation: str = "silu",
+                 normalize: bool = True, scoring: str = "softmax", with_router_bias: bool = False,
+                 with_b1: bool = False, with_b2: bool = False, threads_per_rank: int = 1, chaos_seed: Optional[int] = None,
+                 fault: str = "none", watchdog_seconds: float = 60.0) -> None:
+        for name, value in (("world_size", world_size), ("max_tokens", max_tokens),
+                            ("threads_per_rank", threads_per_rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(num_experts, int) or num_experts < 1 or num_experts % world_size:
+            raise ValueError(f"num_experts must be a positive multiple of world_size={world_size}, got {num_experts!r}")
+        if dtype not in _DTYPE_CODES:
+            raise TypeError(f"dtype must be one of {tuple(_DTYPE_CODES)}, got {dtype}")
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+        if chaos_seed is not None and (not isinstance(chaos_seed, int) or chaos_seed < 0):
+            raise ValueError(f"chaos_seed must be None or an int >= 0, got {chaos_seed!r}")
+        if not watchdog_seconds > 0:
+            raise ValueError(f"watchdog_seconds must be > 0, got {watchdog_seconds!r}")
+        shape = _C.Problem()
+        shape.hidden, shape.ffn, shape.experts, shape.top_k = hidden_size, ffn_size, num_experts, top_k
+        shape.gated, shape.normalize = gated, normalize
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        if scoring not in reference.SCORINGS:
+            raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
+        shape.activation = getattr(_C.Activation, activation)
+        shape.scoring = getattr(_C.Scoring, scoring)
+        shape.dtype = _DTYPE_CODES[dtype]
+        shape.has_router_bias, shape.has_b1, shape.has_b2 = with_router_bias, with_b1, with_b2
+        problem_error = shape.validate()
+        if problem_error:
+            raise ValueError(f"flashmoe: {problem_error}")
+        self.world_size, self.max_tokens, self.dtype, self.top_k = world_size, max_tokens, dtype, top_k
+        self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
+        self._cluster = _C.Cluster(shape=shape, world_size=world_size, max_tokens=max_tokens,
+                                   threads_per_rank=threads_per_rank, chaos=chaos_seed is not None,
+                                   chaos_seed=chaos_seed or 0, fault=getattr(_C.Fault, fault),
+                                   watchdog_seconds=float(watchdog_seconds))
+
+    @property
+    def heap_bytes(self) -> int:
+        """Bytes of one rank's simulated symmetric heap."""
+        return self._cluster.heap_bytes
+
+    def epoch(self, rank: int) -> int:
+        """The epoch of rank's last call (1..65535, wrapping to 1)."""
+        return self._cluster.epoch(rank)
+
+    def forward(self, xs: Sequence[Tensor], router_weight: Tensor, w1: Tensor, w2: Tensor, *,
+                capacity_factor: Optional[float] = None, router_bias: Optional[Tensor] = None,
+                b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, repeats: int = 1,
+                return_routing: bool = False):
+        """One expert-parallel forward: rank r brings ``xs[r]`` ``[T_r, H]`` (T_r may be 0).
+
+        Capacity is per (source rank, expert): ``ceil(capacity_factor · T_r · k / E)``.
+        With ``repeats > 1`` each rank runs that many calls back to back, never waiting for the
+        other ranks between calls. Returns ``[y_r]``, or ``([y_r], [Routing_r])``.
+        """
+        if len(xs) != self.world_size:
+            raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        outputs, ranks = [], []
+        for rank, x in enumerate(xs):
+            reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated,
+                               activation=self.activation, scoring=self.scoring, capacity_factor=capacity_factor,
+                               router_bias=router_bias, b1=b1, b2=b2, normalize=self.normalize)
+            if x.dtype != self.dtype or x.device.type != "cpu" or x.dim() != 2:
+                raise ValueError(f"xs[{rank}] must be a [T, H] CPU tensor of dtype {self.dtype}")
+            if x.shape[0] > self.max_tokens:
+                raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+            x = x.contiguous()
+            tokens, experts = x.shape[0], router_weight.shape[0]
+            capacity = reference.expert_capacity(capacity_factor, tokens, self.top_k, experts)
+            accumulate = _accumulate_dtype(x.dtype)
+            out = dict(x=x, y=torch.empty_like(x), topk_ids=x.new_empty((tokens, self.top_k), dtype=torch.int32),
+                       topk_weights=x.new_empty((tokens, self.top_k), dtype=accumulate),
+                       expert_counts=x.new_empty((experts,), dtype=torch.int32),
+                       router_logits=x.new_empty((tokens, experts), dtype=accumulate),
+                       dropped=x.new_empty((), dtype=torch.int64))
+            outputs.append(out)
+            ranks.append((_address(x), tokens, -1 if capacity is None else capacity, _address(out["y"]),
+                          _address(out["topk_ids"]), _address(out["topk_weights"]), _address(out["expert_counts"]),
+                          _address(out["router_logits"]), _address(out["dropped"])))
+        weights = [t if t is None else t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2)]
+        self._cluster.forward(router_weight=_address(weights[0]), router_bias=_address(weights[1]),
+                              w1=_address(weights[2]), b1=_address(weights[3]), w2=_address(weights[4]),
+                              b2=_address(weights[5]), ranks=ranks, repeats=repeats)
+        ys = [out["y"] for out in outputs]
+        if not return_routing:
+            return ys
+        return ys, [reference.Routing(o["topk_ids"], o["topk_weights"], o["expert_counts"], o["dropped"],
+                                      o["router_logits"]) for o in outputs]
+
+
+def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Tensor, w2: Tensor, *, top_k: int,
+                             world_size: int, gated: bool = True, activation: str = "silu", normalize: bool = True,
+                             scoring: str = "softmax", capacity_factor: Optional[float] = None,
+                             router_bias: Optional[Tensor] = None, b1: Optional[Tensor] = None,
+                             b2: Optional[Tensor] = None, chaos_seed: Optional[int] = None,
+                             threads_per_rank: int = 1) -> list[Tensor]:
+    """Runs one expert-parallel MoE forward over ``world_size`` simulated ranks.
+
+    Args:
+        xs: ``world_size`` tensors ``[T_r, H]``; rank r's tokens (T_r may be 0).
+        router_weight, w1, w2, router_bias, b1, b2: all E experts, as in :func:`flashmoe.moe`;
+            expert e belongs to rank ``e // (E // world_size)``.
+        top_k, gated, activation, normalize, scoring: as in :func:`flashmoe.moe`.
+        capacity_factor: None (dropless), or per (source rank, expert) capacity
+            ``ceil(capacity_factor · T_r · k / E)``.
+        chaos_seed: None, or a seed for chaos mode.
+        threads_per_rank: processor threads per simulated rank.
+
+    Returns:
+        Each rank's output ``[T_r, H]``. By the contract it equals ``flashmoe.moe(xs[r], ...)``.
+    """
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError("xs must be a non-empty list of [T_r, H] tensors, one per rank")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(router_weight, Tensor) or router_weight.dim() != 2:
+        raise ValueError("router_weight must be an [E, H] tensor")
+    experts, hidden = router_weight.shape
+    ffn = w2.shape[-1] if isinstance(w2, Tensor) and w2.dim() == 3 else 1
+    max_tokens = max([1] + [x.shape[0] for x in xs if isinstance(x, Tensor) and x.dim() == 2])
+    cluster = SimulatedCluster(hidden, ffn, experts, top_k, world_size=world_size, max_tokens=max_tokens,
+                               dtype=router_weight.dtype, gated=gated, activation=activation, normalize=normalize,
+                               scoring=scoring, with_router_bias=router_bias is not None,
+                               with_b1=b1 is not None, with_b2=b2 is not None, threads_per_rank=threads_per_rank,
+                               chaos_seed=chaos_seed)
+    return cluster.forward(xs, router_weight, w1, w2, capacity_factor=capacity_factor, router_bias=router_bias,
+                           b1=b1, b2=b2)
