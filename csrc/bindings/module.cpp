@@ -9,6 +9,10 @@
 #include <vector>
 
 #include "core/capacity.h"
+#include "core/heap_layout.h"
+#include "core/signal_word.h"
+#include "core/task.h"
+#include "core/task_bound.h"
 #include "core/problem.h"
 #include "cpu/dataflow.h"
 #include "cpu/moe_forward.h"
@@ -148,6 +152,78 @@ PYBIND11_MODULE(_C, m) {
     if (tokens < 0 || top_k < 1 || experts < 1) throw py::value_error("tokens >= 0, top_k >= 1, experts >= 1 required");
     return expert_capacity(capacity_factor, tokens, top_k, experts);
   }, py::arg("capacity_factor"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"));
+
+  // csrc/core protocol arithmetic, exposed so the host tests exercise the one definition.
+  py::class_<SignalWord>(m, "SignalWord")
+      .def_static("make", &SignalWord::make, py::arg("epoch"), py::arg("rows"), py::arg("first_row"))
+      .def_static("next_epoch", &SignalWord::next_epoch, py::arg("epoch"))
+      .def_readonly_static("max_rows", &SignalWord::kMaxRows)
+      .def_readonly_static("epochs", &SignalWord::kEpochs)
+      .def_readonly("bits", &SignalWord::bits)
+      .def_property_readonly("epoch", &SignalWord::epoch)
+      .def_property_readonly("rows", &SignalWord::rows)
+      .def_property_readonly("first_row", &SignalWord::first_row);
+
+  py::class_<ExpertPlacement>(m, "ExpertPlacement")
+      .def(py::init([](int64_t world_size, int64_t experts) {
+             ExpertPlacement placement{world_size, experts};
+             if (const char* error = validate(placement)) throw py::value_error(error);
+             return placement;
+           }), py::arg("world_size"), py::arg("experts"))
+      .def("local_experts", &ExpertPlacement::local_experts)
+      .def("owner", &ExpertPlacement::owner, py::arg("expert"))
+      .def("local_index", &ExpertPlacement::local_index, py::arg("expert"))
+      .def("global_expert", &ExpertPlacement::global_expert, py::arg("rank"), py::arg("local_expert"))
+      .def("max_picks_per_owner", &ExpertPlacement::max_picks_per_owner, py::arg("top_k"));
+
+  py::class_<HeapLayout>(m, "HeapLayout")
+      .def(py::init([](const ExpertPlacement& placement, int64_t max_tokens, int64_t top_k, int64_t hidden,
+                       int64_t element_size) { return HeapLayout{placement, max_tokens, top_k, hidden, element_size}; }),
+           py::arg("placement"), py::arg("max_tokens"), py::arg("top_k"), py::arg("hidden"), py::arg("element_size"))
+      .def_readonly_static("alignment", &HeapLayout::kAlignment)
+      .def("region_rows", &HeapLayout::region_rows)
+      .def("row_bytes", &HeapLayout::row_bytes)
+      .def("flags_bytes", &HeapLayout::flags_bytes)
+      .def("dispatch_flag", &HeapLayout::dispatch_flag, py::arg("source"), py::arg("local_expert"))
+      .def("return_flag", &HeapLayout::return_flag, py::arg("owner"), py::arg("local_expert"))
+      .def("dispatch_row", &HeapLayout::dispatch_row, py::arg("source"), py::arg("row"))
+      .def("return_row", &HeapLayout::return_row, py::arg("owner"), py::arg("row"))
+      .def("total_bytes", &HeapLayout::total_bytes);
+
+  py::class_<Tiling>(m, "Tiling")
+      .def(py::init<>())
+      .def_readonly("row_tile", &Tiling::row_tile)
+      .def_readonly("ffn_tile", &Tiling::ffn_tile)
+      .def_readonly("hidden_tile", &Tiling::hidden_tile)
+      .def_readonly("token_tile", &Tiling::token_tile)
+      .def("row_tiles", &Tiling::row_tiles, py::arg("rows"))
+      .def("cell_tasks", &Tiling::cell_tasks, py::arg("rows"), py::arg("ffn"), py::arg("hidden"));
+
+  py::class_<TaskBound>(m, "TaskBound")
+      .def(py::init([](const ExpertPlacement& placement, int64_t max_cell_rows, int64_t ffn, int64_t hidden) {
+             return TaskBound{Tiling{}, placement, max_cell_rows, ffn, hidden};
+           }), py::arg("placement"), py::arg("max_cell_rows"), py::arg("ffn"), py::arg("hidden"))
+      .def("initial", &TaskBound::initial, py::arg("own_tokens"))
+      .def("correction", &TaskBound::correction, py::arg("rows"))
+      .def("cell_tasks", &TaskBound::cell_tasks, py::arg("rows"))
+      .def("combine_tasks", &TaskBound::combine_tasks, py::arg("own_tokens"));
+
+  m.attr("task_bytes") = py::int_(sizeof(Task));
+  m.attr("task_alignment") = py::int_(alignof(Task));
+
+  m.def("assign_slots", [](const std::vector<int32_t>& topk_ids, int64_t tokens, int64_t top_k, int64_t experts,
+                           int64_t capacity) {
+    require(int64_t(topk_ids.size()) == tokens * top_k, "topk_ids must hold tokens * top_k ids");
+    for (int32_t id : topk_ids) require(id >= 0 && id < experts, "topk_ids must lie in [0, experts)");
+    require(capacity >= kDropless, "capacity must be >= 0, or -1 for dropless");
+    std::vector<int32_t> counts(static_cast<size_t>(experts)), pick_row(topk_ids.size()), row_token(topk_ids.size());
+    std::vector<int64_t> offsets(static_cast<size_t>(experts + 1));
+    const int64_t dropped = assign_slots(topk_ids.data(), tokens, top_k, experts, capacity,
+                                         SlotAssignment{counts.data(), offsets.data(), pick_row.data(), row_token.data()});
+    row_token.resize(size_t(offsets.back()));
+    return py::make_tuple(counts, offsets, pick_row, row_token, dropped);
+  }, py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("capacity"),
+     "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped).");
 
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); },
         "The instruction set the CPU tile GEMM uses in this process.");
