@@ -219,7 +219,9 @@ void test_accuracy(const GemmFn<T>& gemm) {
 // A row's result is the same alone, in any batch, in any order, with any neighbouring columns.
 template <typename T>
 void test_batch_invariance(const GemmFn<T>& gemm) {
-  const int64_t shapes[][3] = {{33, 37, 1000}, {17, 13, 2049}, {9, 31, 4099}, {7, 7, 33}, {13, 19, 5}};
+  // Both panel orders (up to 18 rows streams B; more sweeps it) and several column blocks.
+  const int64_t shapes[][3] = {{33, 37, 1000}, {17, 13, 2049}, {9, 31, 4099}, {7, 7, 33}, {13, 19, 5},
+                               {40, 300, 1500}};
   uint64_t seed = 100;
   for (const auto& shape : shapes) {
     Problem<T> p(shape[0], shape[1], shape[2], ++seed);
