@@ -7,7 +7,7 @@
 // A word is written once per call with a release store after its payload, and read with
 // acquire loads. Flags are never cleared: a reader waits for the word whose epoch is the
 // current call's, and every flag is written on every call (an empty cell still signals rows=0),
-// so a stale word is always exactly one epoch old, never mistaken for a current one.
+// so a stale word holds the previous epoch (or 0 before the first call), never the current one.
 // The payload's tile count is row_tiles(rows) (core/tiling.h): receivers derive it.
 #pragma once
 
@@ -34,6 +34,7 @@ struct SignalWord {
   FLASHMOE_HD bool is_epoch(uint32_t current) const { return epoch() == current; }
 
   FLASHMOE_HD static uint32_t next_epoch(uint32_t epoch) { return epoch >= kEpochs ? 1u : epoch + 1u; }
+  FLASHMOE_HD static uint32_t previous_epoch(uint32_t epoch) { return epoch <= 1u ? kEpochs : epoch - 1u; }
 };
 
 static_assert(sizeof(SignalWord) == 8, "a SignalWord is one 64-bit word");

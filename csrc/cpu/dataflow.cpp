@@ -234,7 +234,8 @@ class Member {
       const int64_t rows = s_.expert_offsets[size_t(e + 1)] - s_.expert_offsets[size_t(e)];
       const Fault fault = c_.config.chaos.fault;
       if (fault == Fault::skip_empty_dispatch_signal && rows == 0) continue;
-      const uint32_t epoch = fault == Fault::stale_epoch && e == p_.experts - 1 ? s_.epoch - 1 : s_.epoch;
+      const uint32_t epoch =
+          fault == Fault::stale_epoch && e == p_.experts - 1 ? SignalWord::previous_epoch(s_.epoch) : s_.epoch;
       std::byte* owner_heap = c_.ranks[size_t(c_.placement.owner(e))]->heap.get();
       store_release(owner_heap + c_.layout.dispatch_flag(rank_, c_.placement.local_index(e)),
                     SignalWord::make(epoch, rows, owner_first_row(e)).bits);
@@ -381,6 +382,10 @@ class Member {
   }
 
   void run(const Task& task) {
+    if (task.epoch != s_.epoch) {
+      c_.fail("flashmoe: rank " + std::to_string(rank_) + " popped a task of epoch " + std::to_string(task.epoch) +
+              " during epoch " + std::to_string(s_.epoch));
+    }
     switch (task.kind) {
       case TaskKind::gemm0: return run_gemm0(task);
       case TaskKind::gemm1: return run_gemm1(task);

@@ -4,8 +4,9 @@
 //   gate      route the rank's tokens, assign capacity slots in token order
 //   dispatch  copy each admitted token into its expert owner's heap, then release-store a
 //             SignalWord (an expert that gets no rows still gets rows=0)
-//   subscribe poll dispatch flags with acquire loads, turn arrivals into GEMM0 tasks, lower the
-//             task bound; poll return flags and release the combine once all have arrived
+//   subscribe poll dispatch flags with acquire loads, turn arrivals into row tiles that become
+//             GEMM0 tasks as intermediate buffers free up, lower the task bound; poll return flags
+//             and release the combine once all have arrived
 //   process   GEMM0 tiles; the last GEMM0 tile of a row tile releases its GEMM1 tiles; GEMM1
 //             writes into the source's heap, and the last tile of a cell signals the source
 //   combine   y in fixed pick order from the rows that came home
