@@ -157,6 +157,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<SignalWord>(m, "SignalWord")
       .def_static("make", &SignalWord::make, py::arg("epoch"), py::arg("rows"), py::arg("first_row"))
       .def_static("next_epoch", &SignalWord::next_epoch, py::arg("epoch"))
+      .def_static("previous_epoch", &SignalWord::previous_epoch, py::arg("epoch"))
       .def_readonly_static("max_rows", &SignalWord::kMaxRows)
       .def_readonly_static("epochs", &SignalWord::kEpochs)
       .def_readonly("bits", &SignalWord::bits)

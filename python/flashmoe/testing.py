@@ -72,6 +72,7 @@ class SimulatedCluster:
         if problem_error:
             raise ValueError(f"flashmoe: {problem_error}")
         self.world_size, self.max_tokens, self.dtype, self.top_k = world_size, max_tokens, dtype, top_k
+        self.hidden_size, self.ffn_size, self.num_experts = hidden_size, ffn_size, num_experts
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self._cluster = _C.Cluster(shape=shape, world_size=world_size, max_tokens=max_tokens,
                                    threads_per_rank=threads_per_rank, chaos=chaos_seed is not None,
@@ -101,6 +102,13 @@ class SimulatedCluster:
             raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}")
         if not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        # The runtime indexes every buffer with the cluster's shape: weights must have exactly it.
+        for name, tensor, expected in (
+                ("router_weight", router_weight, (self.num_experts, self.hidden_size)),
+                ("w2", w2, (self.num_experts, self.hidden_size, self.ffn_size))):
+            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} must have shape {list(expected)} (this cluster's shape), "
+                                 f"got {list(getattr(tensor, 'shape', [])) if isinstance(tensor, Tensor) else type(tensor).__name__}")
         outputs, ranks = [], []
         for rank, x in enumerate(xs):
             reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated,
