@@ -1,0 +1,181 @@
+"""The standalone C++ tests of the CPU backend, built with the system C++ compiler and run here.
+
+- ``tests/cpp/test_tile_gemm.cpp``: the tile GEMM (accuracy, determinism, every ISA tier).
+- ``tests/cpp/test_dataflow.cpp``: W simulated ranks of the dataflow runtime against single-rank
+  runs, a float64 reference and injected faults; built normally and under ThreadSanitizer, where
+  any report fails the test (DESIGN.md: "A ThreadSanitizer build runs them too").
+
+Binaries are cached under ``build/test_cpp/`` by a hash of the compiler, the flags and every source
+and header, so a rerun with nothing changed only runs them. The same builds by hand, with CMake:
+``tests/cpp/CMakeLists.txt``. Skipped only when no C++ compiler or no libtsan is found.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CACHE = ROOT / "build" / "test_cpp"
+
+# No -march: the ISA-specific GEMM kernels carry their own target attributes.
+COMMON_FLAGS = ["-std=c++17", "-pthread", "-Wall", "-Wextra", f"-I{CSRC}"]
+TSAN_FLAGS = ["-fsanitize=thread", "-O1", "-g"]
+# halt_on_error: the first report ends the run with exitcode (66), so a report can never pass.
+TSAN_OPTIONS = "halt_on_error=1 second_deadlock_stack=1 exitcode=66"
+
+RUN_TIMEOUT_S = 900
+
+
+def _tail(text: str, limit: int = 6000) -> str:
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+@pytest.fixture(scope="module")
+def cxx() -> str:
+    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    pytest.skip("no C++ compiler found (tried $CXX, g++, c++, clang++)")
+
+
+def _compiler_id(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def _build(cxx: str, name: str, sources: list[Path], flags: list[str]) -> Path:
+    """Compiles sources (one process per core) and links them; cached by content."""
+    digest = hashlib.sha256()
+    digest.update(_compiler_id(cxx).encode())
+    digest.update("\0".join(flags).encode())
+    inputs = sorted({*sources, *CSRC.rglob("*.h")})
+    for path in inputs:
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    binary = CACHE / f"{name}-{digest.hexdigest()[:16]}"
+    if binary.exists():
+        return binary
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # A private directory, then an atomic rename: concurrent runs never see half a binary.
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix=f".{name}-") as work:
+        work = Path(work)
+
+        def compile_one(index_source):
+            index, source = index_source
+            obj = work / f"{index}-{source.stem}.o"
+            result = subprocess.run([cxx, *flags, "-c", str(source), "-o", str(obj)], capture_output=True,
+                                    text=True)
+            return obj, source, result
+
+        objects = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for obj, source, result in pool.map(compile_one, enumerate(sources)):
+                assert result.returncode == 0, f"compiling {source} failed:\n{_tail(result.stderr)}"
+                objects.append(str(obj))
+        linked = work / name
+        result = subprocess.run([cxx, *flags, *objects, "-o", str(linked)], capture_output=True, text=True)
+        assert result.returncode == 0, f"linking {name} failed:\n{_tail(result.stderr)}"
+        os.replace(linked, binary)
+    for stale in CACHE.glob(f"{name}-*"):  # builds of older sources; spare any a concurrent run just made
+        if stale != binary and time.time() - stale.stat().st_mtime > 600:
+            stale.unlink(missing_ok=True)
+    return binary
+
+
+def _run(command: list[str], env_extra: dict | None = None, unset: tuple = ()) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    env.update(env_extra or {})
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
+        pytest.fail(f"{command[-1]} ran past {RUN_TIMEOUT_S} s:\n{_tail(output)}")
+
+
+def _output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+_RACY = """
+#include <thread>
+int shared = 0;
+int main() {
+  std::thread writer([] { shared = 1; });
+  shared = 2;
+  writer.join();
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tsan_launcher(cxx, tmp_path_factory) -> list[str]:
+    """The prefix that runs a TSan binary here: [] or, on kernels whose ASLR layout this libtsan
+    rejects ("unexpected memory mapping"), setarch -R. Proves that TSan reports a planted race."""
+    work = tmp_path_factory.mktemp("tsan_probe")
+    source, binary = work / "racy.cpp", work / "racy"
+    source.write_text(_RACY)
+    built = subprocess.run([cxx, *TSAN_FLAGS, "-pthread", str(source), "-o", str(binary)], capture_output=True,
+                           text=True)
+    if built.returncode != 0:
+        pytest.skip(f"{cxx} cannot build with -fsanitize=thread (libtsan missing?):\n{_tail(built.stderr, 2000)}")
+    launchers = [[]]
+    if shutil.which("setarch"):
+        launchers.append(["setarch", platform.machine(), "-R"])
+    attempts = []
+    for launcher in launchers:
+        result = _run([*launcher, str(binary)], {"TSAN_OPTIONS": TSAN_OPTIONS})
+        if "WARNING: ThreadSanitizer: data race" in result.stderr and result.returncode == 66:
+            return launcher
+        attempts.append(f"$ {' '.join([*launcher, str(binary)])}  (exit {result.returncode})\n{_tail(_output(result), 2000)}")
+    pytest.fail("ThreadSanitizer did not report the planted race in a probe program:\n" + "\n".join(attempts))
+
+
+def _assert_summary(result: subprocess.CompletedProcess, pattern: str) -> re.Match:
+    output = _output(result)
+    match = re.search(pattern, result.stdout)
+    assert result.returncode == 0 and match, f"exit code {result.returncode}; output tail:\n{_tail(output)}"
+    return match
+
+
+def test_tile_gemm(cxx):
+    binary = _build(cxx, "test_tile_gemm",
+                    [ROOT / "tests/cpp/test_tile_gemm.cpp", *sorted((CSRC / "cpu").glob("tile_gemm*.cpp"))],
+                    [*COMMON_FLAGS, "-O3"])
+    # Without FLASHMOE_CPU_ISA it also re-runs itself under every ISA tier.
+    result = _run([str(binary)], unset=("FLASHMOE_CPU_ISA",))
+    match = _assert_summary(result, r"tile_gemm: (\d+) checks, 0 failures")
+    assert int(match.group(1)) > 0
+
+
+def _dataflow_sources() -> list[Path]:
+    return [ROOT / "tests/cpp/test_dataflow.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+
+
+def test_dataflow(cxx):
+    binary = _build(cxx, "test_dataflow", _dataflow_sources(), [*COMMON_FLAGS, "-O2"])
+    # Cheap without the sanitizer: more chaos seeds per variant.
+    result = _run([str(binary), "--rounds", "4"])
+    match = _assert_summary(result, r"dataflow: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
+
+
+def test_dataflow_tsan(cxx, tsan_launcher):
+    binary = _build(cxx, "test_dataflow_tsan", _dataflow_sources(), [*COMMON_FLAGS, *TSAN_FLAGS])
+    # TSan runs ~5-15x slower; three chaos seeds per variant keep it well under a minute on 2 cores.
+    result = _run([*tsan_launcher, str(binary), "--rounds", "3"], {"TSAN_OPTIONS": TSAN_OPTIONS})
+    output = _output(result)
+    assert "ThreadSanitizer" not in output, f"ThreadSanitizer reported (exit {result.returncode}):\n{_tail(output, 12000)}"
+    match = _assert_summary(result, r"dataflow: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
