@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import faulthandler
 import math
+import os
+import tempfile
 
 import pytest
-import torch
+
+# Compiled graphs go to a fresh cache: torch's on-disk inductor cache does not key on a custom op's
+# schema, so graphs compiled against an older flashmoe would otherwise be replayed.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flashmoe-inductor-"))
+
+import torch  # noqa: E402
 
 import flashmoe
 from flashmoe import _C, reference

@@ -41,13 +41,14 @@ void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weigh
   require(problem.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
   require(problem.has_b1 == (b1 != 0), "flashmoe: has_b1 disagrees with b1");
   require(problem.has_b2 == (b2 != 0), "flashmoe: has_b2 disagrees with b2");
-  const cpu::MoETensors tensors{as_ptr<const void>(x),  as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
-                                as_ptr<const void>(w1), as_ptr<const void>(b1),            as_ptr<const void>(w2),
-                                as_ptr<const void>(b2), as_ptr<void>(y),                   as_ptr<int32_t>(topk_ids),
-                                as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts), as_ptr<void>(router_logits),
-                                as_ptr<int64_t>(dropped)};
+  const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
+                                   as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
+                                   as_ptr<const void>(b2)};
+  const cpu::RankIO io{as_ptr<const void>(x), problem.tokens, problem.expert_capacity, as_ptr<void>(y),
+                       as_ptr<int32_t>(topk_ids), as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts),
+                       as_ptr<void>(router_logits), as_ptr<int64_t>(dropped)};
   py::gil_scoped_release release;
-  cpu::moe_forward(problem, tensors, num_threads);
+  cpu::moe_forward(problem, weights, io, num_threads);
 }
 
 // (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, router_logits, dropped)
@@ -225,6 +226,9 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(counts, offsets, pick_row, row_token, dropped);
   }, py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("capacity"),
      "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped).");
+
+  m.def("empty_cache", &cpu::empty_cache,
+        "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
 
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); },
         "The instruction set the CPU tile GEMM uses in this process.");

@@ -15,7 +15,7 @@
 namespace flashmoe {
 
 // The integer codes travel through the pybind11 boundary; keep them in sync with
-// python/flashmoe/_dtypes.py.
+// _DTYPE_CODES in python/flashmoe/ops.py.
 enum class DType : int32_t { f32 = 0, bf16 = 1, f16 = 2, f64 = 3 };
 
 struct bfloat16 { uint16_t bits; };

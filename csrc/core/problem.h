@@ -9,7 +9,8 @@
 
 namespace flashmoe {
 
-// Codes travel through the pybind11 boundary; keep in sync with python/flashmoe/_codes.py.
+// Codes travel through the pybind11 boundary; python/flashmoe/ops.py maps names to them
+// through the pybind11 enums, so there is nothing to keep in sync by hand.
 enum class Activation : int32_t { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
 enum class Scoring : int32_t { softmax = 0, sigmoid = 1 };
 

@@ -2,8 +2,9 @@
 //
 // Before any signal arrives, a rank counts every cell (source, local expert) at its largest
 // possible size, plus the combine of its own tokens. Each arriving SignalWord carries the cell's
-// real row count and lowers the bound by the difference. Every cell can hold at least one task,
-// so while any signal is missing the bound stays above what can have completed; completed ==
+// real row count and lowers the bound by the difference. A cell not yet signalled still counts
+// at its largest (at least two tasks), so while any signal is missing the bound stays above what
+// can have completed; completed ==
 // bound therefore means every signal has arrived and every task has run.
 //
 // The combine counts at least one task, even for a rank with no tokens, and is released only when

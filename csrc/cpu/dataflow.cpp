@@ -100,6 +100,7 @@ struct Cluster::State {
   int64_t h_buffers = 0;
   std::vector<std::unique_ptr<RankState>> ranks;
   // Failure handling and the watchdog.
+  std::mutex call_mutex;  // one forward at a time: the ranks' state belongs to the call
   std::atomic<bool> abort{false};
   std::mutex error_mutex;
   std::string error;
@@ -526,6 +527,7 @@ template <typename T>
 void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
   const int team = state.config.threads_per_rank;
   run_team(int(state.placement.world_size) * team, [&](int thread) {
+    state.note_progress();  // the wait for the pool is not a hang
     const int64_t rank = thread / team;
     try {
       Member<T> member(state, rank, thread % team, weights, ranks[size_t(rank)]);
@@ -573,16 +575,21 @@ Cluster::~Cluster() = default;
 
 const ClusterConfig& Cluster::config() const { return state_->config; }
 int64_t Cluster::heap_bytes() const { return state_->layout.total_bytes(); }
+int64_t Cluster::footprint_bytes() const {
+  const State& s = *state_;
+  return s.config.world_size *
+         (s.layout.total_bytes() + s.h_buffers * s.tiling.row_tile * s.config.shape.ffn * dtype_size(s.config.shape.dtype));
+}
 uint32_t Cluster::epoch(int64_t rank) const { return state_->ranks.at(size_t(rank))->epoch; }
 
 void Cluster::forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
   State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.call_mutex);
   if (s.broken) throw std::runtime_error("flashmoe: this cluster failed earlier and cannot run again: " + s.error);
   if (int64_t(ranks.size()) != s.config.world_size) throw std::invalid_argument("one RankIO per rank is required");
   for (const RankIO& io : ranks) {
     if (io.tokens < 0 || io.tokens > s.config.max_tokens) throw std::invalid_argument("a rank's tokens exceed max_tokens");
   }
-  s.note_progress();
   try {
     switch (s.config.shape.dtype) {
       case DType::f32: run_all<float>(s, weights, ranks, repeats); break;

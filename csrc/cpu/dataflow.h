@@ -36,28 +36,28 @@ struct ClusterConfig {
   double watchdog_seconds = 60;  // a wait with no progress anywhere for this long is a hang
 };
 
-// Expert weights, shared by all ranks (rank q uses experts [q·L, (q+1)·L)). Layouts as in
-// moe_forward.h; optional ones are nullptr.
+// Expert weights, shared by all ranks (rank q uses experts [q·L, (q+1)·L)). All contiguous, in the
+// problem's dtype; optional ones are nullptr.
 struct ExpertWeights {
-  const void* router_weight;
-  const void* router_bias;
-  const void* w1;
-  const void* b1;
-  const void* w2;
-  const void* b2;
+  const void* router_weight;  // [E, H]
+  const void* router_bias;    // [E], optional
+  const void* w1;             // [E, N0, H], N0 = 2I when gated (gate rows, then up rows) else I
+  const void* b1;             // [E, N0], optional
+  const void* w2;             // [E, H, I]
+  const void* b2;             // [E, H], optional
 };
 
-// One rank's tokens and outputs; layouts as in moe_forward.h.
+// One rank's tokens and outputs, contiguous. "acc" is float32, or float64 for f64 problems.
 struct RankIO {
-  const void* x;             // [tokens, H]
+  const void* x;             // [tokens, H] dtype
   int64_t tokens;
   int64_t expert_capacity;   // per expert for this source rank, or kDropless
-  void* y;                   // [tokens, H]
-  int32_t* topk_ids;         // [tokens, k]
-  void* topk_weights;        // [tokens, k] acc
-  int32_t* expert_counts;    // [E]
-  void* router_logits;       // [tokens, E] acc
-  int64_t* dropped;          // [1]
+  void* y;                   // [tokens, H] dtype                  (output)
+  int32_t* topk_ids;         // [tokens, k]                        (output)
+  void* topk_weights;        // [tokens, k] acc                    (output)
+  int32_t* expert_counts;    // [E], picks before dropping         (output)
+  void* router_logits;       // [tokens, E] acc                    (output)
+  int64_t* dropped;          // [1]                                (output)
 };
 
 class Cluster {
@@ -70,11 +70,13 @@ class Cluster {
   // Runs one forward on every rank (ranks[r] is rank r's). With repeats > 1 every rank runs that
   // many calls back to back without waiting for the other ranks between them, so a fast rank
   // starts its next epoch while a slow one is still in the last. Throws std::runtime_error when
-  // the watchdog sees a hang; the message names the rank, role and wait.
+  // the watchdog sees a hang; the message names the rank, role and wait. Calls on one cluster
+  // from several threads are serialized.
   void forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats = 1);
 
   const ClusterConfig& config() const;
-  int64_t heap_bytes() const;  // per rank
+  int64_t heap_bytes() const;       // one rank's symmetric heap
+  int64_t footprint_bytes() const;  // heaps and intermediate buffers of all ranks
   uint32_t epoch(int64_t rank) const;
 
   struct State;  // the runtime's internals, defined in dataflow.cpp

@@ -1,19 +1,26 @@
 #include "cpu/moe_forward.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <vector>
-
-#include "cpu/dataflow.h"
 
 namespace flashmoe::cpu {
 namespace {
 
-// Clusters whose heaps are small enough to keep between calls, so repeated calls (decode) reuse
-// their heap and epochs. Larger ones are built for the call and freed after it.
-constexpr int64_t kCachedHeapBytes = int64_t(64) << 20;
-constexpr size_t kCachedClusters = 8;
+// Clusters are kept between calls, so repeated calls reuse their heaps (no page faults) and
+// epochs, up to this many bytes in all (FLASHMOE_CPU_CACHE_BYTES overrides; 0 disables).
+int64_t cache_budget_bytes() {
+  static const int64_t budget = [] {
+    const char* value = std::getenv("FLASHMOE_CPU_CACHE_BYTES");
+    return value ? std::max<int64_t>(0, std::atoll(value)) : int64_t(1) << 30;
+  }();
+  return budget;
+}
 
 bool same_shape(const Problem& a, const Problem& b) {
   return a.hidden == b.hidden && a.ffn == b.ffn && a.experts == b.experts && a.top_k == b.top_k &&
@@ -45,12 +52,28 @@ class ClusterCache {
     return std::make_unique<Cluster>(config);
   }
 
+  // Most recently used last; the oldest go first when the budget is exceeded.
   void give_back(std::unique_ptr<Cluster> cluster) {
-    if (cluster->heap_bytes() > kCachedHeapBytes) return;
     std::lock_guard<std::mutex> lock(mutex_);
     idle_.push_back(std::move(cluster));
-    if (idle_.size() > kCachedClusters) idle_.erase(idle_.begin());
+    int64_t total = 0;
+    for (const auto& idle : idle_) total += idle->footprint_bytes();
+    while (!idle_.empty() && total > cache_budget_bytes()) {
+      total -= idle_.front()->footprint_bytes();
+      idle_.erase(idle_.begin());
+    }
   }
+
+  int64_t clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t total = 0;
+    for (const auto& idle : idle_) total += idle->footprint_bytes();
+    idle_.clear();
+    return total;
+  }
+
+  // A forked child must not inherit a mutex another thread held at the fork.
+  void forget_in_child() { new (&mutex_) std::mutex(); }
 
  private:
   std::mutex mutex_;
@@ -58,20 +81,22 @@ class ClusterCache {
 };
 
 ClusterCache& cache() {
-  static ClusterCache* instance = new ClusterCache();  // never destroyed: no teardown-order hazards
+  static ClusterCache* instance = [] {
+    auto* created = new ClusterCache();  // never destroyed: no teardown-order hazards
+    pthread_atfork(nullptr, nullptr, [] { cache().forget_in_child(); });
+    return created;
+  }();
   return *instance;
 }
 
 }  // namespace
 
-void moe_forward(const Problem& problem, const MoETensors& t, int num_threads) {
-  const int threads = std::max(1, num_threads);
-  std::unique_ptr<Cluster> cluster = cache().lease(problem, threads);
-  const ExpertWeights weights{t.router_weight, t.router_bias, t.w1, t.b1, t.w2, t.b2};
-  const RankIO io{t.x, problem.tokens, problem.expert_capacity, t.y, t.topk_ids, t.topk_weights, t.expert_counts,
-                  t.router_logits, t.dropped};
+void moe_forward(const Problem& problem, const ExpertWeights& weights, const RankIO& io, int num_threads) {
+  std::unique_ptr<Cluster> cluster = cache().lease(problem, std::max(1, num_threads));
   cluster->forward(weights, {io});  // a cluster that threw is dropped, never cached
   cache().give_back(std::move(cluster));
 }
+
+int64_t empty_cache() { return cache().clear(); }
 
 }  // namespace flashmoe::cpu

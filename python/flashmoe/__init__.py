@@ -11,7 +11,8 @@ from . import reference
 from ._build import build_info
 from .functional import moe
 from .layer import MoE
+from .ops import empty_cache
 from .reference import Routing, load_balancing_loss, router_z_loss
 
-__all__ = ["moe", "MoE", "Routing", "reference", "build_info", "load_balancing_loss", "router_z_loss"]
+__all__ = ["moe", "MoE", "Routing", "reference", "build_info", "empty_cache", "load_balancing_loss", "router_z_loss"]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
+from .reference import accumulate_dtype
 
 _DTYPE_CODES = {
     torch.float32: _C.DType.f32,
@@ -23,13 +24,15 @@ _DTYPE_CODES = {
 _NATIVE_DEVICES = ("cpu",)
 
 
+def empty_cache() -> int:
+    """Frees the buffers the native CPU backend keeps between calls (the single-rank clusters'
+    heaps, up to FLASHMOE_CPU_CACHE_BYTES, default 1 GiB); returns the bytes freed."""
+    return _C.empty_cache()
+
+
 def has_native_kernel(device: torch.device) -> bool:
     """Whether ``flashmoe::moe_forward`` has a compiled kernel for tensors on ``device``."""
     return torch.device(device).type in _NATIVE_DEVICES
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
@@ -38,6 +41,10 @@ def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activ
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
                        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize)
+    max_picks = _C.SignalWord.max_rows // min(top_k, router_weight.shape[0])
+    if x.shape[0] > max_picks:
+        raise ValueError(f"x has {x.shape[0]} tokens; one native call takes at most {max_picks} "
+                         f"(T·min(top_k, E) < 2^24 rows per signal word): split the batch")
     named = dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias, b1=b1, b2=b2)
     for name, tensor in named.items():
         if tensor is not None and not tensor.is_contiguous():
@@ -55,7 +62,7 @@ def _row_major_strides(shape) -> tuple:
 
 def _empty_outputs(x, router_weight, top_k):
     tokens, experts = x.shape[0], router_weight.shape[0]
-    accumulate = _accumulate_dtype(x.dtype)
+    accumulate = accumulate_dtype(x.dtype)
     return (
         torch.empty_like(x),
         x.new_empty((tokens, top_k), dtype=torch.int32),
@@ -156,19 +163,24 @@ def moe_backward(
     normalize: bool,
     scoring: str,
     capacity_factor: Optional[float],
+    needs_grad: list[bool],
 ) -> list[Tensor]:
-    """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``; an absent
-    bias gets an empty tensor. The routing (topk_ids) and admission are the forward's own: the
-    selection is piecewise constant, so only the weights and the expert math carry gradient.
-    Computed in fp32 (fp64 for fp64) with explicit formulas: an op body runs below autograd."""
-    accumulate = _accumulate_dtype(x.dtype)
-    xa, router_weight_a, w1_a, w2_a, router_bias_a, b1_a, b2_a = (
-        None if t is None else t.to(accumulate) for t in (x, router_weight, w1, w2, router_bias, b1, b2))
+    """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``.
+
+    ``needs_grad`` has one flag per input; an input that needs none (or is absent) gets an empty
+    tensor. The routing (topk_ids) and admission are the forward's own: the selection is piecewise
+    constant, so only the weights and the expert math carry gradient. Computed in fp32 (fp64 for
+    fp64), one expert's weights upcast at a time, with explicit formulas: an op body runs below
+    autograd."""
+    accumulate = accumulate_dtype(x.dtype)
+    need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad
+    xa = x.to(accumulate)
+    router_weight_a = router_weight.to(accumulate)
     num_experts = router_weight.shape[0]
     ids = topk_ids.long()
 
     # Forward quantities of the router.
-    logits = reference.router_logits(xa, router_weight_a, router_bias_a)
+    logits = reference.router_logits(xa, router_weight_a, router_bias)
     scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
     picked_scores = scores.gather(1, ids)
     picked_sum = picked_scores.sum(dim=-1, keepdim=True)
@@ -177,16 +189,19 @@ def moe_backward(
     admitted = reference.admit(topk_ids, num_experts, capacity)
 
     # Experts: y[t] += w[t, j] * (h · W2ᵀ + b2),  h = act(z) (⊙ up),  z = x · W1ᵀ + b1.
+    # Each expert's gradients are complete after its own step, so they are stored in the
+    # parameter's dtype right away and no fp32 copy of a whole weight tensor ever exists.
     grad_y = grad_y.to(accumulate)
     grad_weights = torch.zeros_like(weights)
     grad_x = torch.zeros_like(xa)
-    grad_w1, grad_w2 = torch.zeros_like(w1_a), torch.zeros_like(w2_a)
-    grad_b1 = None if b1 is None else torch.zeros_like(b1_a)
-    grad_b2 = None if b2 is None else torch.zeros_like(b2_a)
+    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
+    grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
     for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
         token, slot = picks // top_k, picks % top_k
-        expert_x, w1_e, w2_e = xa[token], w1_a[expert], w2_a[expert]
-        z = expert_x @ w1_e.T + (0 if b1 is None else b1_a[expert])
+        expert_x, w1_e, w2_e = xa[token], w1[expert].to(accumulate), w2[expert].to(accumulate)
+        z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
         if gated:
             gate, up = z.chunk(2, dim=-1)
             activated, activated_grad = _activation_with_grad(gate, activation)
@@ -194,20 +209,23 @@ def moe_backward(
         else:
             activated, activated_grad = _activation_with_grad(z, activation)
             h = activated
-        out = h @ w2_e.T + (0 if b2 is None else b2_a[expert])
+        out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
         grad_token = grad_y[token]
         grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
         grad_out = weights[token, slot].unsqueeze(1) * grad_token
-        grad_w2[expert] = grad_out.T @ h
+        if grad_w2 is not None:
+            grad_w2[expert] = grad_out.T @ h
         if grad_b2 is not None:
             grad_b2[expert] = grad_out.sum(dim=0)
         grad_h = grad_out @ w2_e
         grad_z = torch.cat([grad_h * up * activated_grad, grad_h * activated], dim=-1) if gated \
             else grad_h * activated_grad
-        grad_w1[expert] = grad_z.T @ expert_x
+        if grad_w1 is not None:
+            grad_w1[expert] = grad_z.T @ expert_x
         if grad_b1 is not None:
             grad_b1[expert] = grad_z.sum(dim=0)
-        grad_x.index_add_(0, token, grad_z @ w1_e)
+        if need_x:
+            grad_x.index_add_(0, token, grad_z @ w1_e)
 
     # Router: weights -> picked scores -> all scores -> logits.
     if grad_topk_weights is not None:
@@ -223,13 +241,21 @@ def moe_backward(
         grad_logits = grad_scores * scores * (1 - scores)
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
-    grad_x += grad_logits @ router_weight_a
-    grad_router_weight = grad_logits.T @ xa
-    grad_router_bias = None if router_bias is None else grad_logits.sum(dim=0)
+    if need_x:
+        grad_x += grad_logits @ router_weight_a
+    grad_router_weight = grad_logits.T @ xa if need_router_weight else None
+    grad_router_bias = grad_logits.sum(dim=0) if need_router_bias and router_bias is not None else None
 
-    grads = (grad_x, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2)
+    grads = (grad_x if need_x else None, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2)
     inputs = (x, router_weight, w1, w2, router_bias, b1, b2)
     return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+@moe_backward.register_fake
+def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad):
+    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
+    return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
 
 def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
@@ -250,34 +276,24 @@ def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
-@moe_backward.register_fake
-def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
-                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor):
-    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
-    return [x.new_empty((0,)) if t is None else torch.empty_like(t) for t in inputs]
-
-
 _OPTIONS = ("top_k", "gated", "activation", "normalize", "scoring", "capacity_factor")
 
 
 def _setup_context(ctx, inputs, output):
     x, router_weight, w1, w2, router_bias, b1, b2, *options = inputs
     ctx.options = dict(zip(_OPTIONS, options))
-    ctx.has_bias = (router_bias is not None, b1 is not None, b2 is not None)
     ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, output[1])
 
 
 def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_router_logits, _grad_dropped):
     x, router_weight, w1, w2, router_bias, b1, b2, topk_ids = ctx.saved_tensors
+    needs_grad = list(ctx.needs_input_grad[:7])
     if grad_y is None:
         grad_y = torch.zeros_like(x)
+    options = [ctx.options[name] for name in _OPTIONS]
     grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
-                                            router_bias, b1, b2, topk_ids, **ctx.options)
-    grad_x, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2 = grads
-    has_router_bias, has_b1, has_b2 = ctx.has_bias
-    return (grad_x, grad_router_weight, grad_w1, grad_w2,
-            grad_router_bias if has_router_bias else None, grad_b1 if has_b1 else None,
-            grad_b2 if has_b2 else None, None, None, None, None, None, None)
+                                            router_bias, b1, b2, topk_ids, *options, needs_grad)
+    return tuple(grad if need else None for grad, need in zip(grads, needs_grad)) + (None,) * len(_OPTIONS)
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -69,7 +69,8 @@ class Routing(NamedTuple):
     router_logits: Tensor
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every compute dtype but float64, which accumulates in float64."""
     """fp32 accumulation for every compute dtype, except float64 which stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -218,7 +219,7 @@ def router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor
         ``[T, E]`` float32, or float64 when ``x`` is float64. Inputs are upcast first, so
         bf16/fp16 products are exact and summed in fp32.
     """
-    dtype = _accumulate_dtype(x.dtype)
+    dtype = accumulate_dtype(x.dtype)
     bias = None if router_bias is None else router_bias.to(dtype)
     return F.linear(x.to(dtype), router_weight.to(dtype), bias)
 
@@ -455,7 +456,7 @@ def combine(
     """
     num_tokens, hidden = tokens.shape
     num_experts, top_k = w1.shape[0], topk_ids.shape[1]
-    accumulate_dtype = _accumulate_dtype(tokens.dtype)
+    accumulate = accumulate_dtype(tokens.dtype)
     expert_outputs, admitted_picks = [], []
     for expert, expert_picks in picks_by_expert(topk_ids, admitted, num_experts):
         expert_tokens = tokens.index_select(0, torch.div(expert_picks, top_k, rounding_mode="floor"))
@@ -463,11 +464,11 @@ def combine(
             expert_tokens, w1[expert], w2[expert], gated=gated, activation=activation,
             b1=None if b1 is None else b1[expert], b2=None if b2 is None else b2[expert],
         )
-        expert_outputs.append(out.to(accumulate_dtype))
+        expert_outputs.append(out.to(accumulate))
         admitted_picks.append(expert_picks)
 
     # pick_outputs[t, j] = f_{e_j}(x[t]) for admitted picks, 0 for dropped ones.
-    pick_outputs = torch.zeros(num_tokens * top_k, hidden, dtype=accumulate_dtype, device=tokens.device)
+    pick_outputs = torch.zeros(num_tokens * top_k, hidden, dtype=accumulate, device=tokens.device)
     if expert_outputs:
         pick_outputs = pick_outputs.index_copy(0, torch.cat(admitted_picks), torch.cat(expert_outputs))
     pick_outputs = pick_outputs.reshape(num_tokens, top_k, hidden)
@@ -493,7 +494,7 @@ def load_balancing_loss(router_logits: Tensor, topk_ids: Tensor, num_experts: in
     Returns:
         0-dim tensor in ``router_logits``' dtype (float32 for lower precisions).
     """
-    dtype = _accumulate_dtype(router_logits.dtype)
+    dtype = accumulate_dtype(router_logits.dtype)
     probs = torch.softmax(router_logits.reshape(-1, num_experts).to(dtype), dim=-1)
     num_tokens = probs.shape[0]
     picks = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts).to(dtype)
@@ -509,5 +510,5 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     Returns:
         0-dim tensor in ``router_logits``' dtype (float32 for lower precisions).
     """
-    logits = router_logits.to(_accumulate_dtype(router_logits.dtype))
+    logits = router_logits.to(accumulate_dtype(router_logits.dtype))
     return torch.logsumexp(logits, dim=-1).square().mean()

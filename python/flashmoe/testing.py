@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from .ops import _DTYPE_CODES, _accumulate_dtype, _address
+from .ops import _DTYPE_CODES, accumulate_dtype, _address
 
 FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch")
 
@@ -73,6 +73,7 @@ class SimulatedCluster:
             raise ValueError(f"flashmoe: {problem_error}")
         self.world_size, self.max_tokens, self.dtype, self.top_k = world_size, max_tokens, dtype, top_k
         self.hidden_size, self.ffn_size, self.num_experts = hidden_size, ffn_size, num_experts
+        self.with_router_bias, self.with_b1, self.with_b2 = with_router_bias, with_b1, with_b2
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self._cluster = _C.Cluster(shape=shape, world_size=world_size, max_tokens=max_tokens,
                                    threads_per_rank=threads_per_rank, chaos=chaos_seed is not None,
@@ -109,6 +110,11 @@ class SimulatedCluster:
             if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
                 raise ValueError(f"{name} must have shape {list(expected)} (this cluster's shape), "
                                  f"got {list(getattr(tensor, 'shape', [])) if isinstance(tensor, Tensor) else type(tensor).__name__}")
+        for name, tensor, declared, flag in (("router_bias", router_bias, self.with_router_bias, "with_router_bias"),
+                                             ("b1", b1, self.with_b1, "with_b1"), ("b2", b2, self.with_b2, "with_b2")):
+            if (tensor is not None) != declared:
+                raise ValueError(f"{name} {'is missing' if declared else 'was given'}, but the cluster was built "
+                                 f"with {flag}={declared}")
         outputs, ranks = [], []
         for rank, x in enumerate(xs):
             reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated,
@@ -121,7 +127,7 @@ class SimulatedCluster:
             x = x.contiguous()
             tokens, experts = x.shape[0], router_weight.shape[0]
             capacity = reference.expert_capacity(capacity_factor, tokens, self.top_k, experts)
-            accumulate = _accumulate_dtype(x.dtype)
+            accumulate = accumulate_dtype(x.dtype)
             out = dict(x=x, y=torch.empty_like(x), topk_ids=x.new_empty((tokens, self.top_k), dtype=torch.int32),
                        topk_weights=x.new_empty((tokens, self.top_k), dtype=accumulate),
                        expert_counts=x.new_empty((experts,), dtype=torch.int32),

@@ -251,11 +251,11 @@ Outputs single_rank(const Case& c, const Data& d, int64_t rank) {
   p.tokens = c.tokens[size_t(rank)];
   p.expert_capacity = capacity_of(c, p.tokens);
   Outputs o = poisoned_outputs(c, p.tokens);
-  const MoETensors t{d.x[size_t(rank)].data(), d.router_weight.data(), c.router_bias ? d.router_bias.data() : nullptr,
-                     d.w1.data(), c.b1 ? d.b1.data() : nullptr, d.w2.data(), c.b2 ? d.b2.data() : nullptr,
-                     o.y.data(), o.topk_ids.data(), o.topk_weights.data(), o.expert_counts.data(),
-                     o.router_logits.data(), &o.dropped};
-  moe_forward(p, t, 1);
+  const ExpertWeights weights{d.router_weight.data(), c.router_bias ? d.router_bias.data() : nullptr, d.w1.data(),
+                              c.b1 ? d.b1.data() : nullptr, d.w2.data(), c.b2 ? d.b2.data() : nullptr};
+  const RankIO io{d.x[size_t(rank)].data(), p.tokens, p.expert_capacity, o.y.data(), o.topk_ids.data(),
+                  o.topk_weights.data(), o.expert_counts.data(), o.router_logits.data(), &o.dropped};
+  moe_forward(p, weights, io, 1);
   return o;
 }
 

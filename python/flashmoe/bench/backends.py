@@ -24,13 +24,8 @@ class BackendUnavailable(RuntimeError):
 
 
 def _flashmoe_native(problem: MoEProblem) -> Runner:
-    import flashmoe
+    from flashmoe import moe
 
-    moe = getattr(flashmoe, "moe", None)
-    if moe is None:
-        raise BackendUnavailable(
-            "native backend unavailable: flashmoe.moe is not defined in this checkout "
-            "(python/flashmoe/ops.py); use --backend reference,hf-loop")
     weights, options = problem.weights, problem.moe_options()
     return lambda index: moe(problem.inputs[index], weights.router_weight, weights.w1, weights.w2,
                              backend="native", **options)
