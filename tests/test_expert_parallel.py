@@ -322,6 +322,27 @@ def test_repeats_1000_equal_single_run():
     assert [cluster.epoch(r) for r in range(4)] == [1002] * 4
 
 
+@pytest.mark.parametrize("threads_per_rank", (1, 2))
+def test_drifting_ranks_with_new_inputs_every_call(threads_per_rank):
+    """forward_calls: every rank runs 200 calls back to back with new inputs (and token counts,
+    zero included) in every call, never waiting for the other ranks between calls, under chaos.
+    A rank reading rows or flags of the wrong epoch would mix two calls' data and break the bits."""
+    world_size, experts, top_k, max_tokens, calls = 4, 8, 2, 24, 200
+    cluster = SimulatedCluster(H, I, experts, top_k, world_size=world_size, max_tokens=max_tokens,
+                               threads_per_rank=threads_per_rank, chaos_seed=11)
+    _, weights = build(71, [8], experts=experts, top_k=top_k)
+    generator = torch.Generator().manual_seed(72)
+    inputs = [[torch.randn(int(torch.randint(0, max_tokens + 1, (), generator=generator)), H, generator=generator)
+               for _ in range(world_size)] for _ in range(calls)]
+    results = cluster.forward_calls(inputs, **weights)
+    assert [cluster.epoch(r) for r in range(world_size)] == [calls] * world_size
+    for call, (xs, ys) in enumerate(zip(inputs, results)):
+        for rank, (x, y) in enumerate(zip(xs, ys)):
+            expected = flashmoe.moe(x, weights["router_weight"], weights["w1"], weights["w2"], top_k=top_k,
+                                    backend="native")
+            assert same_bits(y, expected), f"call {call}, rank {rank}"
+
+
 def test_1000_separate_calls_with_changing_inputs():
     """1,000 forward() calls on one cluster; the inputs (and per-rank token counts) change every
     100 calls, and each call is checked bitwise against native single-rank ops."""

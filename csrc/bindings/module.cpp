@@ -54,13 +54,7 @@ void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weigh
 // (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, router_logits, dropped)
 using RankTuple = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
 
-void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
-                     uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<RankTuple>& ranks, int64_t repeats) {
-  const Problem& shape = cluster.config().shape;
-  require(router_weight && w1 && w2, "flashmoe: a required weight pointer is null");
-  require(shape.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
-  require(shape.has_b1 == (b1 != 0) && shape.has_b2 == (b2 != 0), "flashmoe: has_b1/has_b2 disagree with b1/b2");
-  require(repeats >= 1, "flashmoe: repeats must be >= 1");
+std::vector<cpu::RankIO> rank_ios(const std::vector<RankTuple>& ranks) {
   std::vector<cpu::RankIO> io;
   for (const RankTuple& r : ranks) {
     const int64_t tokens = std::get<1>(r);
@@ -72,11 +66,24 @@ void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t r
                              as_ptr<int32_t>(std::get<4>(r)), as_ptr<void>(std::get<5>(r)), as_ptr<int32_t>(std::get<6>(r)),
                              as_ptr<void>(std::get<7>(r)), as_ptr<int64_t>(std::get<8>(r))});
   }
+  return io;
+}
+
+// calls[c][r]: rank r's tensors in call c; every rank runs its calls back to back.
+void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
+                     uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<std::vector<RankTuple>>& calls) {
+  const Problem& shape = cluster.config().shape;
+  require(router_weight && w1 && w2, "flashmoe: a required weight pointer is null");
+  require(shape.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
+  require(shape.has_b1 == (b1 != 0) && shape.has_b2 == (b2 != 0), "flashmoe: has_b1/has_b2 disagree with b1/b2");
+  require(!calls.empty(), "flashmoe: at least one call is required");
+  std::vector<std::vector<cpu::RankIO>> io;
+  for (const auto& call : calls) io.push_back(rank_ios(call));
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
                                    as_ptr<const void>(b2)};
   py::gil_scoped_release release;
-  cluster.forward(weights, io, repeats);
+  cluster.forward_calls(weights, io);
 }
 
 }  // namespace
@@ -141,9 +148,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("chaos") = false, py::arg("chaos_seed") = 0, py::arg("fault") = cpu::Fault::none,
            py::arg("watchdog_seconds") = 60.0)
       .def("forward", &cluster_forward, py::kw_only(), py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"),
-           py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("ranks"), py::arg("repeats") = 1,
-           "ranks: one (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, router_logits, "
-           "dropped) tuple of addresses per rank.")
+           py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("calls"),
+           "calls: per call, one (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, "
+           "router_logits, dropped) tuple of addresses per rank. Ranks run their calls back to back.")
       .def_property_readonly("heap_bytes", &cpu::Cluster::heap_bytes)
       .def("epoch", &cpu::Cluster::epoch, py::arg("rank"));
 

@@ -127,13 +127,13 @@ class Member {
   using Acc = accum_t<T>;
 
  public:
-  Member(Cluster::State& cluster, int64_t rank, int member, const ExpertWeights& weights, const RankIO& io)
+  Member(Cluster::State& cluster, int64_t rank, int member, const ExpertWeights& weights)
       : c_(cluster), p_(cluster.config.shape), rank_(rank), member_(member), team_(cluster.config.threads_per_rank),
-        s_(*cluster.ranks[size_t(rank)]), io_(io), chaos_(cluster.config.chaos, rank, member),
+        s_(*cluster.ranks[size_t(rank)]), chaos_(cluster.config.chaos, rank, member),
         router_weight_(static_cast<const T*>(weights.router_weight)),
         router_bias_(static_cast<const T*>(weights.router_bias)), w1_(static_cast<const T*>(weights.w1)),
         b1_(static_cast<const T*>(weights.b1)), w2_(static_cast<const T*>(weights.w2)),
-        b2_(static_cast<const T*>(weights.b2)), x_(static_cast<const T*>(io.x)) {
+        b2_(static_cast<const T*>(weights.b2)) {
     const Tiling& tiling = c_.tiling;
     gate_.resize(size_t(tiling.row_tile * tiling.ffn_tile));
     up_.resize(gate_.size());
@@ -142,7 +142,9 @@ class Member {
     sum_.resize(size_t(p_.hidden));
   }
 
-  void call() {
+  void call(const RankIO& io) {
+    io_ = &io;
+    x_ = static_cast<const T*>(io.x);
     barrier("start of call");
     if (member_ == 0) begin_call();
     barrier("after reset");
@@ -170,7 +172,7 @@ class Member {
     s_.backlog.clear();
     s_.queue.clear();
     s_.completed.store(0, std::memory_order_relaxed);
-    s_.bound.store(c_.task_bound.initial(io_.tokens), std::memory_order_relaxed);
+    s_.bound.store(c_.task_bound.initial(io_->tokens), std::memory_order_relaxed);
     s_.free_buffers.clear();
     for (int32_t b = int32_t(c_.h_buffers) - 1; b >= 0; --b) s_.free_buffers.push_back(b);
   }
@@ -178,18 +180,18 @@ class Member {
   // ---- Phase 1: gate. Router GEMM with fp32 accumulation, scores, top-k. ----
   void gate() {
     const int64_t E = p_.experts, H = p_.hidden, k = p_.top_k, tile = c_.tiling.token_tile;
-    for (int64_t task; (task = s_.next_gate_tile.fetch_add(1)) < c_.tiling.token_tiles(io_.tokens);) {
-      const int64_t t0 = task * tile, m = std::min(tile, io_.tokens - t0);
+    for (int64_t task; (task = s_.next_gate_tile.fetch_add(1)) < c_.tiling.token_tiles(io_->tokens);) {
+      const int64_t t0 = task * tile, m = std::min(tile, io_->tokens - t0);
       std::vector<const T*> rows(static_cast<size_t>(m));
       for (int64_t i = 0; i < m; ++i) rows[size_t(i)] = x_ + (t0 + i) * H;
-      Acc* logits = static_cast<Acc*>(io_.router_logits) + t0 * E;
+      Acc* logits = static_cast<Acc*>(io_->router_logits) + t0 * E;
       tile_gemm_nt<T>(rows.data(), m, router_weight_, H, E, H, logits, E, false);
       for (int64_t i = 0; i < m; ++i) {
         Acc* row = logits + i * E;
         if (router_bias_) for (int64_t e = 0; e < E; ++e) row[e] += load_value(router_bias_[e]);
         score_experts(row, E, p_.scoring, scores_.data());
-        select_top_k(scores_.data(), E, k, p_.normalize, io_.topk_ids + (t0 + i) * k,
-                     static_cast<Acc*>(io_.topk_weights) + (t0 + i) * k);
+        select_top_k(scores_.data(), E, k, p_.normalize, io_->topk_ids + (t0 + i) * k,
+                     static_cast<Acc*>(io_->topk_weights) + (t0 + i) * k);
       }
       c_.note_progress();
     }
@@ -198,10 +200,10 @@ class Member {
   // ---- Phase 2: token-order slot assignment under this source's capacity. ----
   void assign() {
     s_.expert_offsets.assign(size_t(p_.experts + 1), 0);
-    s_.pick_row.resize(size_t(io_.tokens * p_.top_k));
-    s_.row_token.resize(size_t(io_.tokens * p_.top_k));
-    *io_.dropped = assign_slots(io_.topk_ids, io_.tokens, p_.top_k, p_.experts, io_.expert_capacity,
-                                SlotAssignment{io_.expert_counts, s_.expert_offsets.data(), s_.pick_row.data(),
+    s_.pick_row.resize(size_t(io_->tokens * p_.top_k));
+    s_.row_token.resize(size_t(io_->tokens * p_.top_k));
+    *io_->dropped = assign_slots(io_->topk_ids, io_->tokens, p_.top_k, p_.experts, io_->expert_capacity,
+                                SlotAssignment{io_->expert_counts, s_.expert_offsets.data(), s_.pick_row.data(),
                                                s_.row_token.data()});
   }
 
@@ -296,12 +298,12 @@ class Member {
     if (s_.returns_seen == W * L && !s_.combine_released) {
       s_.combine_released = true;
       std::vector<Task> combines;
-      for (int64_t tile = 0; tile < c_.task_bound.combine_tasks(io_.tokens); ++tile) {
+      for (int64_t tile = 0; tile < c_.task_bound.combine_tasks(io_->tokens); ++tile) {
         Task task;
         task.kind = TaskKind::combine;
         task.epoch = s_.epoch;
-        task.column_begin = std::min(io_.tokens, tile * c_.tiling.token_tile);
-        task.columns = std::min(c_.tiling.token_tile, io_.tokens - task.column_begin);
+        task.column_begin = std::min(io_->tokens, tile * c_.tiling.token_tile);
+        task.columns = std::min(c_.tiling.token_tile, io_->tokens - task.column_begin);
         combines.push_back(task);
       }
       push(combines);
@@ -447,19 +449,19 @@ class Member {
   // y[t] = sum over admitted picks j, in ascending j, of weight[t, j] * (row that came home).
   void run_combine(const Task& task) {
     const int64_t H = p_.hidden, k = p_.top_k;
-    const Acc* weights = static_cast<const Acc*>(io_.topk_weights);
+    const Acc* weights = static_cast<const Acc*>(io_->topk_weights);
     for (int64_t t = task.column_begin; t < task.column_begin + task.columns; ++t) {
       std::fill(sum_.begin(), sum_.end(), Acc(0));
       for (int64_t j = 0; j < k; ++j) {
         const int32_t row = s_.pick_row[size_t(t * k + j)];
         if (row < 0) continue;
-        const int64_t expert = io_.topk_ids[t * k + j];
+        const int64_t expert = io_->topk_ids[t * k + j];
         const int64_t owner_row = row - s_.expert_offsets[size_t(c_.placement.owner(expert) * c_.placement.local_experts())];
         const T* src = reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(c_.placement.owner(expert), owner_row));
         const Acc weight = weights[t * k + j];
         for (int64_t n = 0; n < H; ++n) sum_[size_t(n)] += weight * load_value(src[n]);
       }
-      T* dst = static_cast<T*>(io_.y) + t * H;
+      T* dst = static_cast<T*>(io_->y) + t * H;
       for (int64_t n = 0; n < H; ++n) dst[n] = store_value<T>(sum_[size_t(n)]);
     }
   }
@@ -517,21 +519,22 @@ class Member {
   const int member_;
   const int team_;
   RankState& s_;
-  const RankIO& io_;
+  const RankIO* io_ = nullptr;  // this call's tokens and outputs
   Chaos chaos_;
-  const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_, *x_;
+  const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_;
+  const T* x_ = nullptr;
   std::vector<Acc> gate_, up_, out_, scores_, sum_;
 };
 
 template <typename T>
-void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
+void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls) {
   const int team = state.config.threads_per_rank;
   run_team(int(state.placement.world_size) * team, [&](int thread) {
     state.note_progress();  // the wait for the pool is not a hang
     const int64_t rank = thread / team;
     try {
-      Member<T> member(state, rank, thread % team, weights, ranks[size_t(rank)]);
-      for (int64_t call = 0; call < repeats; ++call) member.call();
+      Member<T> member(state, rank, thread % team, weights);
+      for (const std::vector<RankIO>& call : calls) member.call(call[size_t(rank)]);
     } catch (const Aborted&) {
       // Another member reported the failure; this one just stops.
     } catch (...) {
@@ -583,19 +586,26 @@ int64_t Cluster::footprint_bytes() const {
 uint32_t Cluster::epoch(int64_t rank) const { return state_->ranks.at(size_t(rank))->epoch; }
 
 void Cluster::forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats) {
+  if (repeats < 1) throw std::invalid_argument("repeats must be >= 1");
+  forward_calls(weights, std::vector<std::vector<RankIO>>(size_t(repeats), ranks));
+}
+
+void Cluster::forward_calls(const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls) {
   State& s = *state_;
   std::lock_guard<std::mutex> lock(s.call_mutex);
   if (s.broken) throw std::runtime_error("flashmoe: this cluster failed earlier and cannot run again: " + s.error);
-  if (int64_t(ranks.size()) != s.config.world_size) throw std::invalid_argument("one RankIO per rank is required");
-  for (const RankIO& io : ranks) {
-    if (io.tokens < 0 || io.tokens > s.config.max_tokens) throw std::invalid_argument("a rank's tokens exceed max_tokens");
+  for (const std::vector<RankIO>& call : calls) {
+    if (int64_t(call.size()) != s.config.world_size) throw std::invalid_argument("one RankIO per rank is required");
+    for (const RankIO& io : call) {
+      if (io.tokens < 0 || io.tokens > s.config.max_tokens) throw std::invalid_argument("a rank's tokens exceed max_tokens");
+    }
   }
   try {
     switch (s.config.shape.dtype) {
-      case DType::f32: run_all<float>(s, weights, ranks, repeats); break;
-      case DType::bf16: run_all<bfloat16>(s, weights, ranks, repeats); break;
-      case DType::f16: run_all<float16>(s, weights, ranks, repeats); break;
-      case DType::f64: run_all<double>(s, weights, ranks, repeats); break;
+      case DType::f32: run_all<float>(s, weights, calls); break;
+      case DType::bf16: run_all<bfloat16>(s, weights, calls); break;
+      case DType::f16: run_all<float16>(s, weights, calls); break;
+      case DType::f64: run_all<double>(s, weights, calls); break;
     }
   } catch (...) {
     s.broken = true;

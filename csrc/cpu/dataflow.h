@@ -74,6 +74,11 @@ class Cluster {
   // from several threads are serialized.
   void forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats = 1);
 
+  // Runs calls.size() calls; calls[c][r] is rank r's input and output of call c. Each rank runs its
+  // calls back to back, never waiting for the other ranks between them, so ranks drift apart by
+  // up to one epoch while every call has inputs of its own.
+  void forward_calls(const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls);
+
   const ClusterConfig& config() const;
   int64_t heap_bytes() const;       // one rank's symmetric heap
   int64_t footprint_bytes() const;  // heaps and intermediate buffers of all ranks

@@ -99,53 +99,83 @@ class SimulatedCluster:
         With ``repeats > 1`` each rank runs that many calls back to back, never waiting for the
         other ranks between calls. Returns ``[y_r]``, or ``([y_r], [Routing_r])``.
         """
-        if len(xs) != self.world_size:
-            raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}")
-        if not isinstance(repeats, int) or repeats < 1:
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        # Every repeat reads the same inputs and writes the same outputs.
+        return self._run([xs], router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing,
+                         repeats=repeats)[0]
+
+    def forward_calls(self, calls: Sequence[Sequence[Tensor]], router_weight: Tensor, w1: Tensor, w2: Tensor, *,
+                      capacity_factor: Optional[float] = None, router_bias: Optional[Tensor] = None,
+                      b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, return_routing: bool = False):
+        """Several forwards in one go: ``calls[c][r]`` is rank r's ``[T, H]`` input of call c.
+
+        Every rank runs its calls back to back and never waits for the other ranks between them,
+        so ranks drift up to one epoch apart while each call brings new inputs. Returns, per call,
+        what :meth:`forward` returns.
+        """
+        return self._run(calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing)
+
+    def _run(self, calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing, repeats=1):
+        if not isinstance(calls, (list, tuple)) or not calls:
+            raise ValueError("calls must be a non-empty list of per-rank input lists")
         # The runtime indexes every buffer with the cluster's shape: weights must have exactly it.
         for name, tensor, expected in (
                 ("router_weight", router_weight, (self.num_experts, self.hidden_size)),
                 ("w2", w2, (self.num_experts, self.hidden_size, self.ffn_size))):
             if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
-                raise ValueError(f"{name} must have shape {list(expected)} (this cluster's shape), "
-                                 f"got {list(getattr(tensor, 'shape', [])) if isinstance(tensor, Tensor) else type(tensor).__name__}")
+                got = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{name} must have shape {list(expected)} (this cluster's shape), got {got}")
         for name, tensor, declared, flag in (("router_bias", router_bias, self.with_router_bias, "with_router_bias"),
                                              ("b1", b1, self.with_b1, "with_b1"), ("b2", b2, self.with_b2, "with_b2")):
             if (tensor is not None) != declared:
                 raise ValueError(f"{name} {'is missing' if declared else 'was given'}, but the cluster was built "
                                  f"with {flag}={declared}")
-        outputs, ranks = [], []
-        for rank, x in enumerate(xs):
-            reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated,
-                               activation=self.activation, scoring=self.scoring, capacity_factor=capacity_factor,
-                               router_bias=router_bias, b1=b1, b2=b2, normalize=self.normalize)
-            if x.dtype != self.dtype or x.device.type != "cpu" or x.dim() != 2:
-                raise ValueError(f"xs[{rank}] must be a [T, H] CPU tensor of dtype {self.dtype}")
-            if x.shape[0] > self.max_tokens:
-                raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
-            x = x.contiguous()
-            tokens, experts = x.shape[0], router_weight.shape[0]
-            capacity = reference.expert_capacity(capacity_factor, tokens, self.top_k, experts)
-            accumulate = accumulate_dtype(x.dtype)
-            out = dict(x=x, y=torch.empty_like(x), topk_ids=x.new_empty((tokens, self.top_k), dtype=torch.int32),
-                       topk_weights=x.new_empty((tokens, self.top_k), dtype=accumulate),
-                       expert_counts=x.new_empty((experts,), dtype=torch.int32),
-                       router_logits=x.new_empty((tokens, experts), dtype=accumulate),
-                       dropped=x.new_empty((), dtype=torch.int64))
-            outputs.append(out)
-            ranks.append((_address(x), tokens, -1 if capacity is None else capacity, _address(out["y"]),
-                          _address(out["topk_ids"]), _address(out["topk_weights"]), _address(out["expert_counts"]),
-                          _address(out["router_logits"]), _address(out["dropped"])))
+        outputs = []
+        for call, xs in enumerate(calls):
+            if len(xs) != self.world_size:
+                raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}"
+                                 + (f" in calls[{call}]" if len(calls) > 1 else ""))
+            outputs.append([self._rank_outputs(rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2)
+                            for rank, x in enumerate(xs)])
         weights = [t if t is None else t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2)]
+        tuples = [[self._rank_tuple(out) for out in call] for call in outputs]
         self._cluster.forward(router_weight=_address(weights[0]), router_bias=_address(weights[1]),
                               w1=_address(weights[2]), b1=_address(weights[3]), w2=_address(weights[4]),
-                              b2=_address(weights[5]), ranks=ranks, repeats=repeats)
-        ys = [out["y"] for out in outputs]
-        if not return_routing:
-            return ys
-        return ys, [reference.Routing(o["topk_ids"], o["topk_weights"], o["expert_counts"], o["dropped"],
-                                      o["router_logits"]) for o in outputs]
+                              b2=_address(weights[5]), calls=tuples * repeats)
+        results = []
+        for call in outputs:
+            ys = [out["y"] for out in call]
+            routings = [reference.Routing(o["topk_ids"], o["topk_weights"], o["expert_counts"], o["dropped"],
+                                          o["router_logits"]) for o in call]
+            results.append((ys, routings) if return_routing else ys)
+        return results
+
+    def _rank_outputs(self, rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2) -> dict:
+        """Validates rank's input and allocates its outputs (the x it will read included)."""
+        reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated, activation=self.activation,
+                           scoring=self.scoring, capacity_factor=capacity_factor, router_bias=router_bias, b1=b1,
+                           b2=b2, normalize=self.normalize)
+        if x.dtype != self.dtype or x.device.type != "cpu" or x.dim() != 2:
+            raise ValueError(f"xs[{rank}] must be a [T, H] CPU tensor of dtype {self.dtype}")
+        if x.shape[0] > self.max_tokens:
+            raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
+        x = x.contiguous()
+        tokens, experts = x.shape[0], router_weight.shape[0]
+        accumulate = accumulate_dtype(x.dtype)
+        return dict(x=x, capacity=reference.expert_capacity(capacity_factor, tokens, self.top_k, experts),
+                    y=torch.empty_like(x), topk_ids=x.new_empty((tokens, self.top_k), dtype=torch.int32),
+                    topk_weights=x.new_empty((tokens, self.top_k), dtype=accumulate),
+                    expert_counts=x.new_empty((experts,), dtype=torch.int32),
+                    router_logits=x.new_empty((tokens, experts), dtype=accumulate),
+                    dropped=x.new_empty((), dtype=torch.int64))
+
+    @staticmethod
+    def _rank_tuple(out: dict) -> tuple:
+        capacity = -1 if out["capacity"] is None else out["capacity"]
+        return (_address(out["x"]), out["x"].shape[0], capacity, _address(out["y"]), _address(out["topk_ids"]),
+                _address(out["topk_weights"]), _address(out["expert_counts"]), _address(out["router_logits"]),
+                _address(out["dropped"]))
 
 
 def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Tensor, w2: Tensor, *, top_k: int,
