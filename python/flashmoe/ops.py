@@ -61,6 +61,7 @@ def _row_major_strides(shape) -> tuple:
 
 
 def _empty_outputs(x, router_weight, top_k):
+    """(y, topk_ids, topk_weights, expert_counts, router_logits, dropped), uninitialized."""
     tokens, experts = x.shape[0], router_weight.shape[0]
     accumulate = accumulate_dtype(x.dtype)
     return (
@@ -73,24 +74,28 @@ def _empty_outputs(x, router_weight, top_k):
     )
 
 
-def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor):
+def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, scoring, dtype, has_router_bias,
+                  has_b1, has_b2):
+    """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless)."""
     problem = _C.Problem()
-    problem.tokens, problem.hidden = x.shape
-    problem.experts = router_weight.shape[0]
-    problem.ffn = w1.shape[1] // 2 if gated else w1.shape[1]
-    problem.top_k = top_k
-    problem.gated = gated
+    problem.hidden, problem.ffn, problem.experts, problem.top_k = hidden, ffn, experts, top_k
+    problem.gated, problem.normalize = gated, normalize
     problem.activation = getattr(_C.Activation, activation)
     problem.scoring = getattr(_C.Scoring, scoring)
-    problem.normalize = normalize
-    problem.dtype = _DTYPE_CODES[x.dtype]
+    problem.dtype = _DTYPE_CODES[dtype]
+    problem.has_router_bias, problem.has_b1, problem.has_b2 = has_router_bias, has_b1, has_b2
+    return problem
+
+
+def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor):
+    problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], router_weight.shape[0], top_k,
+                            gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
+                            has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None)
+    problem.tokens = x.shape[0]
     problem.expert_capacity = (
         -1 if capacity_factor is None
         else _C.expert_capacity(capacity_factor, problem.tokens, top_k, problem.experts)
     )
-    problem.has_router_bias = router_bias is not None
-    problem.has_b1 = b1 is not None
-    problem.has_b2 = b2 is not None
     return problem
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from .ops import _DTYPE_CODES, accumulate_dtype, _address
+from .ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
 
 FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch")
 
@@ -57,17 +57,13 @@ class SimulatedCluster:
             raise ValueError(f"chaos_seed must be None or an int >= 0, got {chaos_seed!r}")
         if not watchdog_seconds > 0:
             raise ValueError(f"watchdog_seconds must be > 0, got {watchdog_seconds!r}")
-        shape = _C.Problem()
-        shape.hidden, shape.ffn, shape.experts, shape.top_k = hidden_size, ffn_size, num_experts, top_k
-        shape.gated, shape.normalize = gated, normalize
         if activation not in reference.ACTIVATIONS:
             raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
         if scoring not in reference.SCORINGS:
             raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
-        shape.activation = getattr(_C.Activation, activation)
-        shape.scoring = getattr(_C.Scoring, scoring)
-        shape.dtype = _DTYPE_CODES[dtype]
-        shape.has_router_bias, shape.has_b1, shape.has_b2 = with_router_bias, with_b1, with_b2
+        shape = problem_shape(hidden_size, ffn_size, num_experts, top_k, gated=gated, activation=activation,
+                              normalize=normalize, scoring=scoring, dtype=dtype, has_router_bias=with_router_bias,
+                              has_b1=with_b1, has_b2=with_b2)
         problem_error = shape.validate()
         if problem_error:
             raise ValueError(f"flashmoe: {problem_error}")
@@ -161,14 +157,10 @@ class SimulatedCluster:
         if x.shape[0] > self.max_tokens:
             raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
         x = x.contiguous()
-        tokens, experts = x.shape[0], router_weight.shape[0]
-        accumulate = accumulate_dtype(x.dtype)
-        return dict(x=x, capacity=reference.expert_capacity(capacity_factor, tokens, self.top_k, experts),
-                    y=torch.empty_like(x), topk_ids=x.new_empty((tokens, self.top_k), dtype=torch.int32),
-                    topk_weights=x.new_empty((tokens, self.top_k), dtype=accumulate),
-                    expert_counts=x.new_empty((experts,), dtype=torch.int32),
-                    router_logits=x.new_empty((tokens, experts), dtype=accumulate),
-                    dropped=x.new_empty((), dtype=torch.int64))
+        names = ("y", "topk_ids", "topk_weights", "expert_counts", "router_logits", "dropped")
+        outputs = dict(zip(names, _empty_outputs(x, router_weight, self.top_k)))
+        capacity = reference.expert_capacity(capacity_factor, x.shape[0], self.top_k, router_weight.shape[0])
+        return dict(x=x, capacity=capacity, **outputs)
 
     @staticmethod
     def _rank_tuple(out: dict) -> tuple:
