@@ -17,6 +17,7 @@
 #include "cpu/dataflow.h"
 #include "cpu/moe_forward.h"
 #include "cpu/tile_gemm.h"
+#include "cuda/moe_cuda.h"
 
 namespace py = pybind11;
 using namespace flashmoe;
@@ -85,6 +86,35 @@ void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t r
   py::gil_scoped_release release;
   cluster.forward_calls(weights, io);
 }
+
+#if FLASHMOE_WITH_CUDA
+void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
+                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
+                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
+                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream) {
+  cuda::Pointers pointers;
+  pointers.x = as_ptr<const void>(x);
+  pointers.router_weight = as_ptr<const void>(router_weight);
+  pointers.router_bias = as_ptr<const void>(router_bias);
+  pointers.w1 = as_ptr<const void>(w1);
+  pointers.b1 = as_ptr<const void>(b1);
+  pointers.w2 = as_ptr<const void>(w2);
+  pointers.b2 = as_ptr<const void>(b2);
+  pointers.y = as_ptr<void>(y);
+  pointers.topk_ids = as_ptr<int32_t>(topk_ids);
+  pointers.topk_weights = as_ptr<float>(topk_weights);
+  pointers.expert_counts = as_ptr<int32_t>(expert_counts);
+  pointers.router_logits = as_ptr<float>(router_logits);
+  pointers.dropped = as_ptr<int64_t>(dropped);
+  pointers.workspace = as_ptr<void>(workspace);
+  const auto math = allow_tf32 ? cuda::Fp32Math::tf32 : cuda::Fp32Math::exact;
+  try {
+    cuda::moe_forward(problem, pointers, workspace_bytes, math, device, stream);
+  } catch (const std::invalid_argument& error) {
+    throw py::value_error(error.what());
+  }
+}
+#endif
 
 }  // namespace
 
@@ -236,6 +266,34 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
+
+#if FLASHMOE_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.def("cuda_build_info", [] {
+    const cuda::BuildInfo info = cuda::build_info();
+    py::dict out;
+    out["archs"] = info.archs;
+    out["cuda_version"] = info.cuda_version;
+    out["cutlass_version"] = info.cutlass_version;
+    return out;
+  }, "What the CUDA backend was compiled with: archs, CUDA and CUTLASS versions.");
+  m.def("cuda_workspace_bytes", [](const Problem& problem, int device, bool allow_tf32) {
+    try {
+      return cuda::workspace_bytes(problem, device, allow_tf32 ? cuda::Fp32Math::tf32 : cuda::Fp32Math::exact);
+    } catch (const std::invalid_argument& error) {
+      throw py::value_error(error.what());
+    }
+  }, py::arg("problem"), py::arg("device"), py::arg("allow_tf32"),
+     "Bytes of workspace one CUDA call of `problem` needs on `device` (host-only, no sync).");
+  m.def("moe_forward_cuda", &moe_forward_cuda, py::kw_only(), py::arg("problem"), py::arg("x"),
+        py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
+        py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
+#else
+  m.attr("cuda_compiled") = false;
+#endif
 
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); },
         "The instruction set the CPU tile GEMM uses in this process.");

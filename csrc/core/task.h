@@ -12,6 +12,11 @@ enum class TaskKind : uint32_t {
   gemm0 = 1,    // h[rows, columns) of a row tile: act(x · W1ᵀ + b1) (⊙ up), rounded to dtype
   gemm1 = 2,    // out[rows, columns) of a row tile: h · W2ᵀ + b2, written to the source's heap
   combine = 3,  // y for tokens [column_begin, column_begin + columns): weighted sum over picks
+  // The CUDA kernel also runs its gate and dispatch as tasks (the CPU backend's ranks do these inline).
+  gate = 4,      // router GEMM, scores and top-k of tokens [column_begin, column_begin + columns)
+  route = 5,     // ordered prefix of the gate tiles' expert histograms: slots and expert offsets
+  dispatch = 6,  // copy the admitted picks of tokens [column_begin, ...) into the dispatch rows
+  stop = 7,      // the processor leaves its loop
 };
 
 struct alignas(128) Task {

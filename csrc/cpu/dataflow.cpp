@@ -393,6 +393,7 @@ class Member {
       case TaskKind::gemm0: return run_gemm0(task);
       case TaskKind::gemm1: return run_gemm1(task);
       case TaskKind::combine: return run_combine(task);
+      default: c_.fail("flashmoe: rank " + std::to_string(rank_) + " popped a task kind the CPU ranks never queue");
     }
   }
 

@@ -1,0 +1,342 @@
+// The actors of the persistent kernel (DESIGN.md): CTA 0 is the OS CTA — thread 0 is the scheduler,
+// warps 1..3 are subscribers — and every other CTA is a processor driven by its doorbell.
+//
+//   processor p:  waits for doorbells[p] to change, runs task_slots[p], posts a completion.
+//   scheduler:    drains its inbox (completions, cell arrivals, combine-ready), tracks the task
+//                 dependencies and the task-count bound (core/task_bound.h), hands ready tasks to
+//                 idle processors, and stops them when the completed count meets the bound.
+//   subscribers:  turn the dispatch signals of the heap into cell arrivals for the scheduler, then
+//                 wait for every return signal and release the combine.
+//
+// The inbox is a ring of Message with a sequence number per slot, filled through one atomic tail.
+// At most processors + experts + 1 messages are ever in flight, so a producer never waits for room
+// in practice; it still acquires the scheduler's released head before it overwrites a slot, which
+// is what orders its write after the scheduler's read of the slot's previous message.
+#pragma once
+
+#include <cstdint>
+
+#include "core/signal_word.h"
+#include "core/task.h"
+#include "cuda/kernel_params.h"
+#include "cuda/memory_order.cuh"
+#include "cuda/tasks.cuh"
+
+namespace flashmoe::cuda {
+
+struct Control {
+  uint32_t* inbox_ready;
+  Message* inbox;
+  uint32_t* counters;
+  uint32_t* doorbells;
+  Task* task_slots;
+  int64_t inbox_capacity;
+
+  FLASHMOE_DEVICE explicit Control(const KernelParams& params) {
+    uint8_t* base = static_cast<uint8_t*>(params.pointers.workspace);
+    const Workspace& w = params.workspace;
+    inbox_ready = reinterpret_cast<uint32_t*>(base + w.inbox_ready);
+    inbox = reinterpret_cast<Message*>(base + w.inbox);
+    counters = reinterpret_cast<uint32_t*>(base + w.counters);
+    doorbells = reinterpret_cast<uint32_t*>(base + w.doorbells);
+    task_slots = reinterpret_cast<Task*>(base + w.task_slots);
+    inbox_capacity = w.inbox_capacity();
+  }
+
+  // Any thread: the caller's earlier writes are visible to whoever reads the message.
+  FLASHMOE_DEVICE void post(Message message) const {
+    const uint32_t index = atomicAdd(&counters[kInboxTail], 1u);
+    spin_until([&] { return int64_t(index) < int64_t(ld_acquire(&counters[kInboxHead])) + inbox_capacity; },
+               "inbox room", 32);
+    const int64_t slot = int64_t(index) % inbox_capacity;
+    inbox[slot] = message;
+    st_release(&inbox_ready[slot], index + 1);
+  }
+};
+
+template <Math M>
+FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& task, uint32_t& shared_sequence) {
+  const Buffers<M> buffers(params);
+  const Control control(params);
+  const int32_t self = int32_t(blockIdx.x) - 1;
+  const int64_t token_tile = gpu_tiling().token_tile;
+  uint32_t sequence = 0;
+  while (true) {
+    if (threadIdx.x == 0) {
+      uint32_t rung = 0;
+      spin_until([&] { return (rung = ld_acquire(&control.doorbells[self])) != sequence; }, "processor doorbell", 64);
+      task = control.task_slots[self];
+      shared_sequence = rung;
+    }
+    __syncthreads();
+    sequence = shared_sequence;
+    if (task.kind == TaskKind::stop) return;
+    switch (task.kind) {
+      case TaskKind::gate:
+        gate_task<M>(buffers, smem, task.column_begin, task.columns, task.column_begin / token_tile);
+        break;
+      case TaskKind::route:
+        route_task<M>(buffers, params.workspace.token_tiles());
+        break;
+      case TaskKind::dispatch:
+        dispatch_task<M>(buffers, task.column_begin, task.columns, task.column_begin / token_tile);
+        break;
+      case TaskKind::gemm0:
+        gemm0_task<M>(buffers, smem, task);
+        break;
+      case TaskKind::gemm1:
+        gemm1_task<M>(buffers, smem, task);
+        break;
+      case TaskKind::combine:
+        combine_task<M>(buffers, task.column_begin, task.columns);
+        break;
+      default:
+        break;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) control.post(Message{kCompletion, self, 0, 0});
+  }
+}
+
+// The scheduler's bookkeeping, all in its own thread: no other thread reads these arrays.
+struct Scheduler {
+  const KernelParams& params;
+  const Control& control;
+  uint8_t* base;
+  Tiling tiling = gpu_tiling();
+  int64_t tiles, max_row_tiles, ffn_tiles, hidden_tiles;
+  int32_t* gemm0_left;
+  int32_t* gemm1_left;
+  int32_t* cell_rows;
+  int32_t* cell_first_row;
+  int32_t* gemm0_queue;
+  int32_t* gemm1_queue;
+  int32_t* idle;
+  int64_t idle_count = 0;
+  int64_t gate_next = 0, gates_left = 0;
+  bool route_ready = false, route_issued = false, dispatch_open = false;
+  int64_t dispatch_next = 0, dispatches_left = 0;
+  int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
+  int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
+  bool combine_open = false;
+  int64_t combine_next = 0;
+
+  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c) : params(p), control(c) {
+    base = static_cast<uint8_t*>(p.pointers.workspace);
+    const Workspace& w = p.workspace;
+    tiles = w.token_tiles();
+    max_row_tiles = w.max_row_tiles();
+    ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
+    hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
+    gemm0_left = reinterpret_cast<int32_t*>(base + w.gemm0_left);
+    gemm1_left = reinterpret_cast<int32_t*>(base + w.gemm1_left);
+    cell_rows = reinterpret_cast<int32_t*>(base + w.cell_rows);
+    cell_first_row = reinterpret_cast<int32_t*>(base + w.cell_first_row);
+    gemm0_queue = reinterpret_cast<int32_t*>(base + w.gemm0_queue);
+    gemm1_queue = reinterpret_cast<int32_t*>(base + w.gemm1_queue);
+    idle = reinterpret_cast<int32_t*>(base + w.idle);
+    for (int32_t p_index = 0; p_index < p.processors; ++p_index) idle[p_index] = p.processors - 1 - p_index;
+    idle_count = p.processors;
+    gates_left = dispatches_left = tiles;
+  }
+
+  FLASHMOE_DEVICE SignalWord* signal(int64_t offset) const {
+    return reinterpret_cast<SignalWord*>(base + params.workspace.heap + offset);
+  }
+  FLASHMOE_DEVICE void publish(int64_t offset, int64_t rows, int64_t first_row) const {
+    st_release(&signal(offset)->bits, SignalWord::make(params.epoch, rows, first_row).bits);
+  }
+
+  FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
+    Task task;
+    task.kind = kind;
+    task.epoch = params.epoch;
+    task.column_begin = tile * tiling.token_tile;
+    const int64_t left = params.problem.tokens - task.column_begin;
+    task.columns = left < tiling.token_tile ? left : tiling.token_tile;
+    return task;
+  }
+
+  FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t expert, int64_t row_tile, int64_t column_tile, int64_t width) const {
+    Task task;
+    task.kind = kind;
+    task.epoch = params.epoch;
+    task.local_expert = expert;
+    task.row_tile = int32_t(row_tile);
+    task.first_row = cell_first_row[expert] + row_tile * tiling.row_tile;
+    const int64_t rows_left = cell_rows[expert] - row_tile * tiling.row_tile;
+    task.rows = rows_left < tiling.row_tile ? rows_left : tiling.row_tile;
+    const int64_t tile_width = kind == TaskKind::gemm0 ? tiling.ffn_tile : tiling.hidden_tile;
+    task.column_begin = column_tile * tile_width;
+    const int64_t columns_left = width - task.column_begin;
+    task.columns = columns_left < tile_width ? columns_left : tile_width;
+    return task;
+  }
+
+  // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
+  FLASHMOE_DEVICE bool next_task(Task& task) {
+    if (combine_open && combine_next < tiles) {
+      task = token_task(TaskKind::combine, combine_next++);
+      return true;
+    }
+    if (gemm1_head < gemm1_tail) {
+      const int32_t cell = gemm1_queue[gemm1_head];
+      task = cell_task(TaskKind::gemm1, int32_t(cell / max_row_tiles), cell % max_row_tiles, gemm1_cursor,
+                       params.problem.hidden);
+      if (++gemm1_cursor == hidden_tiles) gemm1_cursor = 0, ++gemm1_head;
+      return true;
+    }
+    if (gemm0_head < gemm0_tail) {
+      const int32_t expert = gemm0_queue[gemm0_head];
+      task = cell_task(TaskKind::gemm0, expert, gemm0_cursor / ffn_tiles, gemm0_cursor % ffn_tiles,
+                       params.problem.ffn);
+      if (++gemm0_cursor == tiling.row_tiles(cell_rows[expert]) * ffn_tiles) gemm0_cursor = 0, ++gemm0_head;
+      return true;
+    }
+    if (dispatch_open && dispatch_next < tiles) {
+      task = token_task(TaskKind::dispatch, dispatch_next++);
+      return true;
+    }
+    if (route_ready && !route_issued) {
+      route_issued = true;
+      task = Task{};
+      task.kind = TaskKind::route;
+      task.epoch = params.epoch;
+      return true;
+    }
+    if (gate_next < tiles) {
+      task = token_task(TaskKind::gate, gate_next++);
+      return true;
+    }
+    return false;
+  }
+
+  FLASHMOE_DEVICE void completed(int32_t processor) {
+    idle[idle_count++] = processor;
+    const Task& task = control.task_slots[processor];
+    const HeapLayout heap = params.workspace.heap_layout();
+    switch (task.kind) {
+      case TaskKind::gate:
+        route_ready = --gates_left == 0;
+        break;
+      case TaskKind::route:
+        dispatch_open = true;
+        break;
+      case TaskKind::dispatch:
+        if (--dispatches_left == 0) {
+          // Every row is in place: signal each cell, empty ones included (the protocol's local write).
+          const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
+          const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
+          for (int64_t e = 0; e < params.problem.experts; ++e) publish(heap.dispatch_flag(0, e), admitted[e], offsets[e]);
+        }
+        break;
+      case TaskKind::gemm0: {
+        const int64_t cell = task.local_expert * max_row_tiles + task.row_tile;
+        if (--gemm0_left[cell] == 0) gemm1_queue[gemm1_tail++] = int32_t(cell);
+        break;
+      }
+      case TaskKind::gemm1:
+        if (--gemm1_left[task.local_expert] == 0) {
+          publish(heap.return_flag(0, task.local_expert), cell_rows[task.local_expert],
+                  cell_first_row[task.local_expert]);
+        }
+        break;
+      default:
+        break;
+    }
+  }
+
+  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row, int64_t& bound) {
+    bound -= params.bound.correction(rows);
+    cell_rows[expert] = rows;
+    cell_first_row[expert] = first_row;
+    if (rows == 0) {
+      publish(params.workspace.heap_layout().return_flag(0, expert), 0, first_row);
+      return;
+    }
+    const int64_t row_tiles = tiling.row_tiles(rows);
+    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[expert * max_row_tiles + tile] = int32_t(ffn_tiles);
+    gemm1_left[expert] = int32_t(row_tiles * hidden_tiles);
+    gemm0_queue[gemm0_tail++] = expert;
+  }
+
+  FLASHMOE_DEVICE void run() {
+    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
+    int64_t bound = 2 * tiles + 1 + params.bound.initial(params.problem.tokens);
+    int64_t done = 0;
+    uint32_t head = 0;
+    while (true) {
+      const int64_t slot = int64_t(head) % control.inbox_capacity;
+      if (ld_acquire(&control.inbox_ready[slot]) == head + 1) {
+        const Message message = control.inbox[slot];
+        st_release(&control.counters[kInboxHead], ++head);
+        if (message.kind == kCompletion) {
+          completed(message.a);
+          ++done;
+        } else if (message.kind == kArrival) {
+          arrived(message.a, message.b, message.c, bound);
+        } else {
+          combine_open = true;
+        }
+        continue;  // drain the inbox before handing out work
+      }
+      if (done == bound) break;
+      Task task;
+      while (idle_count > 0 && next_task(task)) {
+        const int32_t processor = idle[--idle_count];
+        control.task_slots[processor] = task;
+        st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
+      }
+#if FLASHMOE_BOUNDED_WAITS
+      spin_until([&] { return ld_acquire(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
+                              done == bound; }, "scheduler inbox", 0);
+#endif
+    }
+    for (int32_t processor = 0; processor < params.processors; ++processor) {
+      control.task_slots[processor].kind = TaskKind::stop;
+      st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
+    }
+  }
+};
+
+// Subscriber `index` of `count`: cells index, index + count, ...
+FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count) {
+  const Control control(params);
+  uint8_t* heap = static_cast<uint8_t*>(params.pointers.workspace) + params.workspace.heap;
+  const HeapLayout layout = params.workspace.heap_layout();
+  const int64_t E = params.problem.experts;
+  int64_t mine = 0;
+  for (int64_t e = index; e < E; e += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(0, e));
+    SignalWord word;
+    spin_until([&] { return (word.bits = ld_acquire(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32);
+    control.post(Message{kArrival, int32_t(e), int32_t(word.rows()), int32_t(word.first_row())});
+    ++mine;
+  }
+  for (int64_t e = index; e < E; e += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(0, e));
+    spin_until([&] { return SignalWord{ld_acquire(flag)}.is_epoch(params.epoch); }, "return signal", 64);
+  }
+  if (mine > 0 && atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(E)) {
+    control.post(Message{kCombineReady, 0, 0, 0});
+  }
+}
+
+// The whole kernel, one CTA's part: `smem` is this CTA's kTileSmemBytes, 1024-byte aligned;
+// `task` and `sequence` live in its shared memory.
+template <Math M>
+FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task& task, uint32_t& sequence) {
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) {
+      const Control control(params);
+      Scheduler(params, control).run();
+    } else if (threadIdx.x >= 32) {
+      subscriber(params, int(threadIdx.x) - 32, kThreads - 32);
+    }
+    return;
+  }
+  processor<M>(params, smem, task, sequence);
+}
+
+}  // namespace flashmoe::cuda

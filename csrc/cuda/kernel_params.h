@@ -1,0 +1,42 @@
+// Everything the persistent kernel reads, passed by value as the launch's parameter block.
+#pragma once
+
+#include <cstdint>
+
+#include "core/problem.h"
+#include "core/task_bound.h"
+#include "cuda/moe_cuda.h"
+#include "cuda/workspace.h"
+
+namespace flashmoe::cuda {
+
+struct KernelParams {
+  Problem problem;
+  Pointers pointers;
+  Workspace workspace;
+  TaskBound bound;        // world size 1, gpu_tiling(), cells of at most `tokens` rows
+  int32_t processors = 0;  // CTAs 1..processors; CTA 0 is the OS CTA
+  uint32_t epoch = 1;      // the control block is zeroed each call, so its signals start from 0
+};
+
+// The parameters of one call with `processors` processor CTAs (plus the OS CTA).
+inline KernelParams make_params(const Problem& problem, const Pointers& pointers, int processors) {
+  KernelParams params;
+  params.problem = problem;
+  params.pointers = pointers;
+  Workspace& workspace = params.workspace;
+  workspace.processors = processors;
+  workspace.tokens = problem.tokens;
+  workspace.experts = problem.experts;
+  workspace.top_k = problem.top_k;
+  workspace.hidden = problem.hidden;
+  workspace.ffn = problem.ffn;
+  workspace.element_size = dtype_size(problem.dtype);
+  workspace.plan();
+  params.bound = TaskBound{gpu_tiling(), ExpertPlacement{1, problem.experts}, problem.tokens, problem.ffn,
+                           problem.hidden};
+  params.processors = processors;
+  return params;
+}
+
+}  // namespace flashmoe::cuda

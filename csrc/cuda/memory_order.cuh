@@ -1,0 +1,84 @@
+// Acquire/release primitives at GPU scope and the spin-wait of every actor. Waits are bounded in
+// debug builds (FLASHMOE_BOUNDED_WAITS): a wait that cannot end prints its name and traps instead
+// of hanging the process.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include "cuda/platform.h"
+
+#if !defined(__CUDACC__)
+#include <chrono>
+#endif
+
+namespace flashmoe::cuda {
+
+#if defined(__CUDACC__)
+
+__device__ __forceinline__ uint32_t ld_acquire(const uint32_t* address) {
+  uint32_t value;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void st_release(uint32_t* address, uint32_t value) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" : : "l"(address), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_release(uint64_t* address, uint64_t value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(now));
+  return now;
+}
+
+#else  // host emulation: the same orderings through the compiler's atomics
+
+inline uint32_t ld_acquire(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+inline uint64_t ld_acquire(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+inline void st_release(uint32_t* address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+inline void st_release(uint64_t* address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+inline uint64_t global_timer_ns() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+#endif
+
+#ifndef FLASHMOE_BOUNDED_WAITS
+#define FLASHMOE_BOUNDED_WAITS 0
+#endif
+
+// Debug builds give up on a wait after this long: no legitimate wait of one call lasts 10 s.
+constexpr uint64_t kWaitLimitNs = 10ull * 1000 * 1000 * 1000;
+
+// Spins until `ready()` holds, sleeping `sleep_ns` between polls (0: poll flat out).
+template <typename Ready>
+FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns) {
+#if FLASHMOE_BOUNDED_WAITS
+  const uint64_t start = global_timer_ns();
+#endif
+  while (!ready()) {
+    if (sleep_ns) __nanosleep(sleep_ns);
+#if FLASHMOE_BOUNDED_WAITS
+    if (global_timer_ns() - start > kWaitLimitNs) {
+      printf("flashmoe: wait '%s' timed out (block %d, thread %d)\n", what, int(blockIdx.x), int(threadIdx.x));
+      __trap();
+    }
+#else
+    (void)what;
+#endif
+  }
+}
+
+}  // namespace flashmoe::cuda

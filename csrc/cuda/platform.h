@@ -1,0 +1,70 @@
+// What the kernel code needs from the platform, so that one source builds for the GPU and, for
+// the host tests, as plain C++ where a CTA is a team of threads (tests/cpp/test_cuda_emulation.cpp).
+// The emulation runs every actor, task and signal of the kernel; only the MMA is a host loop.
+#pragma once
+
+#if defined(__CUDACC__)
+
+#define FLASHMOE_DEVICE __device__ inline
+
+#else  // host emulation
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#define FLASHMOE_DEVICE inline
+
+namespace flashmoe::cuda::emulation {
+
+struct Index { unsigned x = 0; };
+
+// A reusable barrier for the threads of one emulated CTA.
+class Barrier {
+ public:
+  explicit Barrier(int threads) : threads_(threads) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++waiting_ == threads_) {
+      waiting_ = 0;
+      ++generation_;
+      ready_.notify_all();
+      return;
+    }
+    ready_.wait(lock, [&] { return generation_ != generation; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  int threads_;
+  int waiting_ = 0;
+  uint64_t generation_ = 0;
+};
+
+inline thread_local Index thread_index;
+inline thread_local Index block_index;
+inline thread_local Barrier* block_barrier = nullptr;
+
+}  // namespace flashmoe::cuda::emulation
+
+#if !defined(__VECTOR_TYPES_H__)  // CUDA's uint4, for 16-byte copies, unless its headers are in
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
+#endif
+#define threadIdx (::flashmoe::cuda::emulation::thread_index)
+#define blockIdx (::flashmoe::cuda::emulation::block_index)
+
+inline void __syncthreads() { ::flashmoe::cuda::emulation::block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline uint32_t atomicAdd(uint32_t* address, uint32_t value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+}
+[[noreturn]] inline void __trap() { std::abort(); }
+
+#endif

@@ -1,0 +1,129 @@
+// The workspace of one CUDA call: byte offsets of every buffer the persistent kernel uses, in one
+// allocation from the torch caching allocator. Host-testable arithmetic, like core/heap_layout.h.
+//
+//   control   [zeroed by a memset node each call]
+//     inbox_ready      uint32 [inbox_capacity]   sequence number of a posted message
+//     inbox            Message [inbox_capacity]  the scheduler's inbox (completions, arrivals)
+//     counters         uint32 [kCounters]        inbox tail and head, return flags seen
+//     doorbells        uint32 [processors]       sequence number of the processor's current task
+//   heap      HeapLayout of world size 1; its flags (first 2·flags_bytes) are zeroed with the control
+//   task_slots          Task [processors]
+//   tile_counts         int32 [token_tiles][E]    expert histogram of each gate tile
+//   tile_base           int32 [token_tiles][E]    first slot of each gate tile, per expert
+//   expert_offsets      int32 [E]                 first dispatch row of each expert
+//   admitted            int32 [E]                 admitted rows of each expert
+//   scores              float [T][E]
+//   pick_row            int32 [T·k]               dispatch row of each pick, -1 when dropped
+//   gemm0_left          int32 [E][max_row_tiles]  scheduler-private dependency counters
+//   gemm1_left          int32 [E]
+//   cell_rows, cell_first_row  int32 [E]
+//   gemm0_queue         int32 [E]                 cells whose GEMM0 tasks wait to be issued
+//   gemm1_queue         int32 [E·max_row_tiles]   row tiles whose GEMM1 tasks wait
+//   idle                int32 [processors]        stack of idle processors
+//   h                   dtype [region_rows][I]    the intermediate activation, one row per dispatch row
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "core/heap_layout.h"
+#include "core/problem.h"
+#include "core/task.h"
+#include "core/tiling.h"
+
+namespace flashmoe::cuda {
+
+// The tiles of the GPU: one warpgroup owns a 64×64 accumulator; a task covers a few of them.
+// Fixed numbers, so every output element's arithmetic is the same for any grid size.
+FLASHMOE_HD Tiling gpu_tiling() {
+  Tiling tiling;
+  tiling.row_tile = 128;
+  tiling.ffn_tile = 128;
+  tiling.hidden_tile = 128;
+  tiling.token_tile = 64;
+  return tiling;
+}
+
+// One message of the scheduler's inbox.
+struct Message {
+  int32_t kind;  // MessageKind
+  int32_t a;     // completion: processor; arrival: expert
+  int32_t b;     // arrival: rows
+  int32_t c;     // arrival: first row
+};
+
+enum MessageKind : int32_t { kCompletion = 1, kArrival = 2, kCombineReady = 3 };
+
+enum Counter : int32_t { kInboxTail = 0, kInboxHead = 1, kReturnsSeen = 2, kCounters = 8 };
+
+struct Workspace {
+  static constexpr int64_t kAlignment = 256;
+
+  int64_t processors = 0;
+  int64_t tokens = 0;
+  int64_t experts = 0;
+  int64_t top_k = 0;
+  int64_t hidden = 0;
+  int64_t ffn = 0;
+  int64_t element_size = 0;
+
+  // Offsets, filled by plan().
+  int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, control_end = 0;
+  int64_t heap = 0, heap_flags_end = 0;
+  int64_t task_slots = 0, tile_counts = 0, tile_base = 0, expert_offsets = 0, admitted = 0, scores = 0;
+  int64_t pick_row = 0, gemm0_left = 0, gemm1_left = 0, cell_rows = 0, cell_first_row = 0, gemm0_queue = 0;
+  int64_t gemm1_queue = 0, idle = 0, h = 0, total = 0;
+
+  FLASHMOE_HD static int64_t align(int64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+
+  FLASHMOE_HD int64_t token_tiles() const { return gpu_tiling().token_tiles(tokens); }
+  // A cell holds at most one pick per token, so at most `tokens` rows.
+  FLASHMOE_HD int64_t max_row_tiles() const { return gpu_tiling().row_tiles(tokens); }
+  // Every processor has at most one completion in flight, every cell one arrival, plus the combine.
+  FLASHMOE_HD int64_t inbox_capacity() const { return processors + experts + 1; }
+
+  FLASHMOE_HD HeapLayout heap_layout() const {
+    return HeapLayout{ExpertPlacement{1, experts}, tokens, top_k, hidden, element_size};
+  }
+  FLASHMOE_HD int64_t region_rows() const { return heap_layout().region_rows(); }
+
+  // Lays the buffers out back to back; returns *this for chaining.
+  FLASHMOE_HD Workspace& plan() {
+    int64_t at = 0;
+    auto take = [&at](int64_t bytes) {
+      const int64_t offset = at;
+      at += align(bytes);
+      return offset;
+    };
+    inbox_ready = take(inbox_capacity() * 4);
+    inbox = take(inbox_capacity() * int64_t(sizeof(Message)));
+    counters = take(kCounters * 4);
+    doorbells = take(processors * 4);
+    control_end = at;
+    const HeapLayout layout = heap_layout();
+    heap = take(layout.total_bytes());
+    heap_flags_end = heap + 2 * layout.flags_bytes();
+    task_slots = take(processors * int64_t(sizeof(Task)));
+    tile_counts = take(token_tiles() * experts * 4);
+    tile_base = take(token_tiles() * experts * 4);
+    expert_offsets = take(experts * 4);
+    admitted = take(experts * 4);
+    scores = take(tokens * experts * 4);
+    pick_row = take(tokens * top_k * 4);
+    gemm0_left = take(experts * max_row_tiles() * 4);
+    gemm1_left = take(experts * 4);
+    cell_rows = take(experts * 4);
+    cell_first_row = take(experts * 4);
+    gemm0_queue = take(experts * 4);
+    gemm1_queue = take(experts * max_row_tiles() * 4);
+    idle = take(processors * 4);
+    h = take(region_rows() * ffn * element_size);
+    total = at;
+    return *this;
+  }
+
+  // Bytes the memset node clears before the launch: the control block and the heap's flags.
+  FLASHMOE_HD int64_t zeroed_bytes() const { return heap_flags_end; }
+};
+
+}  // namespace flashmoe::cuda
