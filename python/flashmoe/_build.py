@@ -6,18 +6,37 @@ from . import _C
 
 
 def build_info() -> dict:
-    """Returns a dict describing the compiled backends.
+    """Returns a dict describing the compiled backends and the running torch.
 
-    Keys: ``version``, ``cpu`` (always True), ``cpu_isa`` (the tile-GEMM instruction set in use),
-    ``cuda`` and ``nvshmem`` (whether those backends are compiled in), ``cuda_archs``.
+    Keys:
+        ``version``          flashmoe's version.
+        ``cpu``              always True: the CPU backend is always built.
+        ``cpu_isa``          the instruction set the CPU tile GEMM uses in this process.
+        ``cuda``             whether the CUDA backend is compiled in (``FLASHMOE_CUDA`` at build time).
+        ``cuda_archs``       the SASS targets it was compiled for, e.g. ``["sm_90a", "sm_80"]``; ``[]`` without it.
+        ``cuda_version``     the nvcc version it was compiled with, e.g. ``"13.0"``, or None.
+        ``cutlass_version``  the CuTe/CUTLASS headers it was compiled with, e.g. ``"4.2.0"``, or None.
+        ``nvshmem``          whether NVSHMEM is compiled in (multi-GPU); False for now.
+        ``nvshmem_version``  its version, or None.
+        ``torch_cuda``       ``torch.version.cuda``: the CUDA version of the running torch, None for a CPU build.
+        ``gpu_available``    ``torch.cuda.is_available()``.
     """
+    import torch
+
     from . import __version__
 
+    cuda = bool(getattr(_C, "cuda_compiled", False))
+    cuda_info = dict(_C.cuda_build_info()) if cuda else {}
     return {
         "version": __version__,
         "cpu": True,
         "cpu_isa": _C.cpu_isa(),
-        "cuda": False,
+        "cuda": cuda,
+        "cuda_archs": [str(arch) for arch in cuda_info.get("archs", [])],
+        "cuda_version": str(cuda_info["cuda_version"]) if cuda_info.get("cuda_version") else None,
+        "cutlass_version": str(cuda_info["cutlass_version"]) if cuda_info.get("cutlass_version") else None,
         "nvshmem": False,
-        "cuda_archs": [],
+        "nvshmem_version": None,
+        "torch_cuda": torch.version.cuda,
+        "gpu_available": bool(torch.cuda.is_available()),
     }
