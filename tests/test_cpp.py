@@ -4,6 +4,12 @@
 - ``tests/cpp/test_dataflow.cpp``: W simulated ranks of the dataflow runtime against single-rank
   runs, a float64 reference and injected faults; built normally and under ThreadSanitizer, where
   any report fails the test (DESIGN.md: "A ThreadSanitizer build runs them too").
+- ``tests/cpp/test_cuda_emulation.cpp``: the persistent CUDA kernel's own actors, tasks and signals
+  (csrc/cuda) compiled for the host, each CTA a team of threads, against the CPU backend; also
+  under ThreadSanitizer, which checks every hand-off between the kernel's actors.
+- ``tests/cpp/test_cute_staging.cpp``: the kernel's own 16-byte staging into shared memory agrees,
+  element by element, with the CuTe GMMA layout its MMAs read (needs the CUTLASS headers of the
+  nvidia-cutlass wheel and the CUDA toolkit's headers; CuTe's host side includes them).
 
 Binaries are cached under ``build/test_cpp/`` by a hash of the compiler, the flags and every source
 and header, so a rerun with nothing changed only runs them. The same builds by hand, with CMake:
@@ -67,7 +73,7 @@ def _build(cxx: str, name: str, sources: list[Path], flags: list[str]) -> Path:
     digest = hashlib.sha256()
     digest.update(_compiler_id(cxx).encode())
     digest.update("\0".join(flags).encode())
-    inputs = sorted({*sources, *CSRC.rglob("*.h")})
+    inputs = sorted({*sources, *CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")})
     for path in inputs:
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
@@ -187,3 +193,63 @@ def test_dataflow_tsan(cxx, tsan_launcher):
     assert "ThreadSanitizer" not in output, f"ThreadSanitizer reported (exit {result.returncode}):\n{_tail(output, 12000)}"
     match = _assert_summary(result, r"dataflow: (\d+) passed, 0 failed")
     assert int(match.group(1)) > 0
+
+
+def _cuda_emulation_sources() -> list[Path]:
+    return [ROOT / "tests/cpp/test_cuda_emulation.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+
+
+# Bounded waits: an actor stuck on a signal that never comes aborts the run, naming the wait.
+EMULATION_FLAGS = ["-DFLASHMOE_BOUNDED_WAITS=1"]
+
+
+def test_cuda_emulation(cxx):
+    binary = _build(cxx, "test_cuda_emulation", _cuda_emulation_sources(), [*COMMON_FLAGS, *EMULATION_FLAGS, "-O2"])
+    result = _run([str(binary)])
+    match = _assert_summary(result, r"cuda_emulation: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
+
+
+def test_cuda_emulation_tsan(cxx, tsan_launcher):
+    binary = _build(cxx, "test_cuda_emulation_tsan", _cuda_emulation_sources(),
+                    [*COMMON_FLAGS, *EMULATION_FLAGS, *TSAN_FLAGS])
+    result = _run([*tsan_launcher, str(binary)], {"TSAN_OPTIONS": TSAN_OPTIONS})
+    output = _output(result)
+    assert "ThreadSanitizer" not in output, f"ThreadSanitizer reported (exit {result.returncode}):\n{_tail(output, 12000)}"
+    match = _assert_summary(result, r"cuda_emulation: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
+
+
+def _cutlass_include() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    include = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+    return include if (include / "cute" / "tensor.hpp").exists() else None
+
+
+def _cuda_include() -> Path | None:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, str(Path(os.path.realpath(nvcc)).parent.parent))
+    for base in filter(None, candidates):
+        include = Path(base) / "include"
+        if (include / "cuda_runtime_api.h").exists():
+            return include
+    return None
+
+
+def test_cute_staging(cxx):
+    cutlass, cuda = _cutlass_include(), _cuda_include()
+    if cutlass is None or cuda is None:
+        missing = "the nvidia-cutlass wheel" if cutlass is None else "the CUDA toolkit headers"
+        if shutil.which("nvcc") is None and cuda is None:
+            pytest.skip(f"no CUDA toolkit here, so no CUDA backend to check ({missing} not found)")
+        _skip_or_fail(f"{missing} not found: the CUDA backend's staging cannot be checked against CuTe")
+    includes = [f"-I{cutlass}", f"-I{cuda}", f"-I{cuda / 'cccl'}"]
+    binary = _build(cxx, "test_cute_staging", [ROOT / "tests/cpp/test_cute_staging.cpp"], [*COMMON_FLAGS, *includes, "-O1"])
+    result = _run([str(binary)])
+    _assert_summary(result, r"cute_staging: 0 failures")
