@@ -52,7 +52,9 @@ def moe(
             ``[T, k]`` float32, expert_counts ``[E]`` int32, dropped 0-dim int64, router_logits
             ``[T, E]`` float32; float64 variants for float64 inputs).
         backend: ``"native"`` (the compiled kernels via ``torch.ops.flashmoe``), ``"reference"``
-            (pure PyTorch) or ``"auto"`` (native where a native kernel exists for x's device).
+            (pure PyTorch) or ``"auto"``: native where a native kernel exists for x's device and
+            dtype (the CPU always; CUDA when flashmoe was built with it, for fp32/bf16/fp16),
+            else the reference with a warning (once per device and dtype).
 
     Returns:
         y with x's shape and dtype, or ``(y, routing)``.
@@ -62,10 +64,9 @@ def moe(
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
     if backend == "auto":
-        backend = "native" if ops.has_native_kernel(x.device) else "reference"
-        if backend == "reference" and x.device.type not in _warned_devices:
-            _warned_devices.add(x.device.type)
-            warnings.warn(f"flashmoe: no native kernel for device {x.device.type!r}; using the reference backend")
+        backend = "native" if ops.has_native_kernel(x.device, x.dtype) else "reference"
+        if backend == "reference":
+            _warn_reference_fallback(x)
     options = dict(top_k=top_k, gated=gated, activation=activation, normalize=normalize, scoring=scoring,
                    capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2)
     if backend == "reference":
@@ -81,3 +82,16 @@ def moe(
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
+
+
+def _warn_reference_fallback(x: Tensor) -> None:
+    device_type = x.device.type
+    if device_type == "cuda" and ops.has_native_kernel(x.device):
+        key, what = (device_type, x.dtype), f"no native CUDA kernel for {x.dtype}"
+    elif device_type == "cuda" and not ops.cuda_compiled():
+        key, what = device_type, "this build has no CUDA backend (flashmoe._C.cuda_compiled is False)"
+    else:
+        key, what = device_type, f"no native kernel for device {device_type!r}"
+    if key not in _warned_devices:
+        _warned_devices.add(key)
+        warnings.warn(f"flashmoe: {what}; using the reference backend")

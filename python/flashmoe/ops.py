@@ -1,8 +1,10 @@
 """The torch custom ops ``torch.ops.flashmoe.*``: native kernels, fake (meta) kernels and autograd.
 
-``flashmoe::moe_forward`` is the operator of the contract in docs/operator.md. Its CPU kernel is
-the native C++ backend (``flashmoe._C``). Its backward is a second op, ``flashmoe::moe_backward``,
-so that both stay opaque to torch.compile and the data-dependent expert loop never reaches a graph.
+``flashmoe::moe_forward`` is the operator of the contract in docs/operator.md. It has two kernels,
+both in ``flashmoe._C``: the CPU dataflow runtime, and the persistent CUDA kernel (when the module
+was compiled with it, ``_C.cuda_compiled``). Its backward is a second op, ``flashmoe::moe_backward``,
+written in torch ops and so device-generic, so that both stay opaque to torch.compile and the
+data-dependent expert loop never reaches a graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ _DTYPE_CODES = {
     torch.float16: _C.DType.f16,
     torch.float64: _C.DType.f64,
 }
-_NATIVE_DEVICES = ("cpu",)
+# float64 is a verification dtype: only the CPU kernel computes in it.
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TENSOR_ARGUMENTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
+
+
+def cuda_compiled() -> bool:
+    """Whether flashmoe._C was compiled with the CUDA backend."""
+    return bool(getattr(_C, "cuda_compiled", False))
+
+
+def _native_devices() -> tuple:
+    return ("cpu", "cuda") if cuda_compiled() else ("cpu",)
 
 
 def empty_cache() -> int:
@@ -30,9 +43,13 @@ def empty_cache() -> int:
     return _C.empty_cache()
 
 
-def has_native_kernel(device: torch.device) -> bool:
-    """Whether ``flashmoe::moe_forward`` has a compiled kernel for tensors on ``device``."""
-    return torch.device(device).type in _NATIVE_DEVICES
+def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether ``flashmoe::moe_forward`` has a compiled kernel for tensors on ``device`` (and of
+    ``dtype``, when given: the CUDA kernel takes fp32, bf16 and fp16, not float64)."""
+    device_type = torch.device(device).type
+    if device_type not in _native_devices():
+        return False
+    return dtype is None or device_type != "cuda" or dtype in _CUDA_DTYPES
 
 
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
@@ -50,6 +67,20 @@ def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activ
         if tensor is not None and not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous (row-major, stride {_row_major_strides(tensor.shape)}), "
                              f"got stride {tuple(tensor.stride())}; call .contiguous() once, outside the hot loop")
+
+
+def _validate_cuda(x, *tensors):
+    """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
+    and contiguity): a dtype it computes in."""
+    if x.dtype not in _CUDA_DTYPES:
+        raise TypeError(
+            f"x has dtype {x.dtype}; the CUDA kernel of flashmoe::moe_forward takes "
+            f"{', '.join(str(d).replace('torch.', '') for d in _CUDA_DTYPES)} (float64 is for verification: "
+            f"run it on the CPU, or use flashmoe.moe(..., backend='reference'))"
+        )
+    for name, tensor in zip(_TENSOR_ARGUMENTS, (x,) + tensors):
+        if tensor is not None and tensor.device != x.device:  # _validate checked this; never launch otherwise
+            raise ValueError(f"{name} must be on device {x.device} (the device of x), got {tensor.device}")
 
 
 def _row_major_strides(shape) -> tuple:
@@ -120,13 +151,15 @@ def moe_forward(
     capacity_factor: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
-    expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest."""
+    expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest.
+
+    This body is the CPU kernel; CUDA tensors go to :func:`_moe_forward_cuda`."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
               capacity_factor)
-    if not has_native_kernel(x.device):
+    if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
-            f"(compiled: {', '.join(_NATIVE_DEVICES)}); use flashmoe.moe(..., backend='reference')"
+            f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
         )
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
@@ -141,11 +174,54 @@ def moe_forward(
     return outputs
 
 
+@moe_forward.register_kernel("cuda")
+def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+                      capacity_factor):
+    """The persistent CUDA kernel. Enqueued on the current stream of x's device with no host sync and
+    no allocation inside _C (outputs and workspace come from torch's caching allocator here), so a
+    CUDA graph can capture it."""
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+              capacity_factor)
+    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
+    if not cuda_compiled():
+        raise NotImplementedError(
+            "flashmoe::moe_forward got CUDA tensors, but this flashmoe was built without its CUDA backend "
+            "(flashmoe._C.cuda_compiled is False: rebuild where nvcc is found); "
+            "use flashmoe.moe(..., backend='reference')"
+        )
+    outputs = _empty_outputs(x, router_weight, top_k)
+    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    if x.shape[0] == 0:  # nothing to route: the kernel is not launched
+        expert_counts.zero_()
+        dropped.zero_()
+        return outputs
+    problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+                       capacity_factor)
+    allow_tf32 = x.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    workspace_bytes = _C.cuda_workspace_bytes(problem, device, allow_tf32)
+    # Any contents will do: the kernel resets its own control block on the stream.
+    workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=x.device)
+    with torch.cuda.device(device):
+        _C.moe_forward_cuda(
+            problem=problem,
+            x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
+            w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
+            topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
+            router_logits=_address(router_logits), dropped=_address(dropped),
+            workspace=_address(workspace), workspace_bytes=workspace_bytes, allow_tf32=allow_tf32,
+            device=device, stream=torch.cuda.current_stream(device).cuda_stream,
+        )
+    return outputs
+
+
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
                       capacity_factor):
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
               capacity_factor)
+    if x.device.type == "cuda":
+        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
     return _empty_outputs(x, router_weight, top_k)
 
 
