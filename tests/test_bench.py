@@ -27,7 +27,8 @@ def one_thread():
 
 ROW_KEYS = {"config", "shape", "dtype", "tokens", "routing", "backend", "status", "error", "median_ms",
             "p10_ms", "p90_ms", "min_ms", "max_ms", "samples_ms", "iterations", "tokens_per_s", "tflops",
-            "flops", "speedup_vs_reference", "routing_stats"}
+            "flops", "speedup_vs_reference", "speedup_vs_grouped_mm", "dense_fraction", "weight_floor_ms",
+            "over_weight_floor", "weight_bytes_touched", "routing_stats"}
 
 
 def run_cli(tmp_path, capsys, *flags):
@@ -43,7 +44,8 @@ def assert_ok_rows(rows):
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["status"] == "ok", row["error"]
         assert len(row["samples_ms"]) == row["iterations"] == 2
-        for key in ("median_ms", "p10_ms", "p90_ms", "tokens_per_s", "tflops"):
+        rates = ("copy_gbps",) if row["backend"] == "d2d-copy-floor" else ("tokens_per_s", "tflops")
+        for key in ("median_ms", "p10_ms", "p90_ms") + rates:
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
 
@@ -53,16 +55,53 @@ def test_cli_reference_and_hf_loop(tmp_path, capsys):
                                            "--dtype", "fp32,bf16", "--floors")
     assert exit_code == 0, captured.err
     rows = results["rows"]
-    assert len(rows) == 2 * 2 * 3  # dtypes x tokens x (2 backends + floor)
+    assert len(rows) == 2 * 2 * 4  # dtypes x tokens x (2 backends + 2 floors)
     assert_ok_rows(rows)
-    assert {row["backend"] for row in rows} == {"reference", "hf-loop", "dense-matmul-floor"}
+    assert {row["backend"] for row in rows} == {"reference", "hf-loop", "dense-matmul-floor", "d2d-copy-floor"}
     assert all(row["speedup_vs_reference"] == 1.0 for row in rows if row["backend"] == "reference")
+    assert all(row["dense_fraction"] == 1.0 for row in rows if row["backend"] == "dense-matmul-floor")
+    for row in rows:
+        assert row["weight_floor_ms"] > 0 and row["over_weight_floor"] > 0
+        assert row["speedup_vs_grouped_mm"] is None  # grouped-mm did not run
+    for row in (row for row in rows if row["backend"] == "d2d-copy-floor"):
+        assert row["tflops"] is None and row["bytes_copied"] == row["weight_bytes_touched"]
+        # bandwidth = bytes read + written / median, and the weight floor is the touched bytes at it
+        assert math.isclose(row["copy_gbps"], 2 * row["bytes_copied"] / (row["median_ms"] / 1e3) / 1e9)
+        assert math.isclose(row["over_weight_floor"], 2.0)
     assert rows[0]["flops"] == configs.useful_flops(configs.custom_shape(32, 16, 8, 2), rows[0]["tokens"])
     for key in ("torch", "device", "device_name", "threads", "argv", "timestamp", "flashmoe"):
         assert key in results["environment"]
     # the table: header row, then one line per row
     assert "median ms" in captured.out and "TFLOP/s" in captured.out and "vs ref" in captured.out
+    assert "%dense" in captured.out and "x wfloor" in captured.out and "GB/s" in captured.out
     assert captured.out.count("H32-I16-E8-k2") >= len(rows)
+
+
+def test_weight_bytes_touched():
+    shape = configs.custom_shape(32, 16, 8, 2)
+    per_expert = (2 * 16 * 32 + 32 * 16) * 4
+    assert configs.expert_weight_bytes(shape, torch.float32) == per_expert
+    assert configs.touched_weight_bytes(shape, torch.float32, 3) == 8 * 32 * 4 + 3 * per_expert
+    router_weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    one_token = [torch.randn(1, 32, generator=torch.Generator().manual_seed(1))]
+    assert routing.mean_experts_hit(shape, one_token, router_weight, None) == 2.0
+    many = [torch.randn(500, 32, generator=torch.Generator().manual_seed(2))] * 2
+    assert routing.mean_experts_hit(shape, many, router_weight, None) == 8.0
+
+
+def test_baseline_max_tokens_skips_slow_baselines(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop,grouped-mm",
+                                           "--baseline-max-tokens", "2")
+    assert exit_code == 0, captured.err
+    by_key = {(row["backend"], row["tokens"]): row for row in results["rows"]}
+    for backend in ("reference", "hf-loop"):
+        assert by_key[(backend, 1)]["status"] == "ok"
+        assert by_key[(backend, 5)]["status"] == "skipped"
+        assert "baseline-max-tokens" in by_key[(backend, 5)]["skip_reason"]
+    if baselines.grouped_mm_available():
+        assert by_key[("grouped-mm", 5)]["status"] == "ok"
+        assert by_key[("grouped-mm", 5)]["speedup_vs_reference"] is None
+    assert "skipped: T > --baseline-max-tokens 2" in captured.out
 
 
 def test_cli_skewed_plain_sigmoid(tmp_path, capsys):
@@ -180,3 +219,25 @@ def test_skewed_bias_puts_about_half_the_picks_on_the_hot_experts():
     assert 0.4 <= stats["hot_pick_fraction"] <= 0.6, stats
     uniform = routing.routing_stats(shape, fresh_tokens, router_weight, None, skew.hot_experts)
     assert uniform["hot_pick_fraction"] < 0.3, uniform
+
+
+def test_targets_read_the_bench_json(tmp_path, capsys):
+    from flashmoe.bench import targets
+
+    def row(config, tokens, backend="native", **values):
+        return dict(config=config, dtype="bf16", tokens=tokens, routing="uniform", backend=backend, status="ok",
+                    **values)
+
+    rows = [row("mixtral", 4096, dense_fraction=0.75, speedup_vs_grouped_mm=1.1, median_ms=3.0),
+            row("mixtral", 4096, backend="grouped-mm", dense_fraction=0.5, speedup_vs_grouped_mm=1.0),
+            row("qwen3-30b-a3b", 1, over_weight_floor=1.2), row("qwen3-30b-a3b", 16, over_weight_floor=1.4),
+            row("qwen3-30b-a3b", 128, over_weight_floor=9.0)]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"environment": {"device_name": "NVIDIA H100"}, "rows": rows}))
+    verdicts = {result["metric"]: result["verdict"] for result in targets.evaluate(targets.load_rows([str(path)]))}
+    assert verdicts == {"dense_fraction": "MET", "speedup_vs_grouped_mm": "MISSED", "over_weight_floor": "MET",
+                        "median_ms": "NO DATA"}
+    assert targets.main([str(path)]) == 0
+    assert targets.main([str(path), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "MISSED   Mixtral bf16 T=4096: >= 1.2x" in out and "T=4096: 75%" in out and "T=16: 1.40x" in out

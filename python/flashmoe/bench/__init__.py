@@ -3,12 +3,13 @@
 configs   named layer shapes, FLOP and byte counts
 problem   random weights and rotating inputs
 routing   uniform and skewed (Zipf router bias) routing
-baselines HF-style expert loop, torch._grouped_mm, dense-matmul floor
+baselines HF-style expert loop, torch._grouped_mm, dense-matmul and copy floors
 backends  --backend names -> runners
 timing    perf_counter / CUDA-event timers
 memory    will a configuration fit
 report    header, table, JSON
 cli       argument parsing and the sweep
+targets   bench/README.md's performance targets, read off the JSON
 """
 
 from .cli import main

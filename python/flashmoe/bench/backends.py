@@ -16,7 +16,12 @@ from .problem import MoEProblem
 
 Runner = Callable[[int], torch.Tensor]
 FLOOR_BACKEND = "dense-matmul-floor"
+COPY_FLOOR_BACKEND = "d2d-copy-floor"
+FLOOR_BACKENDS = (FLOOR_BACKEND, COPY_FLOOR_BACKEND)
 REFERENCE_BACKEND = "reference"
+GROUPED_MM_BACKEND = "grouped-mm"
+# Pure-PyTorch loops that --baseline-max-tokens may skip at large T.
+SLOW_BASELINES = (REFERENCE_BACKEND, "hf-loop")
 
 
 class BackendUnavailable(RuntimeError):
@@ -55,6 +60,12 @@ def _grouped_mm(problem: MoEProblem) -> Runner:
     return _baseline(baselines.grouped_mm_moe)(problem)
 
 
+def _copy_floor(problem: MoEProblem) -> Runner:
+    if problem.weight_bytes_touched is None:
+        raise BackendUnavailable("the copy floor needs the problem's weight_bytes_touched")
+    return baselines.CopyFloor(problem.weight_bytes_touched, problem.inputs[0].device)
+
+
 def _dense_matmul_floor(problem: MoEProblem) -> Runner:
     shape, weights = problem.shape, problem.weights
     return baselines.DenseMatmulFloor(problem.inputs, weights.router_weight, weights.w1, weights.w2,
@@ -65,18 +76,21 @@ BACKENDS: Dict[str, Callable[[MoEProblem], Runner]] = {
     "native": _flashmoe_native,
     REFERENCE_BACKEND: _flashmoe_reference,
     "hf-loop": _baseline(baselines.hf_loop_moe),
-    "grouped-mm": _grouped_mm,
+    GROUPED_MM_BACKEND: _grouped_mm,
 }
 
 BACKEND_HELP = {
-    "native": "flashmoe.moe(backend='native'): the C++/CUDA op",
+    "native": "flashmoe.moe(backend='native'): the fused op (CPU dataflow runtime, or the CUDA kernel "
+              "on a GPU)",
     REFERENCE_BACKEND: "flashmoe.reference.moe: the pure-PyTorch specification",
     "hf-loop": "HF transformers 5 Mixtral-style Python loop over hit experts",
-    "grouped-mm": "sort by expert + torch._grouped_mm (where torch has it)",
+    GROUPED_MM_BACKEND: "sort by expert + torch._grouped_mm (where torch has it)",
 }
 
 
 def build_runner(backend: str, problem: MoEProblem) -> Runner:
     if backend == FLOOR_BACKEND:
         return _dense_matmul_floor(problem)
+    if backend == COPY_FLOOR_BACKEND:
+        return _copy_floor(problem)
     return BACKENDS[backend](problem)

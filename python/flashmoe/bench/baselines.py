@@ -6,6 +6,8 @@
 - grouped_mm_moe: sort picks by expert, two torch._grouped_mm calls, weighted
   index_add_. Only where torch has _grouped_mm.
 - DenseMatmulFloor: torch's own dense matmuls doing the same FLOPs as the layer.
+- CopyFloor: a device-to-device copy of the weight bytes the layer must read, which measures
+  the device's memory bandwidth in the same run.
 
 All take the flashmoe.moe weight layouts (router_weight [E,H], w1 [E,N0,H],
 w2 [E,H,I]) and support only capacity_factor=None (dropless).
@@ -146,3 +148,33 @@ class DenseMatmulFloor:
     def __call__(self, index: int) -> torch.Tensor:
         F.linear(self.inputs[index], self.router_weight)
         return _expert_ffn(self.repeated[index], self.w1, self.w2, self.gated, self.act)
+
+
+# Larger copies add nothing to the bandwidth reading and would crowd out DeepSeek-V3's weights.
+COPY_FLOOR_MAX_BYTES = 2 * 2**30
+
+
+class CopyFloor:
+    """``dst.copy_(src)`` of ``min(nbytes, COPY_FLOOR_MAX_BYTES)`` random bytes on ``device``.
+
+    ``nbytes`` is the router plus the hit experts' weight bytes of the row. The copy reads and
+    writes each byte once, so ``bandwidth = 2 · copied_bytes / time``; the layer has to read its
+    ``nbytes`` at least once, so ``nbytes / bandwidth`` is its weight-bytes time floor.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device, seed: int = 0):
+        self.nbytes = int(nbytes)
+        self.copied_bytes = max(1, min(self.nbytes, COPY_FLOOR_MAX_BYTES))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        self.src = torch.randint(0, 256, (self.copied_bytes,), dtype=torch.uint8, device=device,
+                                 generator=generator)
+        self.dst = torch.empty_like(self.src)
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one call."""
+        return 2 * self.copied_bytes
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return self.dst.copy_(self.src)

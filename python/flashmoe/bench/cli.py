@@ -14,9 +14,10 @@ from typing import Callable, List, Optional
 import torch
 
 from . import backends, memory, report
-from .configs import ACTIVATIONS, NAMED_CONFIGS, SCORINGS, LayerShape, custom_shape, useful_flops, weight_bytes
+from .configs import (ACTIVATIONS, NAMED_CONFIGS, SCORINGS, LayerShape, custom_shape, touched_weight_bytes,
+                      useful_flops, weight_bytes)
 from .problem import MoEProblem, make_inputs, make_weights, rotating_input_count
-from .routing import ROUTINGS, routing_stats, skewed_router_bias
+from .routing import ROUTINGS, mean_experts_hit, routing_stats, skewed_router_bias
 from .timing import time_runner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +88,8 @@ def _config_help() -> str:
     for name, text in backends.BACKEND_HELP.items():
         lines.append(f"  {name:14s} {text}")
     lines.append(f"  {backends.FLOOR_BACKEND}  (with --floors) dense torch matmuls of the layer's FLOPs")
+    lines.append(f"  {backends.COPY_FLOOR_BACKEND}      (with --floors) a device-to-device copy of the weight bytes "
+                 "the layer reads (router + hit experts): the memory-bandwidth floor")
     lines.append("routing (--routing): uniform = random router, no bias; skewed = Zipf router bias "
                  "calibrated so ~half the picks land on the hottest max(ceil(E/10), k) experts.")
     lines.append("Times are the median and p10-p90 of the timed calls (n, at most --iters, fewer when "
@@ -128,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--routing", type=_list_of(_choice(ROUTINGS, "routing"), "routings"),
                        default=["uniform"], help="uniform and/or skewed (default uniform)")
     sweep.add_argument("--floors", action="store_true",
-                       help=f"also time '{backends.FLOOR_BACKEND}': dense torch matmuls with the layer's FLOPs")
+                       help=f"also time the device's floors: '{backends.FLOOR_BACKEND}' (dense torch matmuls with "
+                            f"the layer's FLOPs) and '{backends.COPY_FLOOR_BACKEND}' (a copy of the weight bytes the "
+                            "layer reads, for the bandwidth floor)")
+    sweep.add_argument("--baseline-max-tokens", type=_positive_int, metavar="T",
+                       help=f"skip the slow pure-PyTorch baselines ({', '.join(backends.SLOW_BASELINES)}) for "
+                            "token counts above T (their rows say 'skipped')")
 
     run = parser.add_argument_group("run")
     run.add_argument("--warmup", type=_non_negative_int,
@@ -215,6 +223,10 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
         warmup = args.warmup
     else:
         warmup = max(inputs, MIN_CUDA_WARMUP) if device.type == "cuda" else inputs
+    if (args.baseline_max_tokens is not None and backend in backends.SLOW_BASELINES
+            and problem.tokens > args.baseline_max_tokens):
+        return {"status": "skipped", "error": None,
+                "skip_reason": f"T > --baseline-max-tokens {args.baseline_max_tokens}"}
     try:
         runner = backends.build_runner(backend, problem)
         timing = time_runner(runner, warmup=warmup, iters=args.iters, inputs=inputs, device=device,
@@ -225,7 +237,7 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
         return {"status": "error", "error": f"{type(error).__name__}: {error}"}
     flops = useful_flops(problem.shape, problem.tokens)
     seconds = timing.median_ms / 1e3
-    return {
+    row = {
         "status": "ok", "error": None,
         "median_ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
         "min_ms": min(timing.samples_ms), "max_ms": max(timing.samples_ms),
@@ -234,18 +246,44 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
         "tokens_per_s": problem.tokens / seconds if seconds > 0 else math.inf,
         "tflops": flops / seconds / 1e12 if seconds > 0 else math.inf,
     }
+    if backend == backends.COPY_FLOOR_BACKEND:  # a copy does no FLOPs and serves no tokens
+        row.update(tokens_per_s=None, tflops=None, bytes_copied=runner.copied_bytes,
+                   copy_gbps=runner.bytes_moved / seconds / 1e9 if seconds > 0 else math.inf)
+    del runner  # the floors hold device buffers of their own
+    return row
 
 
-def _add_speedups(rows: List[dict]) -> None:
-    reference = next((row for row in rows
-                      if row["backend"] == backends.REFERENCE_BACKEND and row["status"] == "ok"), None)
+def _ok_row(rows: List[dict], backend: str) -> Optional[dict]:
+    return next((row for row in rows if row["backend"] == backend and row["status"] == "ok"), None)
+
+
+def _add_comparisons(rows: List[dict]) -> None:
+    """Ratios within one (config, dtype, routing, T) group; None where a side did not run.
+
+    speedup_vs_reference / speedup_vs_grouped_mm: that backend's median / this median.
+    dense_fraction: this TFLOP/s / the dense-matmul floor's TFLOP/s.
+    weight_floor_ms: weight_bytes_touched / the copy floor's bandwidth (bytes read + written per
+    second); over_weight_floor: this median / weight_floor_ms.
+    """
+    reference = _ok_row(rows, backends.REFERENCE_BACKEND)
+    grouped_mm = _ok_row(rows, backends.GROUPED_MM_BACKEND)
+    dense = _ok_row(rows, backends.FLOOR_BACKEND)
+    copy = _ok_row(rows, backends.COPY_FLOOR_BACKEND)
+    weight_floor_ms = None
+    if copy is not None and copy["copy_gbps"]:
+        weight_floor_ms = rows[0]["weight_bytes_touched"] / (copy["copy_gbps"] * 1e9) * 1e3
     for row in rows:
-        row["speedup_vs_reference"] = (reference["median_ms"] / row["median_ms"]
-                                       if reference is not None and row["status"] == "ok" else None)
+        ok = row["status"] == "ok"
+        row["speedup_vs_reference"] = reference["median_ms"] / row["median_ms"] if ok and reference else None
+        row["speedup_vs_grouped_mm"] = grouped_mm["median_ms"] / row["median_ms"] if ok and grouped_mm else None
+        row["dense_fraction"] = (row["tflops"] / dense["tflops"]
+                                 if ok and dense and row.get("tflops") and dense["tflops"] else None)
+        row["weight_floor_ms"] = weight_floor_ms
+        row["over_weight_floor"] = row["median_ms"] / weight_floor_ms if ok and weight_floor_ms else None
 
 
 def run_sweep(shapes, args, device) -> List[dict]:
-    backend_names = list(args.backend) + ([backends.FLOOR_BACKEND] if args.floors else [])
+    backend_names = list(args.backend) + (list(backends.FLOOR_BACKENDS) if args.floors else [])
     total = len(shapes) * len(args.dtype) * len(args.routing) * len(args.tokens) * len(backend_names)
     progress = _progress(total)
     rows: List[dict] = []
@@ -262,9 +300,12 @@ def run_sweep(shapes, args, device) -> List[dict]:
                 for tokens in args.tokens:
                     count = rotating_input_count(tokens, shape.hidden_size, dtype, args.iters)
                     inputs = make_inputs(shape, tokens, dtype, device, seed=args.seed + 2 + tokens, count=count)
-                    problem = MoEProblem(shape, weights, router_bias, inputs)
+                    experts_hit = mean_experts_hit(shape, inputs, weights.router_weight, router_bias)
+                    touched = touched_weight_bytes(shape, dtype, experts_hit)
+                    problem = MoEProblem(shape, weights, router_bias, inputs, weight_bytes_touched=touched)
                     stats = routing_stats(shape, inputs[0], weights.router_weight, router_bias,
                                           skew.hot_experts if skew else None)
+                    stats["experts_hit_mean"] = round(experts_hit, 3)
                     group = []
                     for backend in backend_names:
                         if progress is not None:
@@ -272,12 +313,12 @@ def run_sweep(shapes, args, device) -> List[dict]:
                         row = {"config": shape.name, "shape": shape.describe(), "dtype": dtype_name,
                                "tokens": tokens, "routing": routing, "backend": backend,
                                "flops": useful_flops(shape, tokens), "rotating_inputs": len(inputs),
-                               "routing_stats": stats}
+                               "weight_bytes_touched": touched, "routing_stats": stats}
                         row.update(measure(backend, problem, args, device))
                         group.append(row)
                         if progress is not None:
                             progress.update()
-                    _add_speedups(group)
+                    _add_comparisons(group)
                     rows.extend(group)
                     del problem, inputs
             del weights
@@ -322,6 +363,9 @@ def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], de
     budget = f", cut to a {args.budget:g} s budget per row" if args.budget else ""
     timing_note = (f"{timer}: median and p10-p90 of n <= {args.iters} timed calls after {warmup}{budget}; "
                    "inputs rotate; TFLOP/s counts router + expert GEMMs")
+    if args.floors:
+        timing_note += ("; %dense = TFLOP/s / dense-matmul-floor's; x wfloor = median / (weight bytes touched "
+                        f"/ {backends.COPY_FLOOR_BACKEND} bandwidth)")
     report.print_lines(report.header_lines(env, shapes, timing_note))
     sys.stdout.flush()
 
@@ -330,7 +374,7 @@ def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], de
     if args.json:
         path = report.write_json(args.json, env, dict(vars(args)), rows)
         print(f"# wrote {path}")
-    failed = [row for row in rows if row["status"] != "ok"]
+    failed = [row for row in rows if row["status"] == "error"]
     if failed:
         print(f"flashmoe-bench: {len(failed)} of {len(rows)} rows failed", file=sys.stderr)
         return 1

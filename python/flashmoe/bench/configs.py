@@ -102,3 +102,15 @@ def weight_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
                                     + shape.w1_rows * shape.hidden_size
                                     + shape.hidden_size * shape.ffn_size)
     return elements * dtype_bytes(dtype)
+
+
+def expert_weight_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
+    """Bytes of one expert's w1 and w2."""
+    return (shape.w1_rows * shape.hidden_size + shape.hidden_size * shape.ffn_size) * dtype_bytes(dtype)
+
+
+def touched_weight_bytes(shape: LayerShape, dtype: torch.dtype, experts_hit: float) -> int:
+    """Weight bytes one call must read at least: the router weight and every expert that received
+    at least one pick (``experts_hit``, a mean over the rotating inputs, may be fractional)."""
+    router = shape.num_experts * shape.hidden_size * dtype_bytes(dtype)
+    return router + round(experts_hit * expert_weight_bytes(shape, dtype))

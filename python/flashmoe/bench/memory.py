@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .baselines import COPY_FLOOR_MAX_BYTES
 from .configs import LayerShape, dtype_bytes, weight_bytes
 from .problem import rotating_input_count
 
@@ -15,7 +16,8 @@ USABLE_FRACTION = 0.9
 
 
 def footprint_bytes(shape: LayerShape, dtype: torch.dtype, max_tokens: int, iters: int, floors: bool) -> int:
-    """Weights + rotating inputs + one forward's fp32 working set at the largest T."""
+    """Weights + rotating inputs + one forward's fp32 working set at the largest T (+ the floors'
+    repeated inputs and copy buffers)."""
     element = dtype_bytes(dtype)
     count = rotating_input_count(max_tokens, shape.hidden_size, dtype, iters)
     inputs = count * max_tokens * shape.hidden_size * element
@@ -23,7 +25,9 @@ def footprint_bytes(shape: LayerShape, dtype: torch.dtype, max_tokens: int, iter
     # gathered x, w1 output, activation, w2 output for every pick, in fp32 at worst
     working_set = picks * (2 * shape.hidden_size + shape.w1_rows + shape.ffn_size) * 4
     floor_inputs = inputs * shape.top_k if floors else 0
-    return weight_bytes(shape, dtype) + inputs + floor_inputs + working_set
+    weights = weight_bytes(shape, dtype)
+    copy_floor = 2 * min(weights, COPY_FLOOR_MAX_BYTES) if floors else 0  # its source and destination
+    return weights + inputs + floor_inputs + working_set + copy_floor
 
 
 def available_bytes(device: torch.device) -> Optional[int]:

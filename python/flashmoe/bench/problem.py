@@ -64,6 +64,8 @@ class MoEProblem:
     weights: ExpertWeights
     router_bias: Optional[torch.Tensor]  # [E] fp32, or None for uniform routing
     inputs: List[torch.Tensor]           # rotating x tensors, each [T, H], N(0, 1)
+    # Router + hit experts' weight bytes (mean over the inputs): what the copy floor copies.
+    weight_bytes_touched: Optional[int] = None
 
     @property
     def tokens(self) -> int:

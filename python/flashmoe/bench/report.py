@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 TABLE_COLUMNS = ("config", "dtype", "T", "routing", "backend", "median ms", "p10-p90 ms", "n",
-                 "tokens/s", "TFLOP/s", "vs ref")
+                 "tokens/s", "TFLOP/s", "vs ref", "vs gmm", "%dense", "x wfloor")
 NUMERIC_COLUMNS = frozenset(TABLE_COLUMNS[2:3] + TABLE_COLUMNS[5:])
 
 
@@ -43,6 +43,12 @@ def _flashmoe_info() -> dict:
             info["build_info"] = build_info()
         except Exception as error:  # a broken build must not stop the benchmark
             info["build_info"] = f"error: {type(error).__name__}: {error}"
+    try:
+        from flashmoe import _C
+        if getattr(_C, "cuda_compiled", False):
+            info["cuda_build_info"] = dict(_C.cuda_build_info())
+    except Exception as error:
+        info["cuda_build_info"] = f"error: {type(error).__name__}: {error}"
     return info
 
 
@@ -81,9 +87,31 @@ def environment(device: torch.device, argv: List[str]) -> dict:
         "flashmoe": _flashmoe_info(),
     }
     if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
         env["cuda"] = torch.version.cuda
         env["device_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        env["device_multiprocessors"] = properties.multi_processor_count
+        env["device_memory_bytes"] = properties.total_memory
+        env["cuda_driver"] = _cuda_driver_version()
+        env["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     return env
+
+
+def _cuda_driver_version() -> Optional[str]:
+    """The driver's CUDA version (e.g. "13.0"), read through the CUDA runtime torch loaded."""
+    try:
+        import ctypes
+        version = ctypes.c_int()
+        for name in ("libcuda.so.1", "libcuda.so"):
+            try:
+                library = ctypes.CDLL(name)
+            except OSError:
+                continue
+            if library.cuDriverGetVersion(ctypes.byref(version)) == 0:
+                return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except Exception:  # informational only
+        pass
+    return None
 
 
 def header_lines(env: dict, shapes, timing_note: str) -> List[str]:
@@ -95,6 +123,10 @@ def header_lines(env: dict, shapes, timing_note: str) -> List[str]:
     flashmoe_info = env["flashmoe"]
     lines.append(f"# flashmoe {flashmoe_info.get('version')}  build_info "
                  f"{flashmoe_info.get('build_info', 'not available')}")
+    if "cuda" in env:
+        lines.append(f"# CUDA {env['cuda']} (driver {env.get('cuda_driver')})  sm_{env['device_capability'].replace('.', '')}  "
+                     f"{env.get('device_multiprocessors')} SMs  cuda_build_info "
+                     f"{flashmoe_info.get('cuda_build_info', 'not compiled')}")
     for shape in shapes:
         note = f"  ({shape.note})" if shape.note else ""
         lines.append(f"# {shape.name}: {shape.describe()}{note}")
@@ -111,18 +143,31 @@ def _number(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
 
 
+def _ratio(value: Optional[float], suffix: str = "x") -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}{suffix}"
+
+
 def _cells(row: dict) -> List[str]:
     leading = [row["config"], row["dtype"], str(row["tokens"]), row["routing"], row["backend"]]
+    if row["status"] == "skipped":
+        return leading + [f"skipped: {row.get('skip_reason', '')}"]
     if row["status"] != "ok":
         return leading + [f"error: {row['error'].splitlines()[0][:160]}"]
-    speedup = row["speedup_vs_reference"]
+    dense_fraction = row.get("dense_fraction")
+    if "copy_gbps" in row:  # the copy floor: its bandwidth stands in the TFLOP/s column
+        throughput = f"{_number(row['copy_gbps'])} GB/s"
+    else:
+        throughput = _number(row["tflops"])
     return leading + [
         f"{row['median_ms']:.3f}",
         f"{row['p10_ms']:.3f}-{row['p90_ms']:.3f}",
         str(row["iterations"]),
         _number(row["tokens_per_s"]),
-        _number(row["tflops"]),
-        "-" if speedup is None else f"{speedup:.2f}x",
+        throughput,
+        _ratio(row.get("speedup_vs_reference")),
+        _ratio(row.get("speedup_vs_grouped_mm")),
+        "-" if dense_fraction is None else f"{100 * dense_fraction:.0f}%",
+        _ratio(row.get("over_weight_floor")),
     ]
 
 

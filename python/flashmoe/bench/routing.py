@@ -84,3 +84,16 @@ def routing_stats(shape: LayerShape, x: torch.Tensor, router_weight: torch.Tenso
     if hot_experts is not None:
         stats["hot_pick_fraction"] = round(hot_experts[topk_ids].float().mean().item(), 3)
     return stats
+
+
+def mean_experts_hit(shape: LayerShape, inputs, router_weight: torch.Tensor,
+                     router_bias: Optional[torch.Tensor]) -> float:
+    """Experts that receive at least one pick, averaged over the rotating inputs (fp32 router)."""
+    hits = []
+    for x in inputs:
+        logits = x.float() @ router_weight.float().t()
+        if router_bias is not None:
+            logits = logits + router_bias.float()
+        topk_ids = _scores(logits, shape.scoring).topk(shape.top_k, dim=-1).indices
+        hits.append(int((torch.bincount(topk_ids.flatten(), minlength=shape.num_experts) > 0).sum()))
+    return sum(hits) / len(hits)
