@@ -30,6 +30,9 @@ python_bin=${PYTHON:-python}
 tools=${FLASHMOE_SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}
 log_dir=${FLASHMOE_SANITIZER_LOG_DIR:-}
 driver_args=${FLASHMOE_SANITIZER_DRIVER_ARGS:-}
+# The instrumented kernel needs more registers, so the occupancy-sized cooperative grid may no
+# longer fit: a small grid keeps every CTA resident (and the run short). Results do not depend on it.
+export FLASHMOE_CUDA_MAX_CTAS=${FLASHMOE_CUDA_MAX_CTAS:-8}
 
 sanitizer=${COMPUTE_SANITIZER:-}
 if [[ -z $sanitizer ]]; then

@@ -447,6 +447,26 @@ def test_ten_runs_bit_identical(case, dtype):
         assert_same_outputs(first, torch.ops.flashmoe.moe_forward(*args), f"run 0 and run {run + 1}")
 
 
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("max_ctas", (2, 3, 17))
+def test_bits_do_not_depend_on_the_grid(max_ctas, dtype, monkeypatch):
+    """Every output element has one fixed arithmetic, whichever processor runs its task: a grid of
+    2 CTAs (the OS CTA and one processor), 3 or 17 gives the bits of the occupancy-sized grid."""
+    problem = on_cuda(make_problem(62, tokens=300, hidden=136, ffn=200, experts=8, dtype=dtype, router_bias=True,
+                                   expert_bias=True))
+    args = op_args(problem, top_k=2, capacity_factor=0.9)
+    full_grid = torch.ops.flashmoe.moe_forward(*args)
+    monkeypatch.setenv("FLASHMOE_CUDA_MAX_CTAS", str(max_ctas))
+    assert_same_outputs(full_grid, torch.ops.flashmoe.moe_forward(*args), f"full grid and {max_ctas} CTAs")
+
+
+def test_bad_cta_cap_is_a_clear_error(monkeypatch):
+    problem = on_cuda(make_problem(63, tokens=4, hidden=32, ffn=16, experts=4, dtype=torch.bfloat16))
+    monkeypatch.setenv("FLASHMOE_CUDA_MAX_CTAS", "1")
+    with pytest.raises(ValueError, match="FLASHMOE_CUDA_MAX_CTAS"):
+        torch.ops.flashmoe.moe_forward(*op_args(problem, top_k=2))
+
+
 def test_runs_on_the_current_stream():
     """The kernel is enqueued on torch's current stream: on a side stream it must wait for the copy
     that fills its input there (a launch on another stream would read NaN)."""

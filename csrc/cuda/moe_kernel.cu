@@ -2,6 +2,8 @@
 // whole forward in one cooperative launch on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -101,6 +103,22 @@ int resident_ctas(int device, Math math) {
   return ctas;
 }
 
+// The CTAs of one launch: every resident one, or fewer when FLASHMOE_CUDA_MAX_CTAS (>= 2) caps
+// them — for compute-sanitizer, whose instrumented kernel fits fewer per SM, and for the tests
+// that check results do not depend on the grid.
+int launch_ctas(int device, Math math) {
+  const int resident = resident_ctas(device, math);
+  const char* cap = std::getenv("FLASHMOE_CUDA_MAX_CTAS");
+  if (cap == nullptr || *cap == '\0') return resident;
+  char* end = nullptr;
+  const long value = std::strtol(cap, &end, 10);
+  if (*end != '\0' || value < 2) {
+    throw std::invalid_argument(std::string("flashmoe: FLASHMOE_CUDA_MAX_CTAS must be an integer >= 2 (the OS CTA "
+                                            "and one processor), got '") + cap + "'");
+  }
+  return int(std::min<long>(value, resident));
+}
+
 void check_problem(const Problem& problem) {
   if (const char* error = validate(problem)) throw std::invalid_argument(std::string("flashmoe: ") + error);
   if (problem.tokens * std::min(problem.top_k, problem.experts) > SignalWord::kMaxRows) {
@@ -126,7 +144,7 @@ BuildInfo build_info() {
 int64_t workspace_bytes(const Problem& problem, int device, Fp32Math fp32_math) {
   check_problem(problem);
   const Math math = math_of(problem.dtype, fp32_math);
-  return make_params(problem, Pointers{}, resident_ctas(device, math) - 1).workspace.total;
+  return make_params(problem, Pointers{}, launch_ctas(device, math) - 1).workspace.total;
 }
 
 void moe_forward(const Problem& problem, const Pointers& pointers, int64_t workspace_bytes, Fp32Math fp32_math,
@@ -152,7 +170,7 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
               pointers.workspace, "a required token tensor or workspace pointer is null");
   require((reinterpret_cast<uintptr_t>(pointers.workspace) % Workspace::kAlignment) == 0,
           "workspace must be 256-byte aligned");
-  const int ctas = resident_ctas(device, math);
+  const int ctas = launch_ctas(device, math);
   const KernelParams params = make_params(problem, pointers, ctas - 1);
   if (workspace_bytes < params.workspace.total) {
     throw std::invalid_argument("flashmoe: workspace has " + std::to_string(workspace_bytes) + " bytes, needs " +
