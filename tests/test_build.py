@@ -291,3 +291,25 @@ def test_import_with_cpu_only_torch_and_no_gpu():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() in ("True", "False")
+
+
+# --------------------------------------------------------------------------- which GPUs the build runs on
+
+@pytest.mark.parametrize("arch,capability,runs", [
+    ("sm_80", (8, 0), True),     # A100
+    ("sm_80", (8, 6), True),     # sm_80 SASS runs on later 8.x (A10, RTX 30xx)
+    ("sm_80", (8, 9), True),     # L4, RTX 40xx
+    ("sm_80", (9, 0), False),    # SASS never crosses a major version, and the build has no PTX
+    ("sm_80", (7, 5), False),
+    ("sm_90a", (9, 0), True),    # H100 / H200
+    ("sm_90a", (10, 0), False),  # arch-specific code runs only on its own capability
+    ("sm_90", (9, 0), True),
+    ("sm_100a", (10, 0), True),
+    ("sm_100a", (10, 3), False),
+    ("sm_120", (12, 1), True),
+    ("bogus", (9, 0), False),
+])
+def test_arch_runs_on(arch, capability, runs):
+    from flashmoe.ops import arch_runs_on
+
+    assert arch_runs_on(arch, capability) is runs

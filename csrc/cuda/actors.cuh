@@ -31,6 +31,7 @@ struct Control {
   uint32_t* doorbells;
   Task* task_slots;
   int64_t inbox_capacity;
+  uint64_t wait_limit_ns;
 
   FLASHMOE_DEVICE explicit Control(const KernelParams& params) {
     uint8_t* base = static_cast<uint8_t*>(params.pointers.workspace);
@@ -41,13 +42,14 @@ struct Control {
     doorbells = reinterpret_cast<uint32_t*>(base + w.doorbells);
     task_slots = reinterpret_cast<Task*>(base + w.task_slots);
     inbox_capacity = w.inbox_capacity();
+    wait_limit_ns = params.wait_limit_ns;
   }
 
   // Any thread: the caller's earlier writes are visible to whoever reads the message.
   FLASHMOE_DEVICE void post(Message message) const {
     const uint32_t index = atomicAdd(&counters[kInboxTail], 1u);
-    spin_until([&] { return int64_t(index) < int64_t(ld_acquire(&counters[kInboxHead])) + inbox_capacity; },
-               "inbox room", 32);
+    spin_until([&] { return int64_t(index) < int64_t(ld_poll(&counters[kInboxHead])) + inbox_capacity; },
+               "inbox room", 32, wait_limit_ns);
     const int64_t slot = int64_t(index) % inbox_capacity;
     inbox[slot] = message;
     st_release(&inbox_ready[slot], index + 1);
@@ -64,7 +66,8 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
   while (true) {
     if (threadIdx.x == 0) {
       uint32_t rung = 0;
-      spin_until([&] { return (rung = ld_acquire(&control.doorbells[self])) != sequence; }, "processor doorbell", 64);
+      spin_until([&] { return (rung = ld_poll(&control.doorbells[self])) != sequence; }, "processor doorbell", 64,
+                 params.wait_limit_ns);
       task = control.task_slots[self];
       shared_sequence = rung;
     }
@@ -268,7 +271,8 @@ struct Scheduler {
     uint32_t head = 0;
     while (true) {
       const int64_t slot = int64_t(head) % control.inbox_capacity;
-      if (ld_acquire(&control.inbox_ready[slot]) == head + 1) {
+      if (ld_poll(&control.inbox_ready[slot]) == head + 1) {
+        acquire_fence();
         const Message message = control.inbox[slot];
         st_release(&control.counters[kInboxHead], ++head);
         if (message.kind == kCompletion) {
@@ -289,8 +293,8 @@ struct Scheduler {
         st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
       }
 #if FLASHMOE_BOUNDED_WAITS
-      spin_until([&] { return ld_acquire(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound; }, "scheduler inbox", 0);
+      spin_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
+                              done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
 #endif
     }
     for (int32_t processor = 0; processor < params.processors; ++processor) {
@@ -310,13 +314,15 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count
   for (int64_t e = index; e < E; e += count) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(0, e));
     SignalWord word;
-    spin_until([&] { return (word.bits = ld_acquire(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32);
+    spin_until([&] { return (word.bits = ld_poll(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32,
+               params.wait_limit_ns);
     control.post(Message{kArrival, int32_t(e), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
   for (int64_t e = index; e < E; e += count) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(0, e));
-    spin_until([&] { return SignalWord{ld_acquire(flag)}.is_epoch(params.epoch); }, "return signal", 64);
+    spin_until([&] { return SignalWord{ld_poll(flag)}.is_epoch(params.epoch); }, "return signal", 64,
+               params.wait_limit_ns);
   }
   if (mine > 0 && atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(E)) {
     control.post(Message{kCombineReady, 0, 0, 0});

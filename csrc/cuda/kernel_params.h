@@ -17,6 +17,9 @@ struct KernelParams {
   TaskBound bound;        // world size 1, gpu_tiling(), cells of at most `tokens` rows
   int32_t processors = 0;  // CTAs 1..processors; CTA 0 is the OS CTA
   uint32_t epoch = 1;      // the control block is zeroed each call, so its signals start from 0
+  // Debug builds (FLASHMOE_BOUNDED_WAITS): how long any one wait may last before it traps. Idle
+  // processors wait through the whole gate; under compute-sanitizer everything is ~100x slower.
+  uint64_t wait_limit_ns = 10ull * 1000 * 1000 * 1000;
 };
 
 // The parameters of one call with `processors` processor CTAs (plus the OS CTA).

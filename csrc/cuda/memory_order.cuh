@@ -1,4 +1,4 @@
-// Acquire/release primitives at GPU scope and the spin-wait of every actor. Waits are bounded in
+// Poll/fence/release primitives at GPU scope and the spin-wait of every actor. Waits are bounded in
 // debug builds (FLASHMOE_BOUNDED_WAITS): a wait that cannot end prints its name and traps instead
 // of hanging the process.
 #pragma once
@@ -16,17 +16,21 @@ namespace flashmoe::cuda {
 
 #if defined(__CUDACC__)
 
-__device__ __forceinline__ uint32_t ld_acquire(const uint32_t* address) {
+// A poll: a relaxed load, which (unlike ld.acquire) leaves the SM's L1 alone. Once a poll sees
+// what it waits for, one acquire_fence() makes it an acquire (the PTX model's fence pattern).
+__device__ __forceinline__ uint32_t ld_poll(const uint32_t* address) {
   uint32_t value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
   return value;
 }
 
-__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* address) {
+__device__ __forceinline__ uint64_t ld_poll(const uint64_t* address) {
   uint64_t value;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
   return value;
 }
+
+__device__ __forceinline__ void acquire_fence() { asm volatile("fence.acq_rel.gpu;" : : : "memory"); }
 
 __device__ __forceinline__ void st_release(uint32_t* address, uint32_t value) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" : : "l"(address), "r"(value) : "memory");
@@ -44,8 +48,10 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 
 #else  // host emulation: the same orderings through the compiler's atomics
 
-inline uint32_t ld_acquire(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
-inline uint64_t ld_acquire(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+// Polls acquire directly here: ThreadSanitizer does not model standalone fences.
+inline uint32_t ld_poll(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+inline uint64_t ld_poll(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+inline void acquire_fence() {}
 inline void st_release(uint32_t* address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
 inline void st_release(uint64_t* address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
 inline uint64_t global_timer_ns() {
@@ -59,26 +65,28 @@ inline uint64_t global_timer_ns() {
 #define FLASHMOE_BOUNDED_WAITS 0
 #endif
 
-// Debug builds give up on a wait after this long: no legitimate wait of one call lasts 10 s.
-constexpr uint64_t kWaitLimitNs = 10ull * 1000 * 1000 * 1000;
-
-// Spins until `ready()` holds, sleeping `sleep_ns` between polls (0: poll flat out).
+// Spins until `ready()` (which polls with ld_poll) holds, sleeping `sleep_ns` between polls
+// (0: poll flat out), then fences so that what follows reads as after an acquire. Debug builds
+// give up after `limit_ns` (KernelParams::wait_limit_ns), naming the wait, instead of hanging.
 template <typename Ready>
-FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns) {
+FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns, uint64_t limit_ns) {
 #if FLASHMOE_BOUNDED_WAITS
   const uint64_t start = global_timer_ns();
 #endif
   while (!ready()) {
     if (sleep_ns) __nanosleep(sleep_ns);
 #if FLASHMOE_BOUNDED_WAITS
-    if (global_timer_ns() - start > kWaitLimitNs) {
-      printf("flashmoe: wait '%s' timed out (block %d, thread %d)\n", what, int(blockIdx.x), int(threadIdx.x));
+    if (global_timer_ns() - start > limit_ns) {
+      printf("flashmoe: wait '%s' timed out after %llu ns (block %d, thread %d)\n", what,
+             static_cast<unsigned long long>(limit_ns), int(blockIdx.x), int(threadIdx.x));
       __trap();
     }
 #else
     (void)what;
+    (void)limit_ns;
 #endif
   }
+  acquire_fence();
 }
 
 }  // namespace flashmoe::cuda

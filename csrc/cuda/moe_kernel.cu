@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_persistent_kernel(const __gri
   // Raw storage: a __shared__ variable cannot run Task's member initializers.
   __shared__ alignas(alignof(Task)) uint8_t task_storage[sizeof(Task)];
   __shared__ uint32_t sequence;
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(dynamic_smem);
+  // Aligned in the shared window, the address space the wgmma descriptors encode.
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_smem));
   uint8_t* smem = dynamic_smem + ((kSmemAlignment - raw % kSmemAlignment) % kSmemAlignment);
   kernel_body<M>(params, smem, *reinterpret_cast<Task*>(task_storage), sequence);
 }
@@ -171,7 +172,16 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   require((reinterpret_cast<uintptr_t>(pointers.workspace) % Workspace::kAlignment) == 0,
           "workspace must be 256-byte aligned");
   const int ctas = launch_ctas(device, math);
-  const KernelParams params = make_params(problem, pointers, ctas - 1);
+  KernelParams params = make_params(problem, pointers, ctas - 1);
+  if (const char* timeout = std::getenv("FLASHMOE_CUDA_WAIT_TIMEOUT_S"); timeout && *timeout) {
+    char* end = nullptr;
+    const double seconds = std::strtod(timeout, &end);
+    if (*end != '\0' || !(seconds > 0) || seconds > 1e6) {
+      throw std::invalid_argument(std::string("flashmoe: FLASHMOE_CUDA_WAIT_TIMEOUT_S must be a number of seconds in "
+                                              "(0, 1e6], got '") + timeout + "'");
+    }
+    params.wait_limit_ns = uint64_t(seconds * 1e9);
+  }
   if (workspace_bytes < params.workspace.total) {
     throw std::invalid_argument("flashmoe: workspace has " + std::to_string(workspace_bytes) + " bytes, needs " +
                                 std::to_string(params.workspace.total));

@@ -90,6 +90,10 @@ def _warn_reference_fallback(x: Tensor) -> None:
         key, what = (device_type, x.dtype), f"no native CUDA kernel for {x.dtype}"
     elif device_type == "cuda" and not ops.cuda_compiled():
         key, what = device_type, "this build has no CUDA backend (flashmoe._C.cuda_compiled is False)"
+    elif device_type == "cuda":
+        capability = ".".join(map(str, torch.cuda.get_device_capability(x.device)))
+        key, what = (device_type, capability), (f"the CUDA kernel has no code for compute capability {capability} "
+                                                f"(built for {ops._C.cuda_build_info()['archs']})")
     else:
         key, what = device_type, f"no native kernel for device {device_type!r}"
     if key not in _warned_devices:

@@ -43,13 +43,39 @@ def empty_cache() -> int:
     return _C.empty_cache()
 
 
+def arch_runs_on(arch: str, capability: tuple) -> bool:
+    """Whether SASS compiled for ``arch`` ("sm_80", "sm_90a") runs on a GPU of compute
+    ``capability`` (major, minor): same major and a minor at least as high, and an arch-specific
+    target ("a") only on its own capability. The build embeds no PTX, so nothing else runs."""
+    name = arch.removeprefix("sm_")
+    specific = name.endswith(("a", "f"))
+    digits = name.rstrip("af")
+    if not digits.isdigit() or len(digits) < 2:
+        return False
+    major, minor = int(digits[:-1]), int(digits[-1])
+    if specific:
+        return tuple(capability) == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def cuda_kernel_runs_on(device) -> bool:
+    """Whether the compiled CUDA kernel has code for ``device``'s GPU (see build_info()["cuda_archs"])."""
+    if not cuda_compiled():
+        return False
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    return any(arch_runs_on(arch, capability) for arch in _C.cuda_build_info()["archs"])
+
+
 def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether ``flashmoe::moe_forward`` has a compiled kernel for tensors on ``device`` (and of
-    ``dtype``, when given: the CUDA kernel takes fp32, bf16 and fp16, not float64)."""
-    device_type = torch.device(device).type
-    if device_type not in _native_devices():
+    ``dtype``, when given: the CUDA kernel takes fp32, bf16 and fp16, not float64). For a CUDA
+    device, the build must also hold code for its GPU's architecture."""
+    device = torch.device(device)
+    if device.type not in _native_devices():
         return False
-    return dtype is None or device_type != "cuda" or dtype in _CUDA_DTYPES
+    if device.type == "cuda" and not cuda_kernel_runs_on(device):
+        return False
+    return dtype is None or device.type != "cuda" or dtype in _CUDA_DTYPES
 
 
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
@@ -188,6 +214,13 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
             "flashmoe::moe_forward got CUDA tensors, but this flashmoe was built without its CUDA backend "
             "(flashmoe._C.cuda_compiled is False: rebuild where nvcc is found); "
             "use flashmoe.moe(..., backend='reference')"
+        )
+    if not cuda_kernel_runs_on(x.device):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(x.device)))
+        raise NotImplementedError(
+            f"flashmoe::moe_forward: this build's CUDA kernel has code for {_C.cuda_build_info()['archs']}, none of "
+            f"which runs on {x.device} (compute capability {capability}); rebuild with FLASHMOE_CUDA_ARCHS naming "
+            f"it, or use flashmoe.moe(..., backend='reference')"
         )
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
