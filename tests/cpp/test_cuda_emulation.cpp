@@ -209,6 +209,9 @@ std::vector<Case> cases() {
   add("many tiles", 300, 136, 136, 4, 2, true, Activation::gelu_tanh, Scoring::softmax, true, true, 0);
   add("top1 of 8", 65, 16, 8, 8, 1, false, Activation::silu, Scoring::softmax, false, false, 1.0);
   add("k equals E", 20, 24, 16, 3, 3, true, Activation::silu, Scoring::sigmoid, true, false, 0);
+  add("one expert", 50, 24, 40, 1, 1, true, Activation::silu, Scoring::softmax, true, true, 0);
+  // More experts than subscriber threads (96) and than one gate column tile (64).
+  add("many experts", 40, 32, 16, 130, 4, true, Activation::silu, Scoring::softmax, true, false, 1.0);
   return all;
 }
 
