@@ -693,6 +693,35 @@ def test_cuda_graph_replays_match_eager(tokens, capacity_factor, dtype):
     assert_same_outputs(first, static_outputs, "two replays on the same inputs")
 
 
+_FIRST_CALL_CAPTURED = """
+import torch, flashmoe
+torch.manual_seed(0)
+T, H, I, E = 33, 64, 48, 4
+x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+rw = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I ** 0.5
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the process's first flashmoe call: occupancy query and all
+    y = flashmoe.moe(x, rw, w1, w2, top_k=2, backend="native")
+graph.replay()
+torch.cuda.synchronize()
+eager = flashmoe.moe(x, rw, w1, w2, top_k=2, backend="native")
+assert torch.equal(y.view(torch.int16), eager.view(torch.int16)), "captured first call differs from eager"
+print("first call captured: ok")
+"""
+
+
+def test_first_call_of_the_process_can_be_captured():
+    """A user may capture the very first call: the one-time setup (function attributes, occupancy
+    query) must be legal inside a stream capture. A fresh process, so nothing is cached yet."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL_CAPTURED], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "first call captured: ok" in result.stdout, result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 def _moe_native(x, router_weight, w1, w2, router_bias, b1, b2):
