@@ -231,13 +231,14 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
   const int64_t H = problem.hidden, k = problem.top_k;
   const int32_t* rows = buffers.pick_row();
   const float* weights = buffers.params.pointers.topk_weights;
+  const auto* outputs = buffers.return_row(0);  // the return rows are contiguous, H apart
   auto* y = buffers.y();
   for (int64_t i = threadIdx.x; i < count * H; i += kThreads) {
     const int64_t token = first + i / H, n = i % H;
     float sum = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       const int32_t row = rows[token * k + j];
-      if (row >= 0) sum += weights[token * k + j] * S::load(buffers.return_row(row)[n]);
+      if (row >= 0) sum += weights[token * k + j] * S::load(outputs[int64_t(row) * H + n]);
     }
     y[token * H + n] = S::store(sum);
   }
