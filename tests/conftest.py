@@ -141,6 +141,27 @@ def run_native(problem: dict, **options):
     return flashmoe.moe(**problem, return_routing=True, backend="native", **options)
 
 
+def check_nan_token_stays_in_its_row(run, *, gated: bool, activation: str, dtype: torch.dtype) -> None:
+    """One token with a NaN: its y is all NaN, no other row sees it, its picks stay distinct and in
+    range, and the other rows match the float64 reference. ``run(problem, **options)`` returns
+    (y, Routing) on the CPU: the native CPU kernel, or the CUDA one."""
+    tokens, bad = 100, 41
+    problem = make_problem(7, tokens=tokens, hidden=67, ffn=45, experts=8, gated=gated, dtype=dtype, top_k=2)
+    x = problem["x"].clone()
+    x[bad, 10] = float("nan")
+    problem["x"] = x
+    y, routing = run(problem, top_k=2, gated=gated, activation=activation)
+    assert y[bad].isnan().all(), "a NaN token must give NaN, not a finite number"
+    others = torch.arange(tokens) != bad
+    assert torch.isfinite(y[others]).all(), "a NaN in one token leaked into other tokens"
+    ids = routing.topk_ids.long()
+    assert ((ids >= 0) & (ids < 8)).all()
+    assert routing.topk_ids[bad, 0] != routing.topk_ids[bad, 1]
+    clean = dict(problem, x=x[others].contiguous())
+    ref_y = run_reference(clean, top_k=2, gated=gated, activation=activation)[0]
+    assert rel_err(y[others], ref_y) <= TOLERANCE[dtype]
+
+
 def assert_routing_matches(routing, ref_routing, problem, *, top_k, scoring="softmax", normalize=True,
                            capacity_factor=None):
     """topk_ids exactly (tied rows excepted), weights, logits, counts, dropped and admitted set."""
@@ -239,18 +260,17 @@ def call_native_raw(problem: dict, *, top_k, gated=True, activation="silu", norm
     for tensor in list(problem.values()) + list(outputs.values()):
         assert tensor.is_contiguous()
 
-    def address(name, source):
-        return source[name].data_ptr() if name in source else 0
-
-    _C.moe_forward_cpu(
-        problem=descriptor, x=address("x", problem), router_weight=address("router_weight", problem),
-        router_bias=address("router_bias", problem), w1=address("w1", problem), b1=address("b1", problem),
-        w2=address("w2", problem), b2=address("b2", problem), y=address("y", outputs),
-        topk_ids=address("topk_ids", outputs), topk_weights=address("topk_weights", outputs),
-        expert_counts=address("expert_counts", outputs), router_logits=address("router_logits", outputs),
-        dropped=address("dropped", outputs), num_threads=num_threads,
-    )
+    _C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=num_threads)
     return outputs
+
+
+def raw_addresses(problem: dict, outputs: dict) -> dict:
+    """The tensor arguments of the raw _C entries (moe_forward_cpu / moe_forward_cuda) as addresses,
+    0 for an input or output the dicts do not hold."""
+    named = {**problem, **outputs}
+    names = ("x", "router_weight", "router_bias", "w1", "b1", "w2", "b2", "y", "topk_ids", "topk_weights",
+             "expert_counts", "router_logits", "dropped")
+    return {name: named[name].data_ptr() if name in named else 0 for name in names}
 
 
 # --------------------------------------------------------------------------- fixtures

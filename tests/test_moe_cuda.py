@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import flashmoe
-from conftest import (TOLERANCE, assert_routing_matches, dtype_id, inner_ties, make_problem, native_problem,
-                      rel_err, run_reference, same_bits)
+from conftest import (TOLERANCE, assert_routing_matches, check_nan_token_stays_in_its_row, dtype_id, inner_ties,
+                      make_problem, native_problem, raw_addresses, rel_err, run_reference, same_bits)
 from flashmoe import _C, reference
 from flashmoe.bench.configs import NAMED_CONFIGS
 
@@ -53,12 +53,9 @@ def exact_fp32():
 
 
 @pytest.fixture
-def tf32():
-    """torch.backends.cuda.matmul.allow_tf32 = True for the test, restored after it."""
-    before = torch.backends.cuda.matmul.allow_tf32
+def tf32(exact_fp32):
+    """torch.backends.cuda.matmul.allow_tf32 = True for the test; exact_fp32 restores the flag after it."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture
@@ -526,17 +523,10 @@ def call_cuda_raw(problem: dict, outputs: dict, workspace: torch.Tensor, *, top_
     workspace_bytes = needed if workspace_bytes is None else workspace_bytes
     assert workspace.numel() >= workspace_bytes
 
-    def address(name, source):
-        return source[name].data_ptr() if name in source else 0
-
     _C.moe_forward_cuda(
-        problem=descriptor, x=address("x", problem), router_weight=address("router_weight", problem),
-        router_bias=address("router_bias", problem), w1=address("w1", problem), b1=address("b1", problem),
-        w2=address("w2", problem), b2=address("b2", problem), y=address("y", outputs),
-        topk_ids=address("topk_ids", outputs), topk_weights=address("topk_weights", outputs),
-        expert_counts=address("expert_counts", outputs), router_logits=address("router_logits", outputs),
-        dropped=address("dropped", outputs), workspace=workspace.data_ptr(), workspace_bytes=workspace_bytes,
-        allow_tf32=allow_tf32, device=device, stream=torch.cuda.current_stream(device).cuda_stream,
+        problem=descriptor, **raw_addresses(problem, outputs), workspace=workspace.data_ptr(),
+        workspace_bytes=workspace_bytes, allow_tf32=allow_tf32, device=device,
+        stream=torch.cuda.current_stream(device).cuda_stream,
     )
     return needed
 
@@ -608,17 +598,10 @@ def test_raw_entry_rejects_bad_problem(field, value):
     descriptor = _raw_descriptor(problem, top_k=2)
     setattr(descriptor, field, value)
     with pytest.raises(ValueError):
-        _C.moe_forward_cuda(problem=descriptor, **_raw_addresses(problem, outputs), workspace=workspace.data_ptr(),
+        _C.moe_forward_cuda(problem=descriptor, **raw_addresses(problem, outputs), workspace=workspace.data_ptr(),
                             workspace_bytes=workspace.numel(), allow_tf32=False, device=torch.cuda.current_device(),
                             stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()  # nothing was launched, and the context is healthy
-
-
-def _raw_addresses(problem, outputs):
-    named = {**problem, **outputs}
-    names = ("x", "router_weight", "router_bias", "w1", "b1", "w2", "b2", "y", "topk_ids", "topk_weights",
-             "expert_counts", "router_logits", "dropped")
-    return {name: named[name].data_ptr() if name in named else 0 for name in names}
 
 
 @pytest.mark.parametrize("pointer", ("x", "router_weight", "w1", "w2", "y", "topk_ids", "topk_weights",
@@ -630,7 +613,7 @@ def test_raw_entry_rejects_null_pointers(pointer):
     descriptor = _raw_descriptor(problem, top_k=2)
     needed = _C.cuda_workspace_bytes(descriptor, torch.cuda.current_device(), False)
     workspace = torch.empty(needed, dtype=torch.uint8, device="cuda")
-    addresses = dict(_raw_addresses(problem, outputs), workspace=workspace.data_ptr())
+    addresses = dict(raw_addresses(problem, outputs), workspace=workspace.data_ptr())
     addresses[pointer] = 0
     with pytest.raises(ValueError):
         _C.moe_forward_cuda(problem=descriptor, **addresses, workspace_bytes=needed, allow_tf32=False, device=torch.cuda.current_device(),
@@ -645,7 +628,7 @@ def test_raw_entry_rejects_small_workspace():
     needed = _C.cuda_workspace_bytes(descriptor, torch.cuda.current_device(), False)
     workspace = torch.empty(needed, dtype=torch.uint8, device="cuda")
     with pytest.raises(ValueError, match="workspace"):
-        _C.moe_forward_cuda(problem=descriptor, **_raw_addresses(problem, outputs), workspace=workspace.data_ptr(),
+        _C.moe_forward_cuda(problem=descriptor, **raw_addresses(problem, outputs), workspace=workspace.data_ptr(),
                             workspace_bytes=needed - 1, allow_tf32=False, device=torch.cuda.current_device(),
                             stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
@@ -924,19 +907,7 @@ def test_rejects_wrong_shapes_and_options(name, replacement, options):
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 @pytest.mark.parametrize("gated", (True, False), ids=("gated", "plain"))
 def test_nan_token_stays_in_its_row(gated, activation, dtype, watchdog):
-    tokens, bad = 100, 41
-    problem = make_problem(7, tokens=tokens, hidden=67, ffn=45, experts=8, gated=gated, dtype=dtype, top_k=2)
-    x = problem["x"].clone()
-    x[bad, 10] = float("nan")
-    problem["x"] = x
-    y, routing = run_cuda(problem, top_k=2, gated=gated, activation=activation)
-    assert y[bad].isnan().all(), "a NaN token must give NaN, not a finite number"
-    others = torch.arange(tokens) != bad
-    assert torch.isfinite(y[others]).all(), "a NaN in one token leaked into other tokens"
-    ids = routing.topk_ids.long()
-    assert ((ids >= 0) & (ids < 8)).all() and routing.topk_ids[bad, 0] != routing.topk_ids[bad, 1]
-    ref_y = run_reference(dict(problem, x=x[others].contiguous()), top_k=2, gated=gated, activation=activation)[0]
-    assert rel_err(y[others], ref_y) <= TOLERANCE[dtype]
+    check_nan_token_stays_in_its_row(run_cuda, gated=gated, activation=activation, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)

@@ -7,8 +7,8 @@ import resource
 import pytest
 import torch
 
-from conftest import (DTYPES, TOLERANCE, assert_routing_matches, call_native_raw, dtype_id, empty_outputs,
-                      make_problem, rel_err, run_native, run_reference, same_bits)
+from conftest import (DTYPES, TOLERANCE, assert_routing_matches, call_native_raw, check_nan_token_stays_in_its_row,
+                      dtype_id, empty_outputs, make_problem, rel_err, run_native, run_reference, same_bits)
 from flashmoe import _C, reference
 
 OUTPUT_NAMES = ("y", "topk_ids", "topk_weights", "expert_counts", "router_logits", "dropped")
@@ -142,21 +142,7 @@ def test_poisoned_outputs_zero_tokens():
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 @pytest.mark.parametrize("gated", (True, False), ids=("gated", "plain"))
 def test_nan_token_stays_in_its_row(gated, activation, dtype, watchdog):
-    tokens, bad = 100, 41
-    problem = make_problem(7, tokens=tokens, hidden=67, ffn=45, experts=8, gated=gated, dtype=dtype, top_k=2)
-    x = problem["x"].clone()
-    x[bad, 10] = float("nan")
-    problem["x"] = x
-    y, routing = run_native(problem, top_k=2, gated=gated, activation=activation)
-    assert y[bad].isnan().all(), "a NaN token must give NaN, not a finite number"
-    others = torch.arange(tokens) != bad
-    assert torch.isfinite(y[others]).all(), "a NaN in one token leaked into other tokens"
-    ids = routing.topk_ids.long()
-    assert ((ids >= 0) & (ids < 8)).all()
-    assert routing.topk_ids[bad, 0] != routing.topk_ids[bad, 1]
-    clean = dict(problem, x=x[others].contiguous())
-    ref_y = run_reference(clean, top_k=2, gated=gated, activation=activation)[0]
-    assert rel_err(y[others], ref_y) <= TOLERANCE[dtype]
+    check_nan_token_stays_in_its_row(run_native, gated=gated, activation=activation, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
