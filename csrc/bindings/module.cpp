@@ -261,7 +261,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("assign_slots", [](const std::vector<int32_t>& topk_ids, int64_t tokens, int64_t top_k, int64_t experts,
                            int64_t capacity) {
     require(int64_t(topk_ids.size()) == tokens * top_k, "topk_ids must hold tokens * top_k ids");
-    for (int32_t id : topk_ids) require(id >= 0 && id < experts, "topk_ids must lie in [0, experts)");
     require(capacity >= kDropless, "capacity must be >= 0, or -1 for dropless");
     std::vector<int32_t> counts(static_cast<size_t>(experts)), pick_row(topk_ids.size()), row_token(topk_ids.size());
     std::vector<int64_t> offsets(static_cast<size_t>(experts + 1));
@@ -270,7 +269,8 @@ PYBIND11_MODULE(_C, m) {
     row_token.resize(size_t(offsets.back()));
     return py::make_tuple(counts, offsets, pick_row, row_token, dropped);
   }, py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("capacity"),
-     "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped).");
+     "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped). A pick that goes "
+     "to no expert (an id outside [0, experts), or a repeat in its row) gets pick_row -1.");
 
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
