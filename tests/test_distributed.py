@@ -262,3 +262,84 @@ def test_world_of_two():
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_larger_worlds(world_size):
     spawn(world_size, larger_world)
+
+
+# --------------------------------------------------------------------------- failures never hang
+
+WATCHDOG_SECONDS = 2.0
+GROUP_TIMEOUT_SECONDS = 8
+
+
+def _failure_entry(rank, world_size, init_file, result_file, transport, mode):
+    """Every rank calls back to back; the last rank dies (kill) or raises (raise) mid-run."""
+    import threading
+    import time
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_SECONDS))
+    _, weights = problem_for(90, (1,), experts=2 * world_size, top_k=2, dtype=torch.float32)
+    mine = local_weights(weights, rank, world_size)
+    options = dict(top_k=2, transport=transport, watchdog_seconds=WATCHDOG_SECONDS)
+    fd.moe(torch.randn(4, H), **mine, **options)  # every rank is up and the heaps are mapped
+    victim = rank == world_size - 1
+    if victim and mode == "kill":
+        threading.Timer(0.2, os._exit, (17,)).start()
+    outcome = "returned"
+    for call in range(1_000_000):
+        x = torch.randn(1 + call % 7, H)
+        if victim and mode == "raise" and call == 3:
+            with pytest.raises(ValueError):
+                fd.moe(x[:, :-1], **mine, **options)  # a bad input on this rank only
+            outcome = "raised ValueError"
+            break
+        started = time.monotonic()
+        try:
+            fd.moe(x, **mine, **options)
+        except RuntimeError as error:
+            outcome = f"RuntimeError after {time.monotonic() - started:.2f} s: {error}"
+            break
+    with open(result_file, "w") as out:
+        out.write(outcome)
+    os._exit(0)  # the group is broken: no orderly teardown
+
+
+def run_failure(world_size, transport, mode):
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as work:
+        results = [os.path.join(work, f"result-{rank}") for rank in range(world_size)]
+        processes = [context.Process(target=_failure_entry, args=(rank, world_size, os.path.join(work, "store"),
+                                                                   results[rank], transport, mode))
+                     for rank in range(world_size)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=90)
+        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        assert not hung, f"ranks {hung} hung instead of raising"
+        outcomes = []
+        for path in results[:-1]:
+            assert os.path.exists(path), f"{path}: a survivor died instead of raising"
+            outcomes.append(open(path).read())
+        pids = {str(process.pid) for process in processes}
+        left = [name for name in shm_segments() if name.split("-")[1] in pids]
+        assert not left, f"segments left in /dev/shm: {left}"
+        return outcomes
+
+
+@pytest.mark.parametrize("world_size, transport, mode", [
+    (3, "symmetric", "kill"), (2, "symmetric", "raise"), (2, "all_to_all", "kill")])
+def test_failed_peer_never_hangs(world_size, transport, mode):
+    for rank, outcome in enumerate(run_failure(world_size, transport, mode)):
+        assert outcome.startswith("RuntimeError after"), f"rank {rank}: {outcome}"
+        seconds = float(outcome.split()[2])
+        limit = WATCHDOG_SECONDS if transport == "symmetric" else GROUP_TIMEOUT_SECONDS
+        assert seconds < limit + 10, f"rank {rank} took {seconds} s to give up"
+        assert f"rank {rank}" in outcome and transport in outcome, outcome
+        if transport == "symmetric":
+            # The watchdog names what it waited for, and the rank that owes it.
+            assert "watchdog" in outcome and f"(source {world_size - 1}" in outcome or \
+                f"(owner {world_size - 1}" in outcome, outcome

@@ -10,6 +10,8 @@ collectives, so it works on any backend (gloo, NCCL) and across hosts.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -19,8 +21,19 @@ from ..ops import _address, _empty_outputs, _problem
 
 def exchange_rows(output: torch.Tensor, send: torch.Tensor, output_rows: list, send_rows: list, group) -> None:
     """all_to_all_single of [rows, ...] tensors as bytes, so every dtype travels on every backend."""
-    dist.all_to_all_single(_as_bytes(output), _as_bytes(send), output_split_sizes=output_rows,
-                           input_split_sizes=send_rows, group=group)
+    with _named_failure("rows"):
+        dist.all_to_all_single(_as_bytes(output), _as_bytes(send), output_split_sizes=output_rows,
+                               input_split_sizes=send_rows, group=group)
+
+
+@contextlib.contextmanager
+def _named_failure(what: str):
+    """A failed exchange (a peer died or raised, or the group's timeout passed) names this rank and the wait."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise RuntimeError(f"flashmoe.distributed: rank {dist.get_rank()} failed exchanging {what} with its peers "
+                           f"(all_to_all transport; a peer died, raised or stopped calling): {error}") from error
 
 
 def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
@@ -32,7 +45,8 @@ def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
 def exchange_counts(send_counts: torch.Tensor, group, world_size: int) -> torch.Tensor:
     """send_counts [W, n] int64 (n per peer) -> what every peer sent this rank, [W, n]."""
     received = torch.empty_like(send_counts)
-    dist.all_to_all_single(received, send_counts.contiguous(), group=group)
+    with _named_failure("row counts"):
+        dist.all_to_all_single(received, send_counts.contiguous(), group=group)
     return received.view(world_size, -1)
 
 

@@ -107,9 +107,10 @@ class SymmetricHeaps:
         try:
             self._cluster.forward(**weights, calls=[[rank_tuple]],
                                   first_expert=self.context.rank * self.context.local_experts)
-        except RuntimeError:
+        except RuntimeError as error:
             self.close()  # its heaps hold a half-finished epoch: the Context cannot run again
-            raise
+            raise RuntimeError(f"flashmoe.distributed: rank {self.context.rank} gave up waiting for its peers "
+                               f"(symmetric transport; a peer died, raised or stopped calling): {error}") from error
         return outputs
 
     def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
