@@ -17,6 +17,8 @@
 #include "cpu/dataflow.h"
 #include "cpu/moe_forward.h"
 #include "cpu/tile_gemm.h"
+#include "cpu/transport_all_to_all.h"
+#include "cpu/transport_shm.h"
 #include "cuda/moe_cuda.h"
 
 namespace py = pybind11;
@@ -75,7 +77,8 @@ std::vector<cpu::RankIO> rank_ios(const std::vector<RankTuple>& ranks) {
 
 // calls[c][r]: rank r's tensors in call c; every rank runs its calls back to back.
 void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
-                     uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<std::vector<RankTuple>>& calls) {
+                     uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<std::vector<RankTuple>>& calls,
+                     int64_t first_expert) {
   const Problem& shape = cluster.config().shape;
   require(router_weight && w1 && w2, "flashmoe: a required weight pointer is null");
   require(shape.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
@@ -85,9 +88,63 @@ void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t r
   for (const auto& call : calls) io.push_back(rank_ios(call));
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
-                                   as_ptr<const void>(b2)};
+                                   as_ptr<const void>(b2), first_expert};
+  require(first_expert == 0 || cluster.config().transport != nullptr,
+          "flashmoe: first_expert != 0 (local experts only) needs a transport that runs one rank here");
   py::gil_scoped_release release;
   cluster.forward_calls(weights, io);
+}
+
+cpu::ExpertWeights expert_weights(const Problem& problem, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
+                                  uintptr_t b1, uintptr_t w2, uintptr_t b2) {
+  require(problem.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
+  require(problem.has_b1 == (b1 != 0) && problem.has_b2 == (b2 != 0), "flashmoe: has_b1/has_b2 disagree with b1/b2");
+  return cpu::ExpertWeights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias), as_ptr<const void>(w1),
+                            as_ptr<const void>(b1), as_ptr<const void>(w2), as_ptr<const void>(b2)};
+}
+
+void route_tokens(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
+                  uintptr_t topk_ids, uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits,
+                  uintptr_t dropped, uintptr_t expert_offsets, uintptr_t pick_row, uintptr_t row_token, int threads) {
+  if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
+  require(router_weight && expert_counts && dropped && expert_offsets, "flashmoe: a required pointer is null");
+  require(problem.tokens == 0 || (x && topk_ids && topk_weights && router_logits && pick_row && row_token),
+          "flashmoe: a required token tensor pointer is null");
+  require(problem.expert_capacity >= kDropless, "flashmoe: expert_capacity must be >= 0, or -1 for dropless");
+  const cpu::ExpertWeights weights = expert_weights(problem, router_weight, router_bias, 1, problem.has_b1, 1, problem.has_b2);
+  const cpu::RankIO io{as_ptr<const void>(x), problem.tokens, problem.expert_capacity, nullptr, as_ptr<int32_t>(topk_ids),
+                       as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts), as_ptr<void>(router_logits),
+                       as_ptr<int64_t>(dropped)};
+  py::gil_scoped_release release;
+  cpu::route_tokens(problem, weights, io, as_ptr<int64_t>(expert_offsets), as_ptr<int32_t>(pick_row),
+                    as_ptr<int32_t>(row_token), std::max(1, threads));
+}
+
+void run_expert_rows(const Problem& problem, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t rows,
+                     const std::vector<int64_t>& cell_rows, int64_t local_experts, uintptr_t out, int threads) {
+  if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
+  require(w1 && w2, "flashmoe: a required weight pointer is null");
+  require(local_experts >= 1 && !cell_rows.empty() && int64_t(cell_rows.size()) % local_experts == 0,
+          "flashmoe: cell_rows must hold W * local_experts counts");
+  int64_t total = 0;
+  for (int64_t count : cell_rows) {
+    require(count >= 0, "flashmoe: cell_rows must be >= 0");
+    total += count;
+  }
+  require(total == 0 || (rows && out), "flashmoe: rows and out pointers are required");
+  const cpu::ExpertWeights weights = expert_weights(problem, 0, problem.has_router_bias, w1, b1, w2, b2);
+  py::gil_scoped_release release;
+  cpu::run_expert_rows(problem, weights, as_ptr<const void>(rows), cell_rows.data(), int64_t(cell_rows.size()),
+                       local_experts, as_ptr<void>(out), std::max(1, threads));
+}
+
+void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, uintptr_t topk_weights,
+                    uintptr_t rows_home, uintptr_t y, int threads) {
+  require(tokens >= 0, "flashmoe: tokens must be >= 0");
+  require(tokens == 0 || (pick_row && topk_weights && y), "flashmoe: a required token tensor pointer is null");
+  py::gil_scoped_release release;
+  cpu::combine_tokens(problem, tokens, as_ptr<const int32_t>(pick_row), as_ptr<const void>(topk_weights),
+                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads));
 }
 
 #if FLASHMOE_WITH_CUDA
@@ -172,7 +229,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<cpu::Cluster>(m, "Cluster",
                            "W simulated ranks running the dataflow protocol over simulated symmetric heaps.")
       .def(py::init([](const Problem& shape, int64_t world_size, int64_t max_tokens, int threads_per_rank,
-                       bool chaos, uint64_t chaos_seed, cpu::Fault fault, double watchdog_seconds) {
+                       bool chaos, uint64_t chaos_seed, cpu::Fault fault, double watchdog_seconds,
+                       std::shared_ptr<cpu::SharedMemoryHeaps> transport) {
              cpu::ClusterConfig config;
              config.shape = shape;
              config.world_size = world_size;
@@ -180,17 +238,54 @@ PYBIND11_MODULE(_C, m) {
              config.threads_per_rank = threads_per_rank;
              config.chaos = cpu::ChaosOptions{chaos, chaos_seed, fault};
              config.watchdog_seconds = watchdog_seconds;
-             return std::make_unique<cpu::Cluster>(config);
+             config.transport = transport;
+             try {
+               return std::make_unique<cpu::Cluster>(config);
+             } catch (const std::invalid_argument& error) {
+               throw py::value_error(std::string("flashmoe: ") + error.what());
+             }
            }),
            py::kw_only(), py::arg("shape"), py::arg("world_size"), py::arg("max_tokens"), py::arg("threads_per_rank") = 1,
            py::arg("chaos") = false, py::arg("chaos_seed") = 0, py::arg("fault") = cpu::Fault::none,
-           py::arg("watchdog_seconds") = 60.0)
+           py::arg("watchdog_seconds") = 60.0, py::arg("transport") = nullptr)
       .def("forward", &cluster_forward, py::kw_only(), py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"),
-           py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("calls"),
+           py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("calls"), py::arg("first_expert") = 0,
            "calls: per call, one (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, "
-           "router_logits, dropped) tuple of addresses per rank. Ranks run their calls back to back.")
+           "router_logits, dropped) tuple of addresses per rank running here. Ranks run their calls back to back. "
+           "first_expert: the expert w1[0] holds (a transport's rank q passes its local experts, q*L).")
       .def_property_readonly("heap_bytes", &cpu::Cluster::heap_bytes)
       .def("epoch", &cpu::Cluster::epoch, py::arg("rank"));
+
+  py::class_<cpu::SharedMemoryHeaps, std::shared_ptr<cpu::SharedMemoryHeaps>>(
+      m, "SharedMemoryHeaps", "One POSIX shared-memory segment per rank: the symmetric heaps of ranks on one host.")
+      .def(py::init([](int64_t world_size, int64_t local_rank, int64_t heap_bytes, const std::string& name) {
+             try {
+               return std::make_shared<cpu::SharedMemoryHeaps>(world_size, local_rank, heap_bytes, name);
+             } catch (const std::invalid_argument& error) {
+               throw py::value_error(error.what());
+             }
+           }),
+           py::kw_only(), py::arg("world_size"), py::arg("local_rank"), py::arg("heap_bytes"), py::arg("name"))
+      .def("map_peer", &cpu::SharedMemoryHeaps::map_peer, py::arg("rank"), py::arg("name"))
+      .def("unlink_own", &cpu::SharedMemoryHeaps::unlink_own)
+      .def("all_mapped", &cpu::SharedMemoryHeaps::all_mapped)
+      .def("control_address", [](const cpu::SharedMemoryHeaps& heaps, int64_t rank) {
+        return reinterpret_cast<uintptr_t>(heaps.control(rank));
+      }, py::arg("rank"))
+      .def_property_readonly("heap_bytes", &cpu::SharedMemoryHeaps::heap_bytes)
+      .def_readonly_static("control_bytes", &cpu::SharedMemoryHeaps::kControlBytes);
+
+  m.def("route_tokens", &route_tokens, py::kw_only(), py::arg("problem"), py::arg("x"), py::arg("router_weight"),
+        py::arg("router_bias"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
+        py::arg("router_logits"), py::arg("dropped"), py::arg("expert_offsets"), py::arg("pick_row"),
+        py::arg("row_token"), py::arg("threads"),
+        "all_to_all source step: gate problem.tokens tokens and assign slots (cpu/transport_all_to_all.h).");
+  m.def("run_expert_rows", &run_expert_rows, py::kw_only(), py::arg("problem"), py::arg("w1"), py::arg("b1"),
+        py::arg("w2"), py::arg("b2"), py::arg("rows"), py::arg("cell_rows"), py::arg("local_experts"), py::arg("out"),
+        py::arg("threads"), "all_to_all owner step: the local experts' FFN of every received row, cell by cell.");
+  m.def("combine_tokens", &combine_tokens, py::kw_only(), py::arg("problem"), py::arg("tokens"), py::arg("pick_row"),
+        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"),
+        "all_to_all source step: y from the rows that came home, in the contract's order.");
 
   m.def("expert_capacity", [](double capacity_factor, int64_t tokens, int64_t top_k, int64_t experts) {
     if (!std::isfinite(capacity_factor) || capacity_factor <= 0)

@@ -18,6 +18,7 @@
 #include "core/task.h"
 #include "core/task_bound.h"
 #include "cpu/expert_tiles.h"
+#include "cpu/source_steps.h"
 #include "cpu/thread_pool.h"
 #include "cpu/tile_gemm.h"
 
@@ -45,6 +46,12 @@ struct AlignedFree {
 };
 using HeapBytes = std::unique_ptr<std::byte[], AlignedFree>;
 
+// Where a rank's heap lies in this process: memory the cluster owns, or a transport's mapping.
+struct HeapAddress {
+  std::byte* base = nullptr;
+  std::byte* get() const { return base; }
+};
+
 HeapBytes aligned_bytes(int64_t bytes) {
   const size_t size = size_t(HeapLayout::align(std::max<int64_t>(bytes, 1)));
   auto* memory = static_cast<std::byte*>(std::aligned_alloc(HeapLayout::kAlignment, size));
@@ -64,7 +71,8 @@ struct PendingRowTile {
 // Everything a rank owns: its heap, the routing of its current call, its subscriber and
 // scheduler state, its task queue and its intermediate buffers.
 struct RankState {
-  HeapBytes heap;
+  HeapAddress heap;
+  HeapBytes heap_storage;  // without a transport
   uint32_t epoch = 0;
   // Routing of the current call (written by member 0 between team barriers).
   std::vector<int64_t> expert_offsets;
@@ -99,6 +107,7 @@ struct Cluster::State {
   TaskBound task_bound;
   int64_t h_buffers = 0;
   std::vector<std::unique_ptr<RankState>> ranks;
+  std::vector<int64_t> local_ranks;  // the ranks this process runs: all W, or the transport's one
   // Failure handling and the watchdog.
   std::mutex call_mutex;  // one forward at a time: the ranks' state belongs to the call
   std::atomic<bool> abort{false};
@@ -133,7 +142,7 @@ class Member {
         router_weight_(static_cast<const T*>(weights.router_weight)),
         router_bias_(static_cast<const T*>(weights.router_bias)), w1_(static_cast<const T*>(weights.w1)),
         b1_(static_cast<const T*>(weights.b1)), w2_(static_cast<const T*>(weights.w2)),
-        b2_(static_cast<const T*>(weights.b2)) {
+        b2_(static_cast<const T*>(weights.b2)), first_expert_(weights.first_expert) {
     const Tiling& tiling = c_.tiling;
     gate_.resize(size_t(tiling.row_tile * tiling.ffn_tile));
     up_.resize(gate_.size());
@@ -179,20 +188,11 @@ class Member {
 
   // ---- Phase 1: gate. Router GEMM with fp32 accumulation, scores, top-k. ----
   void gate() {
-    const int64_t E = p_.experts, H = p_.hidden, k = p_.top_k, tile = c_.tiling.token_tile;
+    const int64_t tile = c_.tiling.token_tile;
     for (int64_t task; (task = s_.next_gate_tile.fetch_add(1)) < c_.tiling.token_tiles(io_->tokens);) {
       const int64_t t0 = task * tile, m = std::min(tile, io_->tokens - t0);
-      std::vector<const T*> rows(static_cast<size_t>(m));
-      for (int64_t i = 0; i < m; ++i) rows[size_t(i)] = x_ + (t0 + i) * H;
-      Acc* logits = static_cast<Acc*>(io_->router_logits) + t0 * E;
-      tile_gemm_nt<T>(rows.data(), m, router_weight_, H, E, H, logits, E, false);
-      for (int64_t i = 0; i < m; ++i) {
-        Acc* row = logits + i * E;
-        if (router_bias_) for (int64_t e = 0; e < E; ++e) row[e] += load_value(router_bias_[e]);
-        score_experts(row, E, p_.scoring, scores_.data());
-        select_top_k(scores_.data(), E, k, p_.normalize, io_->topk_ids + (t0 + i) * k,
-                     static_cast<Acc*>(io_->topk_weights) + (t0 + i) * k);
-      }
+      gate_tile<T>(p_, x_, t0, m, router_weight_, router_bias_, static_cast<Acc*>(io_->router_logits),
+                   io_->topk_ids, static_cast<Acc*>(io_->topk_weights), scores_.data());
       c_.note_progress();
     }
   }
@@ -402,7 +402,7 @@ class Member {
   }
 
   void run_gemm0(const Task& task) {
-    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert);
+    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
     const int64_t N0 = p_.gemm0_cols();
     std::vector<const T*> x_rows(static_cast<size_t>(task.rows));
     std::vector<T*> h_rows(static_cast<size_t>(task.rows));
@@ -426,7 +426,7 @@ class Member {
   }
 
   void run_gemm1(const Task& task) {
-    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert);
+    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
     std::byte* source_heap = c_.ranks[size_t(task.source)]->heap.get();
     std::vector<const T*> h_rows(static_cast<size_t>(task.rows));
     std::vector<T*> out_rows(static_cast<size_t>(task.rows));
@@ -452,18 +452,13 @@ class Member {
     const int64_t H = p_.hidden, k = p_.top_k;
     const Acc* weights = static_cast<const Acc*>(io_->topk_weights);
     for (int64_t t = task.column_begin; t < task.column_begin + task.columns; ++t) {
-      std::fill(sum_.begin(), sum_.end(), Acc(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t row = s_.pick_row[size_t(t * k + j)];
-        if (row < 0) continue;
-        const int64_t expert = io_->topk_ids[t * k + j];
-        const int64_t owner_row = row - s_.expert_offsets[size_t(c_.placement.owner(expert) * c_.placement.local_experts())];
-        const T* src = reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(c_.placement.owner(expert), owner_row));
-        const Acc weight = weights[t * k + j];
-        for (int64_t n = 0; n < H; ++n) sum_[size_t(n)] += weight * load_value(src[n]);
-      }
-      T* dst = static_cast<T*>(io_->y) + t * H;
-      for (int64_t n = 0; n < H; ++n) dst[n] = store_value<T>(sum_[size_t(n)]);
+      const int32_t* pick_row = s_.pick_row.data() + t * k;
+      const auto output_row = [&](int64_t j) {
+        const int64_t owner = c_.placement.owner(io_->topk_ids[t * k + j]);
+        const int64_t owner_row = pick_row[j] - s_.expert_offsets[size_t(owner * c_.placement.local_experts())];
+        return reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(owner, owner_row));
+      };
+      combine_token<T>(H, k, pick_row, weights + t * k, output_row, sum_.data(), static_cast<T*>(io_->y) + t * H);
     }
   }
 
@@ -523,6 +518,7 @@ class Member {
   const RankIO* io_ = nullptr;  // this call's tokens and outputs
   Chaos chaos_;
   const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_;
+  const int64_t first_expert_;  // the expert w1_[0] (and w2_, b1_, b2_) holds
   const T* x_ = nullptr;
   std::vector<Acc> gate_, up_, out_, scores_, sum_;
 };
@@ -530,12 +526,12 @@ class Member {
 template <typename T>
 void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls) {
   const int team = state.config.threads_per_rank;
-  run_team(int(state.placement.world_size) * team, [&](int thread) {
+  run_team(int(state.local_ranks.size()) * team, [&](int thread) {
     state.note_progress();  // the wait for the pool is not a hang
-    const int64_t rank = thread / team;
+    const size_t local = size_t(thread / team);
     try {
-      Member<T> member(state, rank, thread % team, weights);
-      for (const std::vector<RankIO>& call : calls) member.call(call[size_t(rank)]);
+      Member<T> member(state, state.local_ranks[local], thread % team, weights);
+      for (const std::vector<RankIO>& call : calls) member.call(call[local]);
     } catch (const Aborted&) {
       // Another member reported the failure; this one just stops.
     } catch (...) {
@@ -561,10 +557,26 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
   s.task_bound = TaskBound{s.tiling, s.placement, config.max_tokens, config.shape.ffn, config.shape.hidden};
   s.h_buffers = std::max<int64_t>(4, 2 * int64_t(config.threads_per_rank));
   const int64_t cells = config.world_size * s.placement.local_experts();
+  const HeapTransport* transport = config.transport.get();
+  if (transport != nullptr) {
+    if (transport->world_size() != config.world_size) throw std::invalid_argument("the transport's world size differs");
+    if (transport->heap_bytes() < s.layout.total_bytes()) throw std::invalid_argument("the transport's heaps are too small");
+    for (int64_t r = 0; r < config.world_size; ++r) {
+      if (transport->heap(r) == nullptr) throw std::invalid_argument("the transport has not mapped every rank's heap");
+    }
+    s.local_ranks = {transport->local_rank()};
+  } else {
+    for (int64_t r = 0; r < config.world_size; ++r) s.local_ranks.push_back(r);
+  }
   for (int64_t r = 0; r < config.world_size; ++r) {
     auto rank = std::make_unique<RankState>();
-    rank->heap = aligned_bytes(s.layout.total_bytes());
-    std::memset(rank->heap.get(), 0, size_t(2 * s.layout.flags_bytes()));  // epoch 0: never written
+    if (transport != nullptr) {
+      rank->heap.base = transport->heap(r);  // zero-filled by the transport: epoch 0, never written
+    } else {
+      rank->heap_storage = aligned_bytes(s.layout.total_bytes());
+      rank->heap.base = rank->heap_storage.get();
+      std::memset(rank->heap.get(), 0, size_t(2 * s.layout.flags_bytes()));  // epoch 0: never written
+    }
     rank->cell_rows.assign(size_t(cells), 0);
     rank->cell_first_row.assign(size_t(cells), 0);
     rank->cell_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(cells));
@@ -596,7 +608,7 @@ void Cluster::forward_calls(const ExpertWeights& weights, const std::vector<std:
   std::lock_guard<std::mutex> lock(s.call_mutex);
   if (s.broken) throw std::runtime_error("flashmoe: this cluster failed earlier and cannot run again: " + s.error);
   for (const std::vector<RankIO>& call : calls) {
-    if (int64_t(call.size()) != s.config.world_size) throw std::invalid_argument("one RankIO per rank is required");
+    if (call.size() != s.local_ranks.size()) throw std::invalid_argument("one RankIO per rank running here is required");
     for (const RankIO& io : call) {
       if (io.tokens < 0 || io.tokens > s.config.max_tokens) throw std::invalid_argument("a rank's tokens exceed max_tokens");
     }

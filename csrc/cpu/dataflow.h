@@ -24,6 +24,7 @@
 #include "core/problem.h"
 #include "core/tiling.h"
 #include "cpu/chaos.h"
+#include "cpu/transport.h"
 
 namespace flashmoe::cpu {
 
@@ -34,9 +35,12 @@ struct ClusterConfig {
   int threads_per_rank = 1;    // processors per rank; every one also takes the OS role in turn
   ChaosOptions chaos;
   double watchdog_seconds = 60;  // a wait with no progress anywhere for this long is a hang
+  // The transport seam (cpu/transport.h). Null: the cluster allocates all W heaps and runs all W
+  // ranks in this process. Otherwise it runs only transport->local_rank(), over the transport's heaps.
+  std::shared_ptr<HeapTransport> transport;
 };
 
-// Expert weights, shared by all ranks (rank q uses experts [q·L, (q+1)·L)). All contiguous, in the
+// Expert weights (rank q uses experts [q·L, (q+1)·L)). All contiguous, in the
 // problem's dtype; optional ones are nullptr.
 struct ExpertWeights {
   const void* router_weight;  // [E, H]; null when routing_given
@@ -45,6 +49,9 @@ struct ExpertWeights {
   const void* b1;             // [E, N0], optional
   const void* w2;             // [E, H, I]
   const void* b2;             // [E, H], optional
+  // The global index of the expert w1[0], w2[0], b1[0], b2[0] hold: 0 when they hold all E
+  // experts, q·L when a process running rank q alone (a transport) holds only its own L.
+  int64_t first_expert = 0;
 };
 
 // One rank's tokens and outputs, contiguous. "acc" is float32, or float64 for f64 problems.
@@ -67,14 +74,16 @@ class Cluster {
   Cluster(const Cluster&) = delete;
   Cluster& operator=(const Cluster&) = delete;
 
-  // Runs one forward on every rank (ranks[r] is rank r's). With repeats > 1 every rank runs that
+  // Runs one forward on every rank that runs in this process (ranks[i] is the i-th of them: all W
+  // ranks in order, or the transport's local rank alone). With repeats > 1 every rank runs that
   // many calls back to back without waiting for the other ranks between them, so a fast rank
   // starts its next epoch while a slow one is still in the last. Throws std::runtime_error when
   // the watchdog sees a hang; the message names the rank, role and wait. Calls on one cluster
   // from several threads are serialized.
   void forward(const ExpertWeights& weights, const std::vector<RankIO>& ranks, int64_t repeats = 1);
 
-  // Runs calls.size() calls; calls[c][r] is rank r's input and output of call c. Each rank runs its
+  // Runs calls.size() calls; calls[c][i] is the input and output of call c of the i-th rank that
+  // runs here (as in forward). Each rank runs its
   // calls back to back, never waiting for the other ranks between them, so ranks drift apart by
   // up to one epoch while every call has inputs of its own.
   void forward_calls(const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls);

@@ -6,7 +6,9 @@
 //   (a) every rank's outputs equal, bit for bit, a single-rank moe_forward on that rank's tokens;
 //   (b) so they are identical across chaos seeds, thread counts, repeats and world sizes;
 //   (c) a float64 reference written here agrees (rel err <= 1e-5 fp32, <= 2e-2 bf16);
-//   (d) injected protocol faults end in std::runtime_error from the watchdog, never in a hang.
+//   (d) injected protocol faults end in std::runtime_error from the watchdog, never in a hang;
+//   (e) through the transport seam (cpu/transport.h), one Cluster per rank, each on its own thread,
+//       as flashmoe.distributed runs one per process: the same bits, epochs carried across calls.
 //
 // Build and run from the repository root (tests/test_cpp.py does this, and under TSan):
 //   g++ -O2 -std=c++17 -pthread -Icsrc tests/cpp/test_dataflow.cpp csrc/cpu/*.cpp -o /tmp/test_dataflow
@@ -21,18 +23,26 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "core/activation.h"
 #include "core/capacity.h"
 #include "core/dtype.h"
+#include "core/expert_placement.h"
+#include "core/heap_layout.h"
 #include "core/problem.h"
 #include "cpu/chaos.h"
 #include "cpu/dataflow.h"
 #include "cpu/moe_forward.h"
+#include "cpu/transport.h"
+#include "cpu/transport_shm.h"
 
 namespace {
 
@@ -464,6 +474,107 @@ void run_fault(const Case& c, Fault fault, int threads_per_rank, const char* mus
   record(why.empty(), what + (why.empty() ? "" : ": " + why));
 }
 
+// ---- The transport seam: one Cluster per rank, each running its rank alone on its own thread. ----
+//
+// What flashmoe.distributed does across processes, inside one process so that ThreadSanitizer sees
+// every rank: each rank's Cluster gets a HeapTransport and its local experts only (first_expert).
+// `Heaps` is either plain shared allocations (one address per heap: TSan checks the cross-rank
+// hand-offs) or the POSIX shared-memory transport itself (each rank maps every segment).
+
+class PlainHeaps final : public HeapTransport {
+ public:
+  PlainHeaps(std::shared_ptr<std::vector<Bytes>> heaps, int64_t rank) : heaps_(std::move(heaps)), rank_(rank) {}
+  int64_t world_size() const override { return int64_t(heaps_->size()); }
+  int64_t local_rank() const override { return rank_; }
+  std::byte* heap(int64_t rank) const override { return (*heaps_)[size_t(rank)].data(); }
+  int64_t heap_bytes() const override { return int64_t(heaps_->front().size()); }
+
+ private:
+  std::shared_ptr<std::vector<Bytes>> heaps_;
+  int64_t rank_;
+};
+
+std::vector<std::shared_ptr<HeapTransport>> make_transports(const Case& c, int64_t heap_bytes, bool shared_memory) {
+  std::vector<std::shared_ptr<HeapTransport>> transports;
+  if (!shared_memory) {
+    auto heaps = std::make_shared<std::vector<Bytes>>(size_t(c.world), Bytes(size_t(heap_bytes), std::byte{0}));
+    for (int64_t rank = 0; rank < c.world; ++rank) transports.push_back(std::make_shared<PlainHeaps>(heaps, rank));
+    return transports;
+  }
+  std::vector<std::shared_ptr<SharedMemoryHeaps>> mapped;
+  std::vector<std::string> names;
+  for (int64_t rank = 0; rank < c.world; ++rank) {
+    names.push_back("/flashmoe-test-" + std::to_string(getpid()) + "-" + std::to_string(rank));
+    mapped.push_back(std::make_shared<SharedMemoryHeaps>(c.world, rank, heap_bytes, names.back()));
+  }
+  for (auto& heaps : mapped) {
+    for (int64_t rank = 0; rank < c.world; ++rank) heaps->map_peer(rank, names[size_t(rank)]);
+  }
+  for (auto& heaps : mapped) {
+    heaps->unlink_own();
+    transports.push_back(heaps);
+  }
+  return transports;
+}
+
+void run_transport_case(const Case& c, bool shared_memory, ChaosOptions chaos, int forwards, int64_t repeats) {
+  const std::string what = describe(c) + (shared_memory ? " one Cluster per rank over POSIX shared memory"
+                                                        : " one Cluster per rank over a HeapTransport") +
+                           (chaos.enabled ? ", chaos seed " + std::to_string(chaos.seed) : "");
+  if (!g_only.empty() && what.find(g_only) == std::string::npos) return;
+  const Data d = make_data(c);
+  std::vector<Outputs> expected;
+  for (int64_t rank = 0; rank < c.world; ++rank) expected.push_back(single_rank(c, d, rank));
+  std::string why;
+  try {
+    const ClusterConfig base = cluster_config(c, 1, chaos, 60);
+    const int64_t heap_bytes = HeapLayout{ExpertPlacement{c.world, c.experts}, base.max_tokens, c.top_k, c.hidden,
+                                          dtype_size(c.dtype)}.total_bytes();
+    const auto transports = make_transports(c, heap_bytes, shared_memory);
+    std::vector<std::unique_ptr<Cluster>> clusters;
+    for (int64_t rank = 0; rank < c.world; ++rank) {
+      ClusterConfig config = base;
+      config.transport = transports[size_t(rank)];
+      clusters.push_back(std::make_unique<Cluster>(config));
+    }
+    const int64_t L = c.experts / c.world, N0 = n0_of(c), esize = dtype_size(c.dtype);
+    for (int call = 0; call < forwards && why.empty(); ++call) {
+      std::vector<Outputs> outputs;
+      for (int64_t rank = 0; rank < c.world; ++rank) outputs.push_back(poisoned_outputs(c, c.tokens[size_t(rank)]));
+      std::vector<std::string> errors(size_t(c.world));
+      std::vector<std::thread> threads;
+      for (int64_t rank = 0; rank < c.world; ++rank) {
+        threads.emplace_back([&, rank] {
+          // Only this rank's experts: what a process holding L experts passes.
+          ExpertWeights weights = weights_of(c, d);
+          weights.w1 = d.w1.data() + rank * L * N0 * c.hidden * esize;
+          weights.w2 = d.w2.data() + rank * L * c.hidden * c.ffn * esize;
+          if (c.b1) weights.b1 = d.b1.data() + rank * L * N0 * esize;
+          if (c.b2) weights.b2 = d.b2.data() + rank * L * c.hidden * esize;
+          weights.first_expert = rank * L;
+          try {
+            clusters[size_t(rank)]->forward(weights, {rank_io(c, d, rank, outputs[size_t(rank)])}, repeats);
+          } catch (const std::exception& error) {
+            errors[size_t(rank)] = error.what();
+          }
+        });
+      }
+      for (std::thread& thread : threads) thread.join();
+      for (int64_t rank = 0; rank < c.world && why.empty(); ++rank) {
+        if (!errors[size_t(rank)].empty()) why = "rank " + std::to_string(rank) + " threw: " + errors[size_t(rank)];
+        const std::string diff = difference(c, outputs[size_t(rank)], expected[size_t(rank)]);
+        if (why.empty() && !diff.empty()) why = "forward " + std::to_string(call) + ", rank " + std::to_string(rank) + ": " + diff;
+      }
+    }
+    for (int64_t rank = 0; rank < c.world && why.empty(); ++rank) {
+      if (clusters[size_t(rank)]->epoch(rank) != uint32_t(forwards * repeats)) why = "epochs did not carry over";
+    }
+  } catch (const std::exception& error) {
+    why = std::string("threw: ") + error.what();
+  }
+  record(why.empty(), what + (why.empty() ? "" : ": " + why));
+}
+
 // ---- The configurations. ----
 
 std::vector<Case> sweep() {
@@ -608,6 +719,23 @@ int main(int argc, char** argv) {
     for (const Case& c : sweep()) run_case(c, variants, round == 0);
     for (const Case& c : special_cases()) run_case(c, more_variants, round == 0);
   }
+
+  // The transport seam: ranks as separate Clusters, epochs carried across forwards.
+  Case seam;
+  seam.name = "transport";
+  seam.world = 3;
+  seam.experts = 6;
+  seam.top_k = 2;
+  seam.hidden = 40;
+  seam.ffn = 72;
+  seam.b1 = seam.b2 = true;
+  seam.capacity_factor = 1.0;
+  seam.tokens = {9, 0, 70};
+  for (int round = 0; round < rounds; ++round) {
+    run_transport_case(seam, false, ChaosOptions{true, 300 + uint64_t(round), Fault::none}, 2, 2);
+  }
+  seam.dtype = DType::bf16;
+  run_transport_case(seam, true, ChaosOptions{false, 0, Fault::none}, 2, 1);
 
   // (d) Faults. A rank with no tokens sends only empty cells, so skipping empty signals starves
   // every owner; with W = 1 the one rank is also the one waiting for the flag.

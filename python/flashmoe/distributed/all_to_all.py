@@ -1,0 +1,89 @@
+"""The ``all_to_all`` transport: the bulk-synchronous formulation every EP framework uses.
+
+Per call: route locally, exchange the per-cell row counts, exchange the rows with
+``all_to_all_single``, run the local experts on what arrived, send the outputs back, and combine
+in the contract's order. The three native steps (``_C.route_tokens``, ``_C.run_expert_rows``,
+``_C.combine_tokens``) share their arithmetic with the dataflow runtime, so the output is the
+same bits as the symmetric transport's and the single-process operator's. It needs only
+collectives, so it works on any backend (gloo, NCCL) and across hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from ..ops import _address, _empty_outputs, _problem
+
+
+def exchange_rows(output: torch.Tensor, send: torch.Tensor, output_rows: list, send_rows: list, group) -> None:
+    """all_to_all_single of [rows, ...] tensors as bytes, so every dtype travels on every backend."""
+    with _named_failure("rows"):
+        dist.all_to_all_single(_as_bytes(output), _as_bytes(send), output_split_sizes=output_rows,
+                               input_split_sizes=send_rows, group=group)
+
+
+@contextlib.contextmanager
+def _named_failure(what: str):
+    """A failed exchange (a peer died or raised, or the group's timeout passed) names this rank and the wait."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise RuntimeError(f"flashmoe.distributed: rank {dist.get_rank()} failed exchanging {what} with its peers "
+                           f"(all_to_all transport; a peer died, raised or stopped calling): {error}") from error
+
+
+def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
+    row_bytes = rows.stride(0) * rows.element_size() if rows.dim() > 1 else rows.element_size()
+    return rows.view(torch.uint8).view(rows.shape[0], row_bytes) if rows.numel() else \
+        torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8)
+
+
+def exchange_counts(send_counts: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """send_counts [W, n] int64 (n per peer) -> what every peer sent this rank, [W, n]."""
+    received = torch.empty_like(send_counts)
+    with _named_failure("row counts"):
+        dist.all_to_all_single(received, send_counts.contiguous(), group=group)
+    return received.view(world_size, -1)
+
+
+def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
+    config, group = context.config, context.group
+    world, local, top_k = context.world_size, context.local_experts, config.top_k
+    tokens, experts = x.shape[0], config.num_experts
+    outputs = _empty_outputs(x, router_weight, top_k)
+    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, config.gated, config.activation,
+                       config.normalize, config.scoring, capacity_factor)
+    expert_offsets = torch.empty(experts + 1, dtype=torch.int64)
+    pick_row = torch.empty(tokens * top_k, dtype=torch.int32)
+    row_token = torch.empty(tokens * top_k, dtype=torch.int32)
+    _C.route_tokens(problem=problem, x=_address(x), router_weight=_address(router_weight),
+                    router_bias=_address(router_bias), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
+                    expert_counts=_address(expert_counts), router_logits=_address(router_logits),
+                    dropped=_address(dropped), expert_offsets=_address(expert_offsets), pick_row=_address(pick_row),
+                    row_token=_address(row_token), threads=context.threads)
+    # Rows of this source per cell (owner o, local expert l), in expert order = owner-major order.
+    cell_rows = expert_offsets.diff().view(world, local)
+    received_cells = exchange_counts(cell_rows, group, world)  # [source, local expert]
+    send_rows = cell_rows.sum(dim=1).tolist()
+    receive_rows = received_cells.sum(dim=1).tolist()
+    admitted = int(expert_offsets[-1])
+    send = x[row_token[:admitted].long()]
+    received = x.new_empty((sum(receive_rows), x.shape[1]))
+    exchange_rows(received, send, receive_rows, send_rows, group)
+    expert_out = torch.empty_like(received)
+    _C.run_expert_rows(problem=problem, w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2),
+                       rows=_address(received), cell_rows=received_cells.flatten().tolist(), local_experts=local,
+                       out=_address(expert_out), threads=context.threads)
+    home = torch.empty_like(send)
+    exchange_rows(home, expert_out, send_rows, receive_rows, group)
+    _C.combine_tokens(problem=problem, tokens=tokens, pick_row=_address(pick_row), topk_weights=_address(topk_weights),
+                      rows_home=_address(home), y=_address(y), threads=context.threads)
+    row_bytes = x.shape[1] * x.element_size()
+    context.last_call_bytes = (cell_rows.numel() * 8 + (sum(send_rows) - send_rows[context.rank]) * row_bytes
+                               + (sum(receive_rows) - receive_rows[context.rank]) * row_bytes)
+    return outputs

@@ -1,0 +1,260 @@
+"""``Context``: the one owner of a process group's expert-parallel resources for one layer configuration.
+
+A Context is created collectively (every rank of the group at the same call) on first use per
+(group, configuration), or explicitly. At creation the ranks exchange their configurations and
+raise ``ValueError`` on every rank, naming the first argument they disagree on, instead of
+hanging in a mismatched exchange. It then picks the transport and, for ``"symmetric"``, maps the
+shared-memory heaps (:mod:`.symmetric`). It owns the heap sizing (``max_tokens``, grown when a
+larger call arrives), the epoch (inside the native cluster) and ``destroy()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import reference
+
+TRANSPORTS = ("auto", "symmetric", "all_to_all")
+DEFAULT_WATCHDOG_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """What every rank must agree on (the order is the order of the mismatch check)."""
+
+    num_experts: int
+    hidden_size: int
+    ffn_size: int
+    top_k: int
+    dtype: torch.dtype
+    gated: bool
+    activation: str
+    scoring: str
+    normalize: bool
+    capacity_factor: Optional[float]
+    router_bias: bool
+    expert_bias_b1: bool
+    expert_bias_b2: bool
+
+    def comparable(self) -> dict:
+        return {field.name: (str(value) if isinstance(value, torch.dtype) else value)
+                for field, value in ((f, getattr(self, f.name)) for f in dataclasses.fields(self))}
+
+
+def host_id() -> str:
+    """Names this host: ranks with equal ids can map each other's POSIX shared memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+def _group_rank_and_size(group) -> tuple:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("flashmoe.distributed needs torch.distributed to be initialized "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _bucket(tokens: int) -> int:
+    """Heap sizing: the next power of two, at least 16 tokens per rank."""
+    return max(16, 1 << max(0, math.ceil(math.log2(max(tokens, 1)))))
+
+
+class Context:
+    """Expert-parallel resources of one process group and one layer configuration.
+
+    Args:
+        config: the layer configuration every rank must share.
+        group: a ``torch.distributed`` process group; None means the default group.
+        transport: ``"symmetric"``, ``"all_to_all"`` or ``"auto"`` (symmetric when every rank of the
+            group is on this host and the tensors are on the CPU, else all_to_all).
+        max_tokens: the most tokens one rank brings to one call before the symmetric heaps grow;
+            None sizes them from the largest rank's tokens at creation (``tokens``).
+        watchdog_seconds: a symmetric call that sees no progress for this long raises RuntimeError
+            naming the rank and the flags it waits for (all_to_all relies on the group's timeout).
+        threads: CPU threads per rank (default ``torch.get_num_threads()``).
+        tokens: this rank's tokens in the call that creates the context (sizes the heaps).
+        device: the device of the layer's tensors.
+
+    Creation is collective. A configuration mismatch raises ValueError on every rank.
+    """
+
+    def __init__(self, config: LayerConfig, *, group=None, transport: str = "auto", max_tokens: Optional[int] = None,
+                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, threads: Optional[int] = None, tokens: int = 0,
+                 device=torch.device("cpu")) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
+        if not (isinstance(watchdog_seconds, (int, float)) and not isinstance(watchdog_seconds, bool)
+                and math.isfinite(watchdog_seconds) and watchdog_seconds > 0):
+            raise ValueError(f"watchdog_seconds must be a finite number > 0, got {watchdog_seconds!r}")
+        self.group = group
+        self.rank, self.world_size = _group_rank_and_size(group)
+        self.config = config
+        self.device = torch.device(device)
+        self.watchdog_seconds = float(watchdog_seconds)
+        self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        mine = dict(config=config.comparable(), transport=transport, max_tokens=max_tokens,
+                    watchdog_seconds=self.watchdog_seconds, device=self.device.type, host=host_id(), tokens=int(tokens))
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=group)
+        self._check_agreement(everyone)
+        if config.num_experts % self.world_size:
+            raise ValueError(f"num_experts={config.num_experts} must be divisible by the world size {self.world_size}")
+        self.local_experts = config.num_experts // self.world_size
+        one_host = all(entry["host"] == everyone[0]["host"] for entry in everyone)
+        if transport == "symmetric":
+            if not one_host:
+                hosts = sorted({entry["host"].split("/")[0] for entry in everyone})
+                raise ValueError(f"transport='symmetric' needs every rank of the group on one host (its shared "
+                                 f"memory is the symmetric heap); this group spans {hosts}: use 'all_to_all' or 'auto'")
+            if self.device.type != "cpu":
+                raise ValueError(f"transport='symmetric' runs on CPU tensors in this build, got {self.device.type!r} "
+                                 f"(the NVSHMEM transport comes with the GPU kernel): use 'all_to_all' or 'auto'")
+        elif transport == "auto":
+            transport = "symmetric" if one_host and self.device.type == "cpu" else "all_to_all"
+        self.transport = transport
+        largest = max(entry["tokens"] for entry in everyone)
+        self.max_tokens = max_tokens if max_tokens is not None else _bucket(largest)
+        self._symmetric = None
+        self._destroyed = False
+        if transport == "symmetric":
+            from .symmetric import SymmetricHeaps
+            self._symmetric = SymmetricHeaps(self)
+        _live_contexts.append(self)
+
+    def _check_agreement(self, everyone: list) -> None:
+        ordered = [("config", name) for name in everyone[0]["config"]] + [
+            (None, "transport"), (None, "max_tokens"), (None, "watchdog_seconds"), (None, "device")]
+        for section, name in ordered:
+            values = [entry[section][name] if section else entry[name] for entry in everyone]
+            for rank, value in enumerate(values):
+                if value != values[0]:
+                    raise ValueError(f"flashmoe.distributed: the ranks disagree on {name}: rank 0 has {values[0]!r}, "
+                                     f"rank {rank} has {value!r} (every rank must pass the same {name})")
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of this rank's last symmetric call (1..65535, wrapping; 0 before the first or under all_to_all)."""
+        return 0 if self._symmetric is None else self._symmetric.epoch()
+
+    @property
+    def heap_bytes(self) -> int:
+        """Bytes of this rank's symmetric heap (0 under all_to_all)."""
+        return 0 if self._symmetric is None else self._symmetric.heap_bytes
+
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity):
+        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. Returns
+        (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
+        if self._destroyed:
+            raise RuntimeError("flashmoe.distributed: this Context was destroyed")
+        if self._symmetric is not None:
+            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+        from .all_to_all import forward
+        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+
+    def destroy(self) -> None:
+        """Releases the shared-memory mappings (the segments were unlinked at creation). Idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._symmetric is not None:
+            self._symmetric.close()
+            self._symmetric = None
+        for key, context in list(_contexts.items()):
+            if context is self:
+                del _contexts[key]
+        if self in _live_contexts:
+            _live_contexts.remove(self)
+
+    def __repr__(self) -> str:
+        return (f"Context(rank={self.rank}, world_size={self.world_size}, transport={self.transport!r}, "
+                f"max_tokens={self.max_tokens}, local_experts={self.local_experts})")
+
+
+_contexts: dict = {}
+_live_contexts: list = []
+
+
+def context_for(config: LayerConfig, *, group, transport: str, tokens: int, device, watchdog_seconds: float) -> Context:
+    """The cached Context of (group, config, transport), created collectively on first use."""
+    key = (id(group) if group is not None else None, config, transport, float(watchdog_seconds), torch.device(device).type)
+    context = _contexts.get(key)
+    if context is None or context._destroyed:
+        context = Context(config, group=group, transport=transport, tokens=tokens, device=device,
+                          watchdog_seconds=watchdog_seconds)
+        _contexts[key] = context
+    return context
+
+
+def destroy_all() -> None:
+    """Destroys every Context of this process (call before destroying their process groups)."""
+    for context in list(_live_contexts):
+        context.destroy()
+
+
+atexit.register(destroy_all)
+
+
+def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
+                 router_bias, b1, b2) -> LayerConfig:
+    """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [T, H], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H] (this rank's tokens), got shape {list(x.shape)}")
+    if x.dtype not in reference.FLOAT_DTYPES:
+        raise TypeError(f"x must have a dtype in {reference.FLOAT_DTYPES}, got {x.dtype}")
+    if not isinstance(router_weight, torch.Tensor) or router_weight.dim() != 2:
+        raise ValueError(f"router_weight must be an [E, H] tensor, got {getattr(router_weight, 'shape', router_weight)!r}")
+    experts, hidden = router_weight.shape
+    if hidden != x.shape[1]:
+        raise ValueError(f"router_weight must be [E, H={x.shape[1]}], got {list(router_weight.shape)}")
+    if not isinstance(w2, torch.Tensor) or w2.dim() != 3:
+        raise ValueError(f"w2 must be an [L, H, I] tensor of this rank's experts, got {getattr(w2, 'shape', w2)!r}")
+    local, ffn = w2.shape[0], w2.shape[2]
+    rows = 2 * ffn if gated else ffn
+    if local < 1:
+        raise ValueError("w2 must hold at least one local expert")
+    shapes = [("router_weight", router_weight, (experts, hidden)), ("w1", w1, (local, rows, hidden)),
+              ("w2", w2, (local, hidden, ffn))]
+    shapes += [(name, tensor, shape) for name, tensor, shape in (
+        ("router_bias", router_bias, (experts,)), ("b1", b1, (local, rows)), ("b2", b2, (local, hidden)))
+        if tensor is not None]
+    for name, tensor, shape in shapes:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} (L={local} local experts of E={experts}), "
+                             f"got {list(tensor.shape)}")
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} must have dtype {x.dtype} (the dtype of x), got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} (the device of x), got {tensor.device}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int in 1..{experts}, got {type(top_k).__name__}")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k must be in 1..num_experts={experts}, got {top_k}")
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    if scoring not in reference.SCORINGS:
+        raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
+    for name, flag in (("gated", gated), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    reference.expert_capacity(capacity_factor, 1, top_k, experts)  # validates capacity_factor
+    return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
+                       None if capacity_factor is None else float(capacity_factor), router_bias is not None,
+                       b1 is not None, b2 is not None)

@@ -1,0 +1,111 @@
+"""``flashmoe.distributed.moe``: the functional form of expert parallelism, with autograd."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..reference import Routing
+from .backward import backward as _backward
+from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, Context, _group_rank_and_size, context_for, layer_config
+
+
+def moe(
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    *,
+    top_k: int,
+    group=None,
+    transport: str = "auto",
+    gated: bool = True,
+    activation: str = "silu",
+    normalize: bool = True,
+    scoring: str = "softmax",
+    capacity_factor: Optional[float] = None,
+    router_bias: Optional[Tensor] = None,
+    b1: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+    return_routing: bool = False,
+    context: Optional[Context] = None,
+    watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS,
+) -> Union[Tensor, tuple[Tensor, Routing]]:
+    """Expert-parallel MoE forward over the ranks of ``group``. Collective: every rank calls it.
+
+    With W ranks and E experts, rank r holds the L = E / W experts ``r·L … r·L+L−1``.
+
+    Args:
+        x: ``[T_r, H]`` this rank's tokens: float32, bfloat16, float16 or float64. T_r may differ
+            between ranks and may be 0.
+        router_weight: ``[E, H]``, x's dtype, the same on every rank.
+        w1: ``[L, 2I, H]`` when ``gated`` (rows ``0..I-1`` gate, ``I..2I-1`` up), else ``[L, I, H]``:
+            this rank's experts only.
+        w2: ``[L, H, I]``, this rank's experts.
+        top_k, gated, activation, normalize, scoring: as in :func:`flashmoe.moe`; the same on every rank.
+        group: a ``torch.distributed`` process group; None is the default group.
+        transport: ``"symmetric"`` (shared-memory symmetric heaps and the dataflow protocol; every rank
+            on one host), ``"all_to_all"`` (``all_to_all_single``; any backend, any hosts) or ``"auto"``
+            (symmetric where it can serve, else all_to_all).
+        capacity_factor: None (dropless), or capacity per (source rank, expert)
+            ``ceil(capacity_factor · T_r · k / E)``.
+        router_bias: ``[E]``; b1: ``[L, 2I]`` or ``[L, I]``; b2: ``[L, H]``. Optional.
+        return_routing: also return this rank's :class:`flashmoe.Routing` (as :func:`flashmoe.moe`).
+        context: an explicit :class:`Context`; by default one is created (collectively) on first use
+            per group and configuration, and reused.
+        watchdog_seconds: for the symmetric transport, a call without progress for this long raises
+            RuntimeError naming the rank and the wait (default 60 s).
+
+    Returns:
+        y ``[T_r, H]`` with x's dtype, bitwise equal to ``flashmoe.moe(x, router_weight, w1_all, w2_all, ...)``
+        on this rank's tokens; or ``(y, routing)``.
+
+    Autograd: x, router_weight, w1, w2 and the biases get gradients. A local expert's gradient sums
+    every rank's tokens; router_weight's is this rank's own contribution (all-reduce it yourself, as
+    for any replicated Parameter). The backward is collective too.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    config = layer_config(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation,
+                          normalize=normalize, scoring=scoring, capacity_factor=capacity_factor,
+                          router_bias=router_bias, b1=b1, b2=b2)
+    _, world_size = _group_rank_and_size(group)
+    if config.num_experts % world_size:
+        raise ValueError(f"router_weight has E={config.num_experts} experts, which the world size {world_size} "
+                         f"does not divide")
+    local = config.num_experts // world_size
+    if w1.shape[0] != local:
+        raise ValueError(f"w1 must hold this rank's L = E / W = {local} experts, got {w1.shape[0]}")
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"flashmoe.distributed runs on CPU tensors in this build, got {x.device.type!r}")
+    if context is None:
+        context = context_for(config, group=group, transport=transport, tokens=x.shape[0], device=x.device,
+                              watchdog_seconds=watchdog_seconds)
+    elif context.config != config:
+        raise ValueError("context was created for another layer configuration")
+    tensors = [None if t is None else t.contiguous() for t in (x, router_weight, w1, w2, router_bias, b1, b2)]
+    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = _ExpertParallel.apply(
+        context, None if capacity_factor is None else float(capacity_factor), *tensors)
+    if return_routing:
+        return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
+    return y
+
+
+class _ExpertParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, context, capacity_factor, x, router_weight, w1, w2, router_bias, b1, b2):
+        outputs = context.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor)
+        ctx.context, ctx.capacity_factor = context, capacity_factor
+        ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, outputs[1])
+        ctx.mark_non_differentiable(outputs[1], outputs[3], outputs[5])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_router_logits, _grad_dropped):
+        x, router_weight, w1, w2, router_bias, b1, b2, topk_ids = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[2:])
+        grads = _backward(ctx.context, grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
+                          router_bias, b1, b2, topk_ids, ctx.capacity_factor, needs)
+        return (None, None) + tuple(grads)

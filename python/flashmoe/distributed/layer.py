@@ -1,0 +1,129 @@
+"""``ExpertParallelMoE``: the nn.Module form of expert parallelism, holding only this rank's experts."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from ..layer import MoE
+from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, _group_rank_and_size
+from .functional import moe
+
+
+class ExpertParallelMoE(nn.Module):
+    """A Mixture-of-Experts layer whose experts are spread over the ranks of ``group``.
+
+    Rank r holds experts ``r·L … r·L+L−1`` (L = E / W) as Parameters, and the replicated router.
+    The arguments are those of :class:`flashmoe.MoE`, plus ``group``, ``transport`` (see
+    :func:`flashmoe.distributed.moe`) and ``watchdog_seconds``.
+
+    Parameters: ``router_weight [E, H]`` (replicated: all-reduce its gradient as for any
+    data-parallel Parameter), ``w1 [L, 2I or I, H]``, ``w2 [L, H, I]``, and the optional
+    ``router_bias [E]``, ``b1 [L, 2I or I]``, ``b2 [L, H]``.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, group=None,
+                 transport: str = "auto", gated: bool = True, activation: str = "silu", normalize: bool = True,
+                 scoring: str = "softmax", capacity_factor: Optional[float] = None, router_bias: bool = False,
+                 expert_bias: bool = False, load_balancing_coef: float = 0.01, z_loss_coef: float = 0.0,
+                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        if scoring not in reference.SCORINGS:
+            raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
+        reference.expert_capacity(capacity_factor, 1, top_k, num_experts)  # validates capacity_factor
+        self.rank, self.world_size = _group_rank_and_size(group)
+        if num_experts % self.world_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
+        self.group, self.transport, self.watchdog_seconds = group, transport, watchdog_seconds
+        self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k
+        self.local_experts = num_experts // self.world_size
+        self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
+        self.capacity_factor = capacity_factor
+        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
+        factory = dict(device=device, dtype=dtype)
+        rows = 2 * ffn_size if gated else ffn_size
+        local = self.local_experts
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        self.w1 = nn.Parameter(torch.empty(local, rows, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(local, hidden_size, ffn_size, **factory))
+        self.router_bias = nn.Parameter(torch.empty(num_experts, **factory)) if router_bias else None
+        self.b1 = nn.Parameter(torch.empty(local, rows, **factory)) if expert_bias else None
+        self.b2 = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert (the router must then be made equal on every rank,
+        e.g. by seeding alike or broadcasting; :meth:`from_moe` copies one)."""
+        for weight, bias, fan_in in ((self.router_weight, self.router_bias, self.hidden_size),
+                                     (self.w1, self.b1, self.hidden_size), (self.w2, self.b2, self.ffn_size)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x: Tensor, *, return_aux_loss: bool = False, return_routing: bool = False):
+        """x ``[..., H]`` (this rank's tokens) -> y with x's shape; optionally the auxiliary loss of
+        this rank's tokens and its Routing, as :meth:`flashmoe.MoE.forward`. Collective."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
+        tokens = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x
+        y, routing = moe(tokens, self.router_weight, self.w1, self.w2, top_k=self.top_k, group=self.group,
+                         transport=self.transport, gated=self.gated, activation=self.activation,
+                         normalize=self.normalize, scoring=self.scoring, capacity_factor=self.capacity_factor,
+                         router_bias=self.router_bias, b1=self.b1, b2=self.b2, return_routing=True,
+                         watchdog_seconds=self.watchdog_seconds)
+        y = y.reshape(x.shape)
+        if not (return_aux_loss or return_routing):
+            return y
+        result = [y]
+        if return_aux_loss:
+            result.append(self.aux_loss(routing))
+        if return_routing:
+            result.append(routing)
+        return tuple(result)
+
+    aux_loss = MoE.aux_loss
+
+    @classmethod
+    def from_moe(cls, layer: MoE, group=None, *, transport: str = "auto",
+                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS) -> "ExpertParallelMoE":
+        """Shards a full :class:`flashmoe.MoE` (e.g. from ``MoE.from_hf``): this rank keeps a copy of the
+        router and of its own experts' weights. Every rank must pass an equal layer."""
+        if not isinstance(layer, MoE):
+            raise TypeError(f"layer must be a flashmoe.MoE, got {type(layer).__name__}")
+        rank, world_size = _group_rank_and_size(group)
+        if layer.num_experts % world_size:
+            raise ValueError(f"layer.num_experts={layer.num_experts} must be divisible by the world size {world_size}")
+        sharded = cls(layer.hidden_size, layer.ffn_size, layer.num_experts, layer.top_k, group=group,
+                      transport=transport, gated=layer.gated, activation=layer.activation, normalize=layer.normalize,
+                      scoring=layer.scoring, capacity_factor=layer.capacity_factor,
+                      router_bias=layer.router_bias is not None, expert_bias=layer.b1 is not None,
+                      load_balancing_coef=layer.load_balancing_coef, z_loss_coef=layer.z_loss_coef,
+                      watchdog_seconds=watchdog_seconds, device="meta", dtype=layer.router_weight.dtype)
+        mine = slice(rank * sharded.local_experts, (rank + 1) * sharded.local_experts)
+        with torch.no_grad():
+            for name, part in (("router_weight", None), ("router_bias", None), ("w1", mine), ("w2", mine),
+                               ("b1", mine), ("b2", mine)):
+                source = getattr(layer, name)
+                if source is not None:
+                    value = source.detach() if part is None else source.detach()[part]
+                    setattr(sharded, name, nn.Parameter(value.clone()))
+        return sharded
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, num_experts={self.num_experts}, "
+                f"local_experts={self.local_experts}, top_k={self.top_k}, transport={self.transport!r}, "
+                f"gated={self.gated}, activation={self.activation!r}, capacity_factor={self.capacity_factor}")
