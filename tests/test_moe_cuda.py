@@ -207,7 +207,7 @@ def test_shape_grid(tokens, experts, top_k, dtype):
     check_parity(problem, top_k=top_k)
 
 
-OPTION_GRID = list(itertools.product(reference.ACTIVATIONS, (True, False), (True, False), ("softmax", "sigmoid"),
+OPTION_GRID = list(itertools.product(reference.ELEMENTWISE_ACTIVATIONS, (True, False), (True, False), ("softmax", "sigmoid"),
                                      (False, True)))
 
 
@@ -232,7 +232,7 @@ def test_option_grid(index):
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+@pytest.mark.parametrize("activation", reference.ELEMENTWISE_ACTIVATIONS)
 @pytest.mark.parametrize("gated", (True, False), ids=("gated", "plain"))
 def test_activation_every_dtype(activation, gated, dtype):
     problem = make_problem(7, tokens=64, hidden=130, ffn=300, experts=8, gated=gated, dtype=dtype,
@@ -904,7 +904,7 @@ def test_rejects_wrong_shapes_and_options(name, replacement, options):
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+@pytest.mark.parametrize("activation", reference.ELEMENTWISE_ACTIVATIONS)
 @pytest.mark.parametrize("gated", (True, False), ids=("gated", "plain"))
 def test_nan_token_stays_in_its_row(gated, activation, dtype, watchdog):
     check_nan_token_stays_in_its_row(run_cuda, gated=gated, activation=activation, dtype=dtype)

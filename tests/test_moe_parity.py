@@ -19,7 +19,7 @@ from flashmoe import reference
 
 TOKENS = (1, 3, 64, 257)
 EXPERTS_TOP_K = sorted({(e, k) for e in (1, 4, 8, 64) for k in (1, 2, e) if k <= e})
-ACTIVATIONS = reference.ACTIVATIONS
+ACTIVATIONS = reference.ELEMENTWISE_ACTIVATIONS
 
 
 def check_parity(problem, **options):

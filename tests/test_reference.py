@@ -48,6 +48,8 @@ def _act(v, activation):
         return 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
     if activation == "relu":
         return torch.clamp(v, min=0)
+    if activation == "relu2":
+        return torch.clamp(v, min=0) ** 2
     raise AssertionError(activation)
 
 
@@ -342,10 +344,10 @@ def test_capacity_factor_validation(capacity_factor, exc):
 # --------------------------------------------------------------------------- float64 per-token loop
 
 @pytest.mark.parametrize("biases", [False, True])
-@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+@pytest.mark.parametrize("activation", reference.ELEMENTWISE_ACTIVATIONS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_float64_matches_per_token_loop(gated, activation, biases):
-    seed = 100 + 8 * gated + 2 * reference.ACTIVATIONS.index(activation) + biases
+    seed = 100 + 8 * gated + 2 * reference.ELEMENTWISE_ACTIVATIONS.index(activation) + biases
     p = make_problem(seed, gated=gated, biases=biases)
     for scoring, normalize in [("softmax", True), ("sigmoid", False)]:
         y, routing = reference.moe(**p, top_k=2, gated=gated, activation=activation, scoring=scoring,

@@ -36,9 +36,12 @@ void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weigh
                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
                      int num_threads) {
   if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
-  require(router_weight && w1 && w2 && expert_counts && dropped, "flashmoe: a required weight or output pointer is null");
-  require(problem.tokens == 0 || (x && y && topk_ids && topk_weights && router_logits),
+  require((router_weight || problem.routing_given) && w1 && w2 && expert_counts && dropped,
+          "flashmoe: a required weight or output pointer is null");
+  require(problem.tokens == 0 || (x && y && topk_ids && topk_weights && (router_logits || problem.routing_given)),
           "flashmoe: a required token tensor pointer is null");
+  require(!problem.routing_given || (!router_weight && !router_bias && !router_logits),
+          "flashmoe: with routing_given there is no router: router_weight, router_bias and router_logits must be 0");
   require(problem.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
   require(problem.has_b1 == (b1 != 0), "flashmoe: has_b1 disagrees with b1");
   require(problem.has_b2 == (b2 != 0), "flashmoe: has_b2 disagrees with b2");
@@ -125,7 +128,9 @@ PYBIND11_MODULE(_C, m) {
       .value("f32", DType::f32).value("bf16", DType::bf16).value("f16", DType::f16).value("f64", DType::f64);
   py::enum_<Activation>(m, "Activation")
       .value("silu", Activation::silu).value("gelu", Activation::gelu)
-      .value("gelu_tanh", Activation::gelu_tanh).value("relu", Activation::relu);
+      .value("gelu_tanh", Activation::gelu_tanh).value("relu", Activation::relu).value("relu2", Activation::relu2)
+      .value("swiglu_clamp", Activation::swiglu_clamp).value("swiglu_clamp_post", Activation::swiglu_clamp_post)
+      .value("swiglu_oai", Activation::swiglu_oai);
   py::enum_<Scoring>(m, "Scoring").value("softmax", Scoring::softmax).value("sigmoid", Scoring::sigmoid);
 
   py::class_<Problem>(m, "Problem")
@@ -144,6 +149,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("has_router_bias", &Problem::has_router_bias)
       .def_readwrite("has_b1", &Problem::has_b1)
       .def_readwrite("has_b2", &Problem::has_b2)
+      .def_readwrite("routing_given", &Problem::routing_given)
+      .def_readwrite("swiglu_limit", &Problem::swiglu_limit)
+      .def_readwrite("swiglu_alpha", &Problem::swiglu_alpha)
       .def("gemm0_cols", &Problem::gemm0_cols)
       .def("validate", [](const Problem& p) {
         const char* error = validate(p);
@@ -253,7 +261,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("assign_slots", [](const std::vector<int32_t>& topk_ids, int64_t tokens, int64_t top_k, int64_t experts,
                            int64_t capacity) {
     require(int64_t(topk_ids.size()) == tokens * top_k, "topk_ids must hold tokens * top_k ids");
-    for (int32_t id : topk_ids) require(id >= 0 && id < experts, "topk_ids must lie in [0, experts)");
     require(capacity >= kDropless, "capacity must be >= 0, or -1 for dropless");
     std::vector<int32_t> counts(static_cast<size_t>(experts)), pick_row(topk_ids.size()), row_token(topk_ids.size());
     std::vector<int64_t> offsets(static_cast<size_t>(experts + 1));
@@ -262,7 +269,8 @@ PYBIND11_MODULE(_C, m) {
     row_token.resize(size_t(offsets.back()));
     return py::make_tuple(counts, offsets, pick_row, row_token, dropped);
   }, py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("capacity"),
-     "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped).");
+     "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped). A pick that goes "
+     "to no expert (an id outside [0, experts), or a repeat in its row) gets pick_row -1.");
 
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");

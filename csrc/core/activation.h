@@ -21,8 +21,41 @@ FLASHMOE_HD Acc activate(Activation activation, Acc v) {
     }
     case Activation::relu:
       return v < Acc(0) ? Acc(0) : v;
+    case Activation::relu2: {
+      const Acc r = v < Acc(0) ? Acc(0) : v;
+      return r * r;
+    }
+    default:  // the clamped SwiGLUs go through glu()
+      return v;
   }
-  return v;
+}
+
+// min(v, limit) and clamp(v, -limit, limit), with NaN passing through as in torch.
+template <typename Acc>
+FLASHMOE_HD Acc clamp_max(Acc v, Acc limit) {
+  return v > limit ? limit : v;
+}
+template <typename Acc>
+FLASHMOE_HD Acc clamp_symmetric(Acc v, Acc limit) {
+  return v > limit ? limit : (v < -limit ? -limit : v);
+}
+
+// The gated expert's hidden activation from its gate (g) and up (u) values: act(g)·u, or one of
+// the clamped SwiGLUs (limit L, alpha α: Problem::swiglu_limit / swiglu_alpha).
+template <typename Acc>
+FLASHMOE_HD Acc glu(Activation activation, Acc g, Acc u, Acc limit, Acc alpha) {
+  switch (activation) {
+    case Activation::swiglu_clamp:
+      return activate(Activation::silu, clamp_max(g, limit)) * clamp_symmetric(u, limit);
+    case Activation::swiglu_clamp_post:
+      return clamp_max(activate(Activation::silu, g), limit) * clamp_symmetric(u, limit);
+    case Activation::swiglu_oai: {
+      const Acc gate = clamp_max(g, limit);
+      return (clamp_symmetric(u, limit) + Acc(1)) * (gate / (Acc(1) + std::exp(-alpha * gate)));
+    }
+    default:
+      return activate(activation, g) * u;
+  }
 }
 
 }  // namespace flashmoe

@@ -27,6 +27,19 @@ FLASHMOE_HD int64_t admitted_rows(int64_t count, int64_t capacity) {
   return capacity == kDropless || count < capacity ? count : capacity;
 }
 
+// Whether pick j of a token (token_ids: its k picks) goes to an expert. An id outside [0, experts)
+// does not: `experts` is the sentinel HF's expert-parallel mode writes for an expert that is not
+// local. Nor does a repeat of an earlier pick of the same token, so a cell never holds more rows
+// than there are tokens. Python rejects both but the sentinel; the kernels stay in bounds anyway.
+FLASHMOE_HD bool routed_pick(const int32_t* token_ids, int64_t j, int64_t experts) {
+  const int32_t e = token_ids[j];
+  if (e < 0 || e >= experts) return false;
+  for (int64_t i = 0; i < j; ++i) {
+    if (token_ids[i] == e) return false;
+  }
+  return true;
+}
+
 struct SlotAssignment {
   int32_t* expert_counts;   // [E]     picks per expert, before dropping
   int64_t* expert_offsets;  // [E + 1] first row of each expert in the expert-sorted buffers
@@ -34,11 +47,16 @@ struct SlotAssignment {
   int32_t* row_token;       // [rows]  token of each admitted row; rows = expert_offsets[E]
 };
 
-// Fills `out` from topk_ids [T, k]. Returns the number of dropped picks.
+// Fills `out` from topk_ids [T, k]. Returns the number of dropped picks; a pick that goes to no
+// expert (routed_pick) gets row -1 and is neither counted nor dropped.
 inline int64_t assign_slots(const int32_t* topk_ids, int64_t tokens, int64_t top_k, int64_t experts,
                             int64_t capacity, const SlotAssignment& out) {
   for (int64_t e = 0; e < experts; ++e) out.expert_counts[e] = 0;
-  for (int64_t p = 0; p < tokens * top_k; ++p) ++out.expert_counts[topk_ids[p]];
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < top_k; ++j) {
+      if (routed_pick(topk_ids + t * top_k, j, experts)) ++out.expert_counts[topk_ids[t * top_k + j]];
+    }
+  }
   out.expert_offsets[0] = 0;
   int64_t dropped = 0;
   for (int64_t e = 0; e < experts; ++e) {
@@ -51,6 +69,10 @@ inline int64_t assign_slots(const int32_t* topk_ids, int64_t tokens, int64_t top
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t j = 0; j < top_k; ++j) {
       const int64_t p = t * top_k + j;
+      if (!routed_pick(topk_ids + t * top_k, j, experts)) {
+        out.pick_row[p] = -1;
+        continue;
+      }
       const int32_t e = topk_ids[p];
       const int64_t slot = out.expert_counts[e]++;
       const bool admitted = slot < out.expert_offsets[e + 1] - out.expert_offsets[e];

@@ -3,6 +3,7 @@
 // so that no kernel ever sees an unchecked shape.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -11,7 +12,23 @@ namespace flashmoe {
 
 // Codes travel through the pybind11 boundary; python/flashmoe/ops.py maps names to them
 // through the pybind11 enums, so there is nothing to keep in sync by hand.
-enum class Activation : int32_t { silu = 0, gelu = 1, gelu_tanh = 2, relu = 3 };
+// relu2 is relu(v)²; the clamped SwiGLUs combine the gate and up halves themselves (gated only).
+enum class Activation : int32_t {
+  silu = 0,
+  gelu = 1,
+  gelu_tanh = 2,
+  relu = 3,
+  relu2 = 4,
+  swiglu_clamp = 5,       // silu(min(g, L)) · clamp(u, -L, L)
+  swiglu_clamp_post = 6,  // min(silu(g), L) · clamp(u, -L, L)
+  swiglu_oai = 7,         // (clamp(u, -L, L) + 1) · g'·σ(α·g'),  g' = min(g, L)
+};
+constexpr int32_t kLastActivation = 7;
+
+FLASHMOE_HD constexpr bool combines_gate_and_up(Activation activation) {
+  return activation == Activation::swiglu_clamp || activation == Activation::swiglu_clamp_post ||
+         activation == Activation::swiglu_oai;
+}
 enum class Scoring : int32_t { softmax = 0, sigmoid = 1 };
 
 // expert_capacity == kDropless means every pick is admitted.
@@ -32,6 +49,12 @@ struct Problem {
   bool has_router_bias = false;
   bool has_b1 = false;
   bool has_b2 = false;
+  // Routing from outside: topk_ids [T, k] and topk_weights [T, k] are inputs, there is no router
+  // and no gate stage. An id outside [0, experts) (HF's expert-parallel sentinel is `experts`)
+  // contributes zero; so does a repeat of an earlier pick of its token.
+  bool routing_given = false;
+  double swiglu_limit = 0;  // L of the clamped SwiGLUs
+  double swiglu_alpha = 0;  // α of swiglu_oai
 
   // Width of the first expert GEMM: gate and up projections side by side when gated.
   FLASHMOE_HD int64_t gemm0_cols() const { return gated ? 2 * ffn : ffn; }
@@ -44,8 +67,13 @@ inline const char* validate(const Problem& p) {
   if (p.hidden <= 0) return "hidden must be > 0";
   if (p.ffn <= 0) return "ffn must be > 0";
   if (p.experts <= 0) return "experts must be > 0";
-  if (p.top_k < 1 || p.top_k > p.experts) return "top_k must be in [1, experts]";
-  if (int32_t(p.activation) < 0 || int32_t(p.activation) > 3) return "activation code out of range";
+  if (p.top_k < 1 || (!p.routing_given && p.top_k > p.experts)) return "top_k must be in [1, experts]";
+  if (int32_t(p.activation) < 0 || int32_t(p.activation) > kLastActivation) return "activation code out of range";
+  if (combines_gate_and_up(p.activation) && !p.gated) return "a clamped SwiGLU activation needs gated experts";
+  if (combines_gate_and_up(p.activation) && !(p.swiglu_limit > 0 && p.swiglu_limit < INFINITY))
+    return "swiglu_limit must be finite and > 0";
+  if (p.activation == Activation::swiglu_oai && !(p.swiglu_alpha > 0 && p.swiglu_alpha < INFINITY))
+    return "swiglu_alpha must be finite and > 0";
   if (int32_t(p.scoring) < 0 || int32_t(p.scoring) > 1) return "scoring code out of range";
   if (int32_t(p.dtype) < 0 || int32_t(p.dtype) > 3) return "dtype code out of range";
   if (p.expert_capacity < kDropless) return "expert_capacity must be >= 0, or -1 for dropless";

@@ -148,7 +148,7 @@ class Member {
     barrier("start of call");
     if (member_ == 0) begin_call();
     barrier("after reset");
-    gate();
+    if (!p_.routing_given) gate();  // routing from outside: topk_ids and topk_weights are inputs
     barrier("after gate");
     if (member_ == 0) assign();
     barrier("after slot assignment");

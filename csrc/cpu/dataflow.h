@@ -39,7 +39,7 @@ struct ClusterConfig {
 // Expert weights, shared by all ranks (rank q uses experts [q·L, (q+1)·L)). All contiguous, in the
 // problem's dtype; optional ones are nullptr.
 struct ExpertWeights {
-  const void* router_weight;  // [E, H]
+  const void* router_weight;  // [E, H]; null when routing_given
   const void* router_bias;    // [E], optional
   const void* w1;             // [E, N0, H], N0 = 2I when gated (gate rows, then up rows) else I
   const void* b1;             // [E, N0], optional
@@ -53,10 +53,10 @@ struct RankIO {
   int64_t tokens;
   int64_t expert_capacity;   // per expert for this source rank, or kDropless
   void* y;                   // [tokens, H] dtype                  (output)
-  int32_t* topk_ids;         // [tokens, k]                        (output)
-  void* topk_weights;        // [tokens, k] acc                    (output)
+  int32_t* topk_ids;         // [tokens, k]                        (output; input when routing_given)
+  void* topk_weights;        // [tokens, k] acc                    (output; input when routing_given)
   int32_t* expert_counts;    // [E], picks before dropping         (output)
-  void* router_logits;       // [tokens, E] acc                    (output)
+  void* router_logits;       // [tokens, E] acc                    (output; null when routing_given)
   int64_t* dropped;          // [1]                                (output)
 };
 

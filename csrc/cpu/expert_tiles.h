@@ -12,7 +12,7 @@
 
 namespace flashmoe::cpu {
 
-// GEMM0 of a row tile for ffn columns [c0, c1): h = act(x·gateᵀ + b1) (⊙ (x·upᵀ + b1')), rounded
+// GEMM0 of a row tile for ffn columns [c0, c1): h = glu(x·gateᵀ + b1, x·upᵀ + b1') or act(x·w1ᵀ + b1), rounded
 // to the compute dtype into h_rows[i][c0..c1), as torch rounds it. gate/up: rows × (c1 - c0) scratch.
 template <typename T>
 void gemm0_tile(const Problem& p, const T* const* x_rows, int64_t rows, const T* w1, const T* b1, int64_t c0,
@@ -21,10 +21,13 @@ void gemm0_tile(const Problem& p, const T* const* x_rows, int64_t rows, const T*
   const int64_t H = p.hidden, I = p.ffn, width = c1 - c0;
   tile_gemm_nt<T>(x_rows, rows, w1 + c0 * H, H, width, H, gate, width, false);
   if (p.gated) tile_gemm_nt<T>(x_rows, rows, w1 + (I + c0) * H, H, width, H, up, width, false);
+  const Acc limit = Acc(p.swiglu_limit), alpha = Acc(p.swiglu_alpha);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t c = 0; c < width; ++c) {
-      Acc h = activate(p.activation, gate[i * width + c] + (b1 ? load_value(b1[c0 + c]) : Acc(0)));
-      if (p.gated) h *= up[i * width + c] + (b1 ? load_value(b1[I + c0 + c]) : Acc(0));
+      const Acc g = gate[i * width + c] + (b1 ? load_value(b1[c0 + c]) : Acc(0));
+      const Acc h = p.gated ? glu(p.activation, g, up[i * width + c] + (b1 ? load_value(b1[I + c0 + c]) : Acc(0)),
+                                  limit, alpha)
+                            : activate(p.activation, g);
       h_rows[i][c0 + c] = store_value<T>(h);
     }
   }

@@ -17,40 +17,67 @@ _warned_devices: set = set()
 
 def moe(
     x: Tensor,
-    router_weight: Tensor,
-    w1: Tensor,
-    w2: Tensor,
+    router_weight: Optional[Tensor] = None,
+    w1: Optional[Tensor] = None,
+    w2: Optional[Tensor] = None,
     *,
-    top_k: int,
+    top_k: Optional[int] = None,
     gated: bool = True,
     activation: str = "silu",
-    normalize: bool = True,
-    scoring: str = "softmax",
+    normalize: bool = reference.DEFAULT_NORMALIZE,
+    scoring: str = reference.DEFAULT_SCORING,
     capacity_factor: Optional[float] = None,
     router_bias: Optional[Tensor] = None,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
+    topk_ids: Optional[Tensor] = None,
+    topk_weights: Optional[Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
     return_routing: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
-    """Mixture-of-Experts forward: route every token to ``top_k`` experts and combine their outputs.
+    """Mixture-of-Experts forward: route every token to its experts and combine their outputs.
+
+    Two forms:
+
+    * ``moe(x, router_weight, w1, w2, *, top_k, ...)``: flashmoe's own router picks ``top_k``
+      experts per token (gate, dispatch, experts and combine in one op);
+    * ``moe(x, w1, w2, *, topk_ids, topk_weights, ...)``: the routing comes from outside (an HF
+      model's router, say) and the gate stage is skipped. There is no router: passing one, or
+      ``top_k``, ``normalize``, ``scoring`` or ``router_bias``, is a ``ValueError``.
 
     Args:
         x: ``[..., H]`` float32, bfloat16, float16 (or float64); leading dims are flattened to T tokens.
-        router_weight: ``[E, H]``, x's dtype (``nn.Linear`` layout).
+        router_weight: ``[E, H]``, x's dtype (``nn.Linear`` layout). Router form only.
         w1: ``[E, 2I, H]`` when ``gated`` (rows ``0..I-1`` gate, ``I..2I-1`` up), else ``[E, I, H]``.
         w2: ``[E, H, I]`` down projection.
-        top_k: experts per token, ``1 <= top_k <= E``.
+        top_k: experts per token, ``1 <= top_k <= E``. Router form only.
         gated: GLU experts ``(act(x·gateᵀ) ⊙ x·upᵀ)·w2ᵀ``; otherwise ``act(x·w1ᵀ + b1)·w2ᵀ + b2``.
-        activation: ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"relu"``.
-        normalize: divide the k pick weights by their sum.
-        scoring: ``"softmax"`` or ``"sigmoid"`` over the router logits.
+        activation: ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu"``, ``"relu2"`` (relu
+            squared), or a clamped SwiGLU (gated only): ``"swiglu_clamp"`` (``silu(min(g, L)) ·
+            clamp(u, -L, L)``), ``"swiglu_clamp_post"`` (``min(silu(g), L) · clamp(u, -L, L)``),
+            ``"swiglu_oai"`` (gpt-oss: ``(clamp(u, -L, L) + 1) · g' · σ(α·g')``, ``g' = min(g, L)``).
+        normalize: divide the k pick weights by their sum (default True). Router form only.
+        scoring: ``"softmax"`` (default) or ``"sigmoid"`` over the router logits. Router form only.
         capacity_factor: ``None`` for dropless, else each expert admits the first
             ``ceil(capacity_factor·T·k/E)`` of its picks in ascending token order.
-        router_bias: ``[E]``; b1: ``[E, 2I]`` or ``[E, I]``; b2: ``[E, H]``. Optional.
+        router_bias: ``[E]`` (router form only); b1: ``[E, 2I]`` or ``[E, I]``; b2: ``[E, H]``. Optional.
+        topk_ids: ``[T, k]`` int32 or int64, routing from outside: the expert of each pick, in
+            ``[0, E)``, no expert twice in a row, or ``E``: the sentinel HF's expert-parallel mode
+            writes for an expert that is not local, which contributes zero and takes no capacity.
+            Out-of-range and repeated ids are a ``ValueError`` (checked on the host; on CUDA that
+            reads the ids back, except under torch.compile or CUDA graph capture, where the kernel
+            lets any id outside ``[0, E)`` contribute zero).
+        topk_weights: ``[T, k]``, x's dtype or float32: the weight of each pick. Gets a gradient.
+        swiglu_limit: L of the clamped SwiGLUs: required for ``swiglu_clamp`` and
+            ``swiglu_clamp_post``, default 7.0 for ``swiglu_oai``.
+        swiglu_alpha: α of ``swiglu_oai``, default 1.702.
         return_routing: also return a :class:`Routing` (topk_ids ``[T, k]`` int32, topk_weights
             ``[T, k]`` float32, expert_counts ``[E]`` int32, dropped 0-dim int64, router_logits
-            ``[T, E]`` float32; float64 variants for float64 inputs).
+            ``[T, E]`` float32; float64 variants for float64 inputs). With routing from outside,
+            topk_ids and topk_weights are the ones given, expert_counts and dropped leave the
+            sentinel out, and router_logits is None.
         backend: ``"native"`` (the compiled kernels via ``torch.ops.flashmoe``), ``"reference"``
             (pure PyTorch) or ``"auto"``: native where a native kernel exists for x's device and
             dtype (the CPU always; CUDA when flashmoe was built with it, for fp32/bf16/fp16),
@@ -63,25 +90,51 @@ def moe(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
+    gate_less = topk_ids is not None or topk_weights is not None
+    router_weight, w1, w2 = reference.split_weights(router_weight, w1, w2, gate_less=gate_less)
+    normalize, scoring = reference.router_options(normalize, scoring, gate_less=gate_less)
     if backend == "auto":
         backend = "native" if ops.has_native_kernel(x.device, x.dtype) else "reference"
         if backend == "reference":
             _warn_reference_fallback(x)
     options = dict(top_k=top_k, gated=gated, activation=activation, normalize=normalize, scoring=scoring,
-                   capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2)
+                   capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
+                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    routing = dict(topk_ids=topk_ids, topk_weights=topk_weights) if gate_less else {}
     if backend == "reference":
-        return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options)
+        return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options, **routing)
     # Validated here, before the op's schema coerces Python values (True -> 1, "1.0" -> 1.0).
-    reference.validate(x, router_weight, w1, w2, **options)
+    reference.validate(x, router_weight, w1, w2, **options, **routing, check_values=_can_read_values(x))
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
+    if gate_less:
+        ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
+        y, expert_counts, dropped = ops.moe_experts_forward(
+            tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
+            None if capacity_factor is None else float(capacity_factor),
+            None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
+        )
+        y = y.reshape(x.shape)
+        if return_routing:
+            return y, Routing(topk_ids, topk_weights, expert_counts, dropped, None)
+        return y
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
         None if capacity_factor is None else float(capacity_factor),
+        None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
     )
     y = y.reshape(x.shape)
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
+
+
+def _can_read_values(x: Tensor) -> bool:
+    """Whether topk_ids' values may be read on the host now: not while torch.compile traces (fake
+    tensors) nor while a CUDA graph captures (a read would break the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _warn_reference_fallback(x: Tensor) -> None:

@@ -34,7 +34,10 @@ class MoE(nn.Module):
         num_experts: E.
         top_k: experts per token.
         gated: GLU experts (w1 is ``[E, 2I, H]``: gate rows then up rows) or plain (``[E, I, H]``).
-        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"``.
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"relu2"``, or (gated only) a
+            clamped SwiGLU: ``"swiglu_clamp"``, ``"swiglu_clamp_post"``, ``"swiglu_oai"`` (see :func:`flashmoe.moe`).
+        swiglu_limit: L of the clamped SwiGLUs (required for the two clamp variants; swiglu_oai: 7.0).
+        swiglu_alpha: α of swiglu_oai (default 1.702).
         normalize: divide each token's k weights by their sum.
         scoring: ``"softmax"`` or ``"sigmoid"``.
         capacity_factor: None for dropless, else per-expert capacity ``ceil(cf·T·k/E)``.
@@ -56,6 +59,8 @@ class MoE(nn.Module):
         *,
         gated: bool = True,
         activation: str = "silu",
+        swiglu_limit: Optional[float] = None,
+        swiglu_alpha: Optional[float] = None,
         normalize: bool = True,
         scoring: str = "softmax",
         capacity_factor: Optional[float] = None,
@@ -75,6 +80,9 @@ class MoE(nn.Module):
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
         if activation not in reference.ACTIVATIONS:
             raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+        reference._check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
         if scoring not in reference.SCORINGS:
             raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
         reference.expert_capacity(capacity_factor, 1, top_k, num_experts)  # validates capacity_factor
@@ -85,6 +93,7 @@ class MoE(nn.Module):
         self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self.capacity_factor = capacity_factor
+        self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
         self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.backend = backend
         self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
@@ -116,7 +125,7 @@ class MoE(nn.Module):
             x, self.router_weight, self.w1, self.w2, top_k=self.top_k, gated=self.gated,
             activation=self.activation, normalize=self.normalize, scoring=self.scoring,
             capacity_factor=self.capacity_factor, router_bias=self.router_bias, b1=self.b1, b2=self.b2,
-            return_routing=True, backend=self.backend,
+            swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, return_routing=True, backend=self.backend,
         )
         if not (return_aux_loss or return_routing):
             return y
@@ -182,4 +191,6 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, gated={self.gated}, activation={self.activation!r}, "
-                f"normalize={self.normalize}, scoring={self.scoring!r}, capacity_factor={self.capacity_factor}")
+                f"normalize={self.normalize}, scoring={self.scoring!r}, capacity_factor={self.capacity_factor}"
+                + (f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit is not None else "")
+                + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else ""))

@@ -1,6 +1,7 @@
 """The torch custom ops ``torch.ops.flashmoe.*``: native kernels, fake (meta) kernels and autograd.
 
-``flashmoe::moe_forward`` is the operator of the contract in docs/operator.md. It has two kernels,
+``flashmoe::moe_forward`` is the operator of the contract in docs/operator.md;
+``flashmoe::moe_experts_forward`` is its gate-less form, for routing given from outside. It has two kernels,
 both in ``flashmoe._C``: the CPU dataflow runtime, and the persistent CUDA kernel (when the module
 was compiled with it, ``_C.cuda_compiled``). Its backward is a second op, ``flashmoe::moe_backward``,
 written in torch ops and so device-generic, so that both stay opaque to torch.compile and the
@@ -79,23 +80,49 @@ def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None)
 
 
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor):
+              capacity_factor, swiglu_limit=None, swiglu_alpha=None):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
-                       capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize)
-    max_picks = _C.SignalWord.max_rows // min(top_k, router_weight.shape[0])
+                       capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
+                       swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    _validate_native(x, top_k, dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
+                                    b1=b1, b2=b2))
+
+
+def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
+                      swiglu_alpha, check_values):
+    """moe_experts_forward's arguments: the gate-less form of reference.validate, plus what the op
+    itself takes: int32 topk_ids and topk_weights in the accumulation dtype (flashmoe.moe converts)."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_experts_forward, got {getattr(x, 'shape', x)!r}")
+    reference.validate(x, None, w1, w2, top_k=None, gated=gated, activation=activation, scoring=None,
+                       capacity_factor=capacity_factor, router_bias=None, b1=b1, b2=b2, normalize=None,
+                       topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit,
+                       swiglu_alpha=swiglu_alpha, check_values=check_values)
+    if topk_ids.dtype != torch.int32:
+        raise TypeError(f"topk_ids must have dtype torch.int32 for flashmoe::moe_experts_forward, got {topk_ids.dtype} "
+                        f"(flashmoe.moe converts)")
+    if topk_weights.dtype != accumulate_dtype(x.dtype):
+        raise TypeError(f"topk_weights must have dtype {accumulate_dtype(x.dtype)} for flashmoe::moe_experts_forward, "
+                        f"got {topk_weights.dtype} (flashmoe.moe converts)")
+    _validate_native(x, topk_ids.shape[1], dict(x=x, w1=w1, w2=w2, b1=b1, b2=b2, topk_ids=topk_ids,
+                                                 topk_weights=topk_weights))
+
+
+def _validate_native(x, top_k, named):
+    """What the native kernels add to reference.validate: a bounded row count and contiguity."""
+    max_picks = _C.SignalWord.max_rows // min(top_k, named["w1"].shape[0])
     if x.shape[0] > max_picks:
         raise ValueError(f"x has {x.shape[0]} tokens; one native call takes at most {max_picks} "
                          f"(T·min(top_k, E) < 2^24 rows per signal word): split the batch")
-    named = dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias, b1=b1, b2=b2)
     for name, tensor in named.items():
         if tensor is not None and not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous (row-major, stride {_row_major_strides(tensor.shape)}), "
                              f"got stride {tuple(tensor.stride())}; call .contiguous() once, outside the hot loop")
 
 
-def _validate_cuda(x, *tensors):
+def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS):
     """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
     and contiguity): a dtype it computes in."""
     if x.dtype not in _CUDA_DTYPES:
@@ -104,7 +131,7 @@ def _validate_cuda(x, *tensors):
             f"{', '.join(str(d).replace('torch.', '') for d in _CUDA_DTYPES)} (float64 is for verification: "
             f"run it on the CPU, or use flashmoe.moe(..., backend='reference'))"
         )
-    for name, tensor in zip(_TENSOR_ARGUMENTS, (x,) + tensors):
+    for name, tensor in zip(names, (x,) + tensors):
         if tensor is not None and tensor.device != x.device:  # _validate checked this; never launch otherwise
             raise ValueError(f"{name} must be on device {x.device} (the device of x), got {tensor.device}")
 
@@ -132,22 +159,29 @@ def _empty_outputs(x, router_weight, top_k):
 
 
 def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, scoring, dtype, has_router_bias,
-                  has_b1, has_b2):
-    """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless)."""
+                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False):
+    """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless).
+    With ``routing_given`` (topk_ids and topk_weights come from outside) normalize and scoring
+    are unused."""
     problem = _C.Problem()
     problem.hidden, problem.ffn, problem.experts, problem.top_k = hidden, ffn, experts, top_k
-    problem.gated, problem.normalize = gated, normalize
+    problem.gated, problem.normalize = gated, bool(normalize)
     problem.activation = getattr(_C.Activation, activation)
-    problem.scoring = getattr(_C.Scoring, scoring)
+    problem.scoring = getattr(_C.Scoring, scoring or "softmax")
     problem.dtype = _DTYPE_CODES[dtype]
     problem.has_router_bias, problem.has_b1, problem.has_b2 = has_router_bias, has_b1, has_b2
+    problem.swiglu_limit, problem.swiglu_alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
+    problem.routing_given = routing_given
     return problem
 
 
-def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor):
-    problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], router_weight.shape[0], top_k,
+def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor,
+             swiglu_limit=None, swiglu_alpha=None):
+    routing_given = router_weight is None
+    problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], w1.shape[0], top_k,
                             gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
-                            has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None)
+                            has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None,
+                            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given)
     problem.tokens = x.shape[0]
     problem.expert_capacity = (
         -1 if capacity_factor is None
@@ -175,13 +209,15 @@ def moe_forward(
     normalize: bool,
     scoring: str,
     capacity_factor: Optional[float],
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
     expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest.
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_forward_cuda`."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor)
+              capacity_factor, swiglu_limit, swiglu_alpha)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
@@ -191,7 +227,7 @@ def moe_forward(
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _C.moe_forward_cpu(
         problem=_problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                         capacity_factor),
+                         capacity_factor, swiglu_limit, swiglu_alpha),
         x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
         w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
         topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
@@ -202,13 +238,26 @@ def moe_forward(
 
 @moe_forward.register_kernel("cuda")
 def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
     """The persistent CUDA kernel. Enqueued on the current stream of x's device with no host sync and
     no allocation inside _C (outputs and workspace come from torch's caching allocator here), so a
     CUDA graph can capture it."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor)
+              capacity_factor, swiglu_limit, swiglu_alpha)
     _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
+    problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+                       capacity_factor, swiglu_limit, swiglu_alpha)
+    outputs = _empty_outputs(x, router_weight, top_k)
+    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
+                 router_logits, dropped)
+    return outputs
+
+
+def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
+                 router_logits, dropped):
+    """Enqueues the persistent kernel for ``problem`` (router form, or routing_given: then the router
+    tensors are None and topk_ids / topk_weights are inputs)."""
     if not cuda_compiled():
         raise NotImplementedError(
             "flashmoe::moe_forward got CUDA tensors, but this flashmoe was built without its CUDA backend "
@@ -222,14 +271,10 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
             f"which runs on {x.device} (compute capability {capability}); rebuild with FLASHMOE_CUDA_ARCHS naming "
             f"it, or use flashmoe.moe(..., backend='reference')"
         )
-    outputs = _empty_outputs(x, router_weight, top_k)
-    y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     if x.shape[0] == 0:  # nothing to route: the kernel is not launched
         expert_counts.zero_()
         dropped.zero_()
-        return outputs
-    problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                       capacity_factor)
+        return
     allow_tf32 = x.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     workspace_bytes = _C.cuda_workspace_bytes(problem, device, allow_tf32)
@@ -245,14 +290,13 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
             workspace=_address(workspace), workspace_bytes=workspace_bytes, allow_tf32=allow_tf32,
             device=device, stream=torch.cuda.current_stream(device).cuda_stream,
         )
-    return outputs
 
 
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor)
+              capacity_factor, swiglu_limit, swiglu_alpha)
     if x.device.type == "cuda":
         _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
     return _empty_outputs(x, router_weight, top_k)
@@ -278,6 +322,8 @@ def moe_backward(
     scoring: str,
     capacity_factor: Optional[float],
     needs_grad: list[bool],
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
 ) -> list[Tensor]:
     """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``.
 
@@ -301,45 +347,9 @@ def moe_backward(
     weights = picked_scores / picked_sum if normalize else picked_scores
     capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, num_experts)
     admitted = reference.admit(topk_ids, num_experts, capacity)
-
-    # Experts: y[t] += w[t, j] * (h · W2ᵀ + b2),  h = act(z) (⊙ up),  z = x · W1ᵀ + b1.
-    # Each expert's gradients are complete after its own step, so they are stored in the
-    # parameter's dtype right away and no fp32 copy of a whole weight tensor ever exists.
-    grad_y = grad_y.to(accumulate)
-    grad_weights = torch.zeros_like(weights)
-    grad_x = torch.zeros_like(xa)
-    grad_w1 = torch.zeros_like(w1) if need_w1 else None
-    grad_w2 = torch.zeros_like(w2) if need_w2 else None
-    grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
-    grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
-    for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
-        token, slot = picks // top_k, picks % top_k
-        expert_x, w1_e, w2_e = xa[token], w1[expert].to(accumulate), w2[expert].to(accumulate)
-        z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
-        if gated:
-            gate, up = z.chunk(2, dim=-1)
-            activated, activated_grad = _activation_with_grad(gate, activation)
-            h = activated * up
-        else:
-            activated, activated_grad = _activation_with_grad(z, activation)
-            h = activated
-        out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
-        grad_token = grad_y[token]
-        grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
-        grad_out = weights[token, slot].unsqueeze(1) * grad_token
-        if grad_w2 is not None:
-            grad_w2[expert] = grad_out.T @ h
-        if grad_b2 is not None:
-            grad_b2[expert] = grad_out.sum(dim=0)
-        grad_h = grad_out @ w2_e
-        grad_z = torch.cat([grad_h * up * activated_grad, grad_h * activated], dim=-1) if gated \
-            else grad_h * activated_grad
-        if grad_w1 is not None:
-            grad_w1[expert] = grad_z.T @ expert_x
-        if grad_b1 is not None:
-            grad_b1[expert] = grad_z.sum(dim=0)
-        if need_x:
-            grad_x.index_add_(0, token, grad_z @ w1_e)
+    grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
+        grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit, swiglu_alpha,
+        (need_x, need_w1, need_w2, need_b1, need_b2))
 
     # Router: weights -> picked scores -> all scores -> logits.
     if grad_topk_weights is not None:
@@ -367,9 +377,62 @@ def moe_backward(
 
 @moe_backward.register_fake
 def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
-                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad):
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
+                       swiglu_limit=None, swiglu_alpha=None):
     inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
+
+
+def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit,
+                      swiglu_alpha, needs_grad):
+    """The expert part of the backward, shared by both ops, for a fixed routing.
+
+    ``xa`` is x in the accumulation dtype, ``weights [T, k]`` the pick weights in it, ``admitted``
+    from reference.admit. Returns ``(grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights)``:
+    grad_x and grad_weights in the accumulation dtype (grad_weights is zero at picks not admitted),
+    the parameter gradients in the parameters' dtype or None where ``needs_grad`` (x, w1, w2, b1, b2)
+    says so."""
+    accumulate = xa.dtype
+    need_x, need_w1, need_w2, need_b1, need_b2 = needs_grad
+    num_experts, top_k = w1.shape[0], topk_ids.shape[1]
+    limit, alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
+    # Experts: y[t] += w[t, j] * (h · W2ᵀ + b2),  h = glu(gate, up) or act(z),  z = x · W1ᵀ + b1.
+    # Each expert's gradients are complete after its own step, so they are stored in the
+    # parameter's dtype right away and no fp32 copy of a whole weight tensor ever exists.
+    grad_y = grad_y.to(accumulate)
+    grad_weights = torch.zeros_like(weights)
+    grad_x = torch.zeros_like(xa)
+    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
+    grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
+    for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
+        token, slot = picks // top_k, picks % top_k
+        expert_x, w1_e, w2_e = xa[token], w1[expert].to(accumulate), w2[expert].to(accumulate)
+        z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
+        if gated:
+            gate, up = z.chunk(2, dim=-1)
+            h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, limit, alpha)
+        else:
+            h, grad_z_factor = _activation_with_grad(z, activation)
+        out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
+        grad_token = grad_y[token]
+        grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
+        grad_out = weights[token, slot].unsqueeze(1) * grad_token
+        if grad_w2 is not None:
+            grad_w2[expert] = grad_out.T @ h
+        if grad_b2 is not None:
+            grad_b2[expert] = grad_out.sum(dim=0)
+        grad_h = grad_out @ w2_e
+        grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
+            else grad_h * grad_z_factor
+        if grad_w1 is not None:
+            grad_w1[expert] = grad_z.T @ expert_x
+        if grad_b1 is not None:
+            grad_b1[expert] = grad_z.sum(dim=0)
+        if need_x:
+            grad_x.index_add_(0, token, grad_z @ w1_e)
+    return grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights
 
 
 def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
@@ -387,15 +450,44 @@ def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
         return 0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * inner_grad
     if activation == "relu":
         return torch.relu(v), (v > 0).to(v.dtype)
+    if activation == "relu2":
+        r = torch.relu(v)
+        return r * r, 2 * r
     raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
 
 
+def _glu_with_grad(gate: Tensor, up: Tensor, activation: str, limit: float, alpha: float):
+    """h = reference.gated_activation(gate, up), with ∂h/∂gate and ∂h/∂up, elementwise. A clamp
+    passes gradient where its input lies inside the closed interval, as torch.clamp does."""
+    if activation not in reference.GATED_ACTIVATIONS:
+        activated, activated_grad = _activation_with_grad(gate, activation)
+        return activated * up, up * activated_grad, activated
+    up_clamped = up.clamp(-limit, limit)
+    up_passes = ((up >= -limit) & (up <= limit)).to(up.dtype)
+    gate_passes = (gate <= limit).to(gate.dtype)
+    if activation == "swiglu_clamp":
+        silu, silu_grad = _activation_with_grad(gate.clamp(max=limit), "silu")
+        return silu * up_clamped, silu_grad * gate_passes * up_clamped, silu * up_passes
+    if activation == "swiglu_clamp_post":
+        silu, silu_grad = _activation_with_grad(gate, "silu")
+        silu_passes = (silu <= limit).to(gate.dtype)
+        silu_clamped = silu.clamp(max=limit)
+        return silu_clamped * up_clamped, silu_grad * silu_passes * up_clamped, silu_clamped * up_passes
+    gate_clamped = gate.clamp(max=limit)  # swiglu_oai
+    sigmoid = torch.sigmoid(alpha * gate_clamped)
+    glu = gate_clamped * sigmoid
+    glu_grad = sigmoid + gate_clamped * alpha * sigmoid * (1 - sigmoid)
+    return (up_clamped + 1) * glu, (up_clamped + 1) * glu_grad * gate_passes, glu * up_passes
+
+
 _OPTIONS = ("top_k", "gated", "activation", "normalize", "scoring", "capacity_factor")
+_ACTIVATION_OPTIONS = ("swiglu_limit", "swiglu_alpha")
 
 
 def _setup_context(ctx, inputs, output):
     x, router_weight, w1, w2, router_bias, b1, b2, *options = inputs
-    ctx.options = dict(zip(_OPTIONS, options))
+    options = options + [None] * (len(_OPTIONS) + len(_ACTIVATION_OPTIONS) - len(options))
+    ctx.options = dict(zip(_OPTIONS + _ACTIVATION_OPTIONS, options))
     ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, output[1])
 
 
@@ -406,8 +498,160 @@ def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_rout
         grad_y = torch.zeros_like(x)
     options = [ctx.options[name] for name in _OPTIONS]
     grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
-                                            router_bias, b1, b2, topk_ids, *options, needs_grad)
-    return tuple(grad if need else None for grad, need in zip(grads, needs_grad)) + (None,) * len(_OPTIONS)
+                                            router_bias, b1, b2, topk_ids, *options, needs_grad,
+                                            ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"])
+    return tuple(grad if need else None for grad, need in zip(grads, needs_grad)) + \
+        (None,) * (len(ctx.needs_input_grad) - 7)
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- routing from outside
+
+@torch.library.custom_op("flashmoe::moe_experts_forward", mutates_args=())
+def moe_experts_forward(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gated: bool,
+    activation: str,
+    capacity_factor: Optional[float],
+    swiglu_limit: Optional[float],
+    swiglu_alpha: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gate-less MoE forward: dispatch, experts and combine of ``x [T, H]`` for the routing
+    ``topk_ids [T, k]`` int32 / ``topk_weights [T, k]`` (float32; float64 for float64 x) given from
+    outside. Returns ``(y [T, H], expert_counts [E] int32, dropped [] int64)``. An id ``E`` (HF's
+    expert-parallel sentinel) contributes zero. See flashmoe.moe for the rest.
+
+    This body is the CPU kernel; CUDA tensors go to :func:`_moe_experts_forward_cuda`."""
+    _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
+                      swiglu_alpha, check_values=True)
+    if x.device.type != "cpu":
+        raise NotImplementedError(
+            f"flashmoe::moe_experts_forward has no native kernel for device {x.device.type!r} in this build "
+            f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
+        )
+    y, expert_counts, dropped = _empty_experts_outputs(x, w1)
+    _C.moe_forward_cpu(
+        problem=_problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None,
+                         capacity_factor, swiglu_limit, swiglu_alpha),
+        x=_address(x), router_weight=0, router_bias=0, w1=_address(w1), b1=_address(b1), w2=_address(w2),
+        b2=_address(b2), y=_address(y), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
+        expert_counts=_address(expert_counts), router_logits=0, dropped=_address(dropped),
+        num_threads=torch.get_num_threads(),
+    )
+    return y, expert_counts, dropped
+
+
+def _empty_experts_outputs(x, w1):
+    """(y, expert_counts, dropped), uninitialized."""
+    return torch.empty_like(x), x.new_empty((w1.shape[0],), dtype=torch.int32), x.new_empty((), dtype=torch.int64)
+
+
+@moe_experts_forward.register_kernel("cuda")
+def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
+                              swiglu_limit, swiglu_alpha):
+    """The persistent CUDA kernel with its gate stage skipped. No host sync: topk_ids' values are not
+    read here (flashmoe.moe checks them before, outside graph capture and torch.compile); the kernel
+    lets an id outside [0, E), or a repeat within a row, contribute zero."""
+    _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
+                      swiglu_alpha, check_values=False)
+    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights,
+                   names=("x", "w1", "w2", "b1", "b2", "topk_ids", "topk_weights"))
+    problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
+                       swiglu_limit, swiglu_alpha)
+    y, expert_counts, dropped = _empty_experts_outputs(x, w1)
+    _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped)
+    return y, expert_counts, dropped
+
+
+@moe_experts_forward.register_fake
+def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
+                              swiglu_limit, swiglu_alpha):
+    _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
+                      swiglu_alpha, check_values=False)
+    if x.device.type == "cuda":
+        _validate_cuda(x, w1, w2, b1, b2, names=("x", "w1", "w2", "b1", "b2"))
+    return _empty_experts_outputs(x, w1)
+
+
+@torch.library.custom_op("flashmoe::moe_experts_backward", mutates_args=())
+def moe_experts_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gated: bool,
+    activation: str,
+    capacity_factor: Optional[float],
+    swiglu_limit: Optional[float],
+    swiglu_alpha: Optional[float],
+    needs_grad: list[bool],
+) -> list[Tensor]:
+    """Gradients of moe_experts_forward for ``[x, w1, w2, b1, b2, topk_weights]`` (one flag per input
+    in ``needs_grad``; an input that needs none, or is absent, gets an empty tensor). The routing is
+    the caller's; a pick that contributes nothing (dropped, the sentinel) gets zero gradient."""
+    accumulate = accumulate_dtype(x.dtype)
+    num_experts = w1.shape[0]
+    ids = _routed_ids(topk_ids, num_experts)
+    capacity = reference.expert_capacity(capacity_factor, x.shape[0], topk_ids.shape[1], num_experts)
+    admitted = reference.admit(ids, num_experts, capacity)
+    grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
+        grad_y, x.to(accumulate), w1, w2, b1, b2, ids, topk_weights.to(accumulate), admitted, gated, activation,
+        swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]))
+    grads = (grad_x if needs_grad[0] else None, grad_w1, grad_w2, grad_b1, grad_b2,
+             grad_weights if needs_grad[5] else None)
+    inputs = (x, w1, w2, b1, b2, topk_weights)
+    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+@moe_experts_backward.register_fake
+def _moe_experts_backward_fake(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
+                               swiglu_limit, swiglu_alpha, needs_grad):
+    inputs = [x, w1, w2, b1, b2, topk_weights]
+    return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
+
+
+def _routed_ids(topk_ids: Tensor, num_experts: int) -> Tensor:
+    """topk_ids with every pick that goes to no expert set to the sentinel E, as the kernels'
+    routed_pick (csrc/core/capacity.h) reads them: an id outside [0, E), or a repeat of an earlier
+    pick of its row. Valid routing passes unchanged."""
+    ids = topk_ids.long()
+    routed = (ids >= 0) & (ids < num_experts)
+    for slot in range(1, ids.shape[1]):
+        routed[:, slot] &= ~(ids[:, slot:slot + 1] == ids[:, :slot]).any(dim=1)
+    return torch.where(routed, ids, torch.full_like(ids, num_experts))
+
+
+_EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha")
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, w1, w2, b1, b2, topk_ids, topk_weights, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(x, w1, w2, b1, b2, topk_ids, topk_weights)
+
+
+def _experts_backward_autograd(ctx, grad_y, _grad_counts, _grad_dropped):
+    x, w1, w2, b1, b2, topk_ids, topk_weights = ctx.saved_tensors
+    needs_grad = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    grads = torch.ops.flashmoe.moe_experts_backward(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, *ctx.options,
+                                                    needs_grad)
+    grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = (
+        grad if need else None for grad, need in zip(grads, needs_grad))
+    return (grad_x, grad_w1, grad_w2, grad_b1, grad_b2, None, grad_weights) + (None,) * len(_EXPERTS_OPTIONS)
+
+
+moe_experts_forward.register_autograd(_experts_backward_autograd, setup_context=_experts_setup_context)

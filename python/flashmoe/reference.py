@@ -8,7 +8,11 @@ The operator contract lives in ``DESIGN.md``; this file is its executable form:
   lower expert index, weights optionally normalized over the k picks;
 * capacity: ``C = ceil(capacity_factor * T * k / E)`` per expert, picks admitted in
   ascending token index, a pick not admitted contributes zero;
-* expert FFN: plain or gated (HF ``gate_up_proj`` layout), GEMMs in the input dtype;
+* routing from outside (the gate-less form): ``topk_ids`` / ``topk_weights`` given instead of a
+  router; the id ``E`` is the sentinel of HF's expert-parallel mode (a pick of an expert that is
+  not local) and contributes zero;
+* expert FFN: plain or gated (HF ``gate_up_proj`` layout), GEMMs in the input dtype, with the
+  activations of :data:`ACTIVATIONS` (the clamped SwiGLUs take ``swiglu_limit``/``swiglu_alpha``);
 * combine: ``y[t] = sum_j weight[t, j] * f_{e_j}(x[t])`` in ascending j, accumulated in
   fp32 (fp64 for fp64 inputs), stored in the dtype of ``x``.
 
@@ -27,10 +31,13 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "ELEMENTWISE_ACTIVATIONS",
+    "GATED_ACTIVATIONS",
     "SCORINGS",
     "FLOAT_DTYPES",
     "Routing",
     "validate",
+    "activation_options",
     "router_logits",
     "route",
     "expert_capacity",
@@ -43,7 +50,14 @@ __all__ = [
     "router_z_loss",
 ]
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# act(v) elementwise: plain experts use act(z), gated ones act(gate) * up.
+ELEMENTWISE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+# The clamped SwiGLUs combine the gate and up halves themselves: gated experts only.
+GATED_ACTIVATIONS = ("swiglu_clamp", "swiglu_clamp_post", "swiglu_oai")
+ACTIVATIONS = ELEMENTWISE_ACTIVATIONS + GATED_ACTIVATIONS
+# gpt-oss's defaults for swiglu_oai; the two other clamped SwiGLUs have no default limit.
+SWIGLU_OAI_LIMIT = 7.0
+SWIGLU_OAI_ALPHA = 1.702
 SCORINGS = ("softmax", "sigmoid")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -60,6 +74,10 @@ class Routing(NamedTuple):
         expert_counts: ``[E]`` int32, picks per expert, counted before dropping.
         dropped: 0-dim int64, the number of picks not admitted by capacity.
         router_logits: ``[T, E]`` float32 (float64 when ``x`` is float64).
+
+    With routing from outside (``topk_ids=`` given), ``topk_ids`` and ``topk_weights`` are the
+    caller's own tensors, ``expert_counts`` and ``dropped`` leave the sentinel picks out, and
+    ``router_logits`` is None: there is no router.
     """
 
     topk_ids: Tensor
@@ -100,6 +118,103 @@ def _check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha) -> None:
+    if activation in GATED_ACTIVATIONS and not gated:
+        raise ValueError(f"activation={activation!r} combines the gate and up halves of w1, so it needs gated=True")
+    for name, value in (("swiglu_limit", swiglu_limit), ("swiglu_alpha", swiglu_alpha)):
+        if value is None:
+            continue
+        if not _is_real(value):
+            raise TypeError(f"{name} must be None or a finite number > 0, got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    if swiglu_limit is not None and activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"swiglu_limit applies only to activation in {GATED_ACTIVATIONS}, "
+                         f"got activation={activation!r}")
+    if swiglu_alpha is not None and activation != "swiglu_oai":
+        raise ValueError(f"swiglu_alpha applies only to activation='swiglu_oai', got activation={activation!r}")
+    if activation in ("swiglu_clamp", "swiglu_clamp_post") and swiglu_limit is None:
+        raise ValueError(f"activation={activation!r} needs swiglu_limit (the clamp L, a finite number > 0); "
+                         f"it has no default")
+
+
+def activation_options(activation: str, swiglu_limit=None, swiglu_alpha=None) -> tuple[float, float]:
+    """``(L, alpha)`` of ``activation``, defaults filled in: swiglu_oai takes L = 7.0 and
+    alpha = 1.702 (gpt-oss) unless given; an option the activation does not use is 0.0."""
+    if activation == "swiglu_oai":
+        return (SWIGLU_OAI_LIMIT if swiglu_limit is None else float(swiglu_limit),
+                SWIGLU_OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha))
+    if activation in GATED_ACTIVATIONS:
+        return float(swiglu_limit), 0.0
+    return 0.0, 0.0
+
+
+def _check_routing(topk_ids, topk_weights, x: Tensor, num_experts: int, check_values: bool) -> None:
+    """Routing from outside: ``topk_ids [T, k]`` int32/int64 and ``topk_weights [T, k]``."""
+    num_tokens = math.prod(x.shape[:-1])
+    for name, value, other in (("topk_ids", topk_ids, "topk_weights"), ("topk_weights", topk_weights, "topk_ids")):
+        if value is None:
+            raise ValueError(f"{name} is missing: routing from outside takes topk_ids and topk_weights together, "
+                             f"and {other} was given")
+    if not isinstance(topk_ids, Tensor):
+        raise TypeError(f"topk_ids must be a torch.Tensor of shape [T={num_tokens}, k], got {type(topk_ids).__name__}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must have dtype torch.int32 or torch.int64, got {topk_ids.dtype}")
+    if topk_ids.device != x.device:
+        raise ValueError(f"topk_ids must be on device {x.device} (the device of x), got {topk_ids.device}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must have shape [T={num_tokens}, k] with k >= 1 (T: the tokens of x), "
+                         f"got {list(topk_ids.shape)}")
+    if not isinstance(topk_weights, Tensor):
+        raise TypeError(f"topk_weights must be a torch.Tensor of shape {list(topk_ids.shape)}, "
+                        f"got {type(topk_weights).__name__}")
+    if topk_weights.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"topk_weights must have dtype {x.dtype} (the dtype of x) or torch.float32, "
+                        f"got {topk_weights.dtype}")
+    if topk_weights.device != x.device:
+        raise ValueError(f"topk_weights must be on device {x.device} (the device of x), got {topk_weights.device}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights must have the shape of topk_ids, {list(topk_ids.shape)}, "
+                         f"got {list(topk_weights.shape)}")
+    if check_values:
+        check_topk_ids_values(topk_ids, num_experts)
+
+
+def check_topk_ids_values(topk_ids: Tensor, num_experts: int) -> None:
+    """Every id lies in ``[0, E)`` or is the sentinel ``E``, and no row repeats an expert (the
+    sentinel may repeat). Reads the values: a host sync on an accelerator."""
+    ids = topk_ids.long()
+    if ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids > num_experts)
+    if bool(bad.any()):
+        token, slot = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"topk_ids must lie in [0, E={num_experts}), or be {num_experts}, the sentinel of an expert "
+                         f"that is not local (it contributes zero); got topk_ids[{token}, {slot}] = "
+                         f"{int(ids[token, slot])}")
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != num_experts)
+    if bool(repeated.any()):
+        token, slot = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(f"topk_ids repeats expert {int(ordered[token, slot])} in row {token}: a token picks each "
+                         f"expert at most once (only the sentinel {num_experts} may repeat)")
+
+
+def _check_no_router(router_weight, top_k, normalize, scoring, router_bias) -> None:
+    """The gate-less form: every router argument stays unset."""
+    if router_weight is not None:
+        raise ValueError("router_weight must be None when topk_ids is given: the routing comes from outside, so "
+                         "flashmoe.moe takes (x, w1, w2, *, topk_ids, topk_weights) and no router")
+    for name, value in (("top_k", top_k), ("normalize", normalize), ("scoring", scoring),
+                        ("router_bias", router_bias)):
+        if value is not None:
+            raise ValueError(f"{name} is an option of the router; with topk_ids the routing comes from outside "
+                             f"(k = topk_ids.shape[1]), so leave {name} unset, got {name}={value!r}"
+                             if not isinstance(value, Tensor) else
+                             f"{name} is an option of the router; with topk_ids the routing comes from outside, "
+                             f"so leave {name} unset, got a tensor")
+
+
 def _check_capacity_factor(capacity_factor) -> None:
     if capacity_factor is None:
         return
@@ -138,6 +253,11 @@ def validate(
     b1,
     b2,
     normalize=True,
+    topk_ids=None,
+    topk_weights=None,
+    swiglu_limit=None,
+    swiglu_alpha=None,
+    check_values=True,
 ) -> None:
     """Check the arguments of :func:`moe`; raise naming the argument and what was expected.
 
@@ -147,15 +267,23 @@ def validate(
 
     Args:
         x: ``[..., H]``, float32 / bfloat16 / float16 / float64; at least 2 dims.
-        router_weight: ``[E, H]``, dtype and device of ``x``.
+        router_weight: ``[E, H]``, dtype and device of ``x``; None with ``topk_ids``.
         w1: ``[E, 2I, H]`` when ``gated`` else ``[E, I, H]``, dtype and device of ``x``.
         w2: ``[E, H, I]``, dtype and device of ``x``.
-        top_k: int in ``1..E``.
+        top_k: int in ``1..E``; None with ``topk_ids``.
         gated: bool.
-        activation: one of :data:`ACTIVATIONS`.
-        scoring: one of :data:`SCORINGS`.
+        activation: one of :data:`ACTIVATIONS`; those of :data:`GATED_ACTIVATIONS` need ``gated``.
+        scoring: one of :data:`SCORINGS`; None with ``topk_ids``.
         capacity_factor: None, or a finite number > 0.
         router_bias: None or ``[E]``; b1: None or ``[E, 2I or I]``; b2: None or ``[E, H]``.
+        normalize: bool; None with ``topk_ids``.
+        topk_ids: routing from outside, ``[T, k]`` int32 / int64, ids in ``[0, E)`` or the
+            sentinel ``E``, no expert twice in a row; with ``topk_weights`` ``[T, k]`` of x's
+            dtype or float32.
+        swiglu_limit: the clamp L of the clamped SwiGLUs, a finite number > 0 (required for
+            swiglu_clamp / swiglu_clamp_post); swiglu_alpha: swiglu_oai's alpha.
+        check_values: read ``topk_ids``' values (range, repeats); False where reading them is not
+            possible (fake tensors, CUDA graph capture).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
@@ -167,16 +295,25 @@ def validate(
     if hidden < 1:
         raise ValueError(f"x must have shape [..., H] with H >= 1, got {list(x.shape)}")
 
-    if not isinstance(router_weight, Tensor):
-        raise TypeError(f"router_weight must be a torch.Tensor of shape [E, H], got {type(router_weight).__name__}")
-    if router_weight.dim() != 2 or router_weight.shape[0] < 1:
-        raise ValueError(f"router_weight must have shape [E, H={hidden}] with E >= 1, got {list(router_weight.shape)}")
-    num_experts = router_weight.shape[0]
-    _check_tensor("router_weight", router_weight, (num_experts, hidden), x)
-
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
     w1_rows_name = "2I" if gated else "I"
+    gate_less = topk_ids is not None or topk_weights is not None
+    if gate_less:
+        _check_no_router(router_weight, top_k, normalize, scoring, router_bias)
+        if not isinstance(w1, Tensor):
+            raise TypeError(f"w1 must be a torch.Tensor of shape [E, {w1_rows_name}, H], got {type(w1).__name__}")
+        if w1.dim() != 3 or w1.shape[0] < 1:
+            raise ValueError(f"w1 must have shape [E, {w1_rows_name}, H={hidden}] with E >= 1, got {list(w1.shape)}")
+        num_experts = w1.shape[0]
+    else:
+        if not isinstance(router_weight, Tensor):
+            raise TypeError(f"router_weight must be a torch.Tensor of shape [E, H], got {type(router_weight).__name__}")
+        if router_weight.dim() != 2 or router_weight.shape[0] < 1:
+            raise ValueError(f"router_weight must have shape [E, H={hidden}] with E >= 1, got {list(router_weight.shape)}")
+        num_experts = router_weight.shape[0]
+        _check_tensor("router_weight", router_weight, (num_experts, hidden), x)
+
     if not isinstance(w1, Tensor):
         raise TypeError(f"w1 must be a torch.Tensor of shape [E, {w1_rows_name}, H], got {type(w1).__name__}")
     if w1.dim() != 3 or w1.shape[1] < 1 or (gated and w1.shape[1] % 2 != 0):
@@ -195,16 +332,56 @@ def validate(
     if b2 is not None:
         _check_tensor("b2", b2, (num_experts, hidden), x)
 
-    _check_top_k(top_k, num_experts)
+    if not gate_less:
+        _check_top_k(top_k, num_experts)
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a str, one of {ACTIVATIONS}, got {type(activation).__name__}")
     _check_activation(activation)
-    if not isinstance(scoring, str):
-        raise TypeError(f"scoring must be a str, one of {SCORINGS}, got {type(scoring).__name__}")
-    _check_scoring(scoring)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
+    if not gate_less:
+        if not isinstance(scoring, str):
+            raise TypeError(f"scoring must be a str, one of {SCORINGS}, got {type(scoring).__name__}")
+        _check_scoring(scoring)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     _check_capacity_factor(capacity_factor)
+    if gate_less:
+        _check_routing(topk_ids, topk_weights, x, num_experts, check_values)
+
+
+class _Default:
+    """The default of a router option (normalize, scoring) that was not passed: True / "softmax" in the
+    router form, and unset in the gate-less form, where passing the option at all is an error."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+DEFAULT_NORMALIZE = _Default(True)
+DEFAULT_SCORING = _Default("softmax")
+
+
+def router_options(normalize, scoring, *, gate_less: bool) -> tuple:
+    """``(normalize, scoring)`` with unpassed defaults resolved: their values in the router form,
+    None (unset) in the gate-less form."""
+    return tuple((None if gate_less else value.value) if isinstance(value, _Default) else value
+                 for value in (normalize, scoring))
+
+
+def split_weights(router_weight, w1, w2, *, gate_less: bool) -> tuple:
+    """``(router_weight, w1, w2)`` of a :func:`moe` call. In the gate-less form the positional
+    arguments after x are ``(w1, w2)``, so they arrive in the router_weight and w1 slots; a third
+    one stays in router_weight, where :func:`validate` names it."""
+    if not gate_less:
+        return router_weight, w1, w2
+    if w2 is None:
+        return None, router_weight, w1
+    if w1 is None:
+        return None, router_weight, w2
+    return router_weight, w1, w2
 
 
 def router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor] = None) -> Tensor:
@@ -271,29 +448,31 @@ def admit(topk_ids: Tensor, num_experts: int, capacity: Optional[int]) -> Tensor
     """Which picks their expert admits.
 
     Each expert takes its picks in ascending token index (then ascending pick slot j)
-    and admits the first ``capacity`` of them.
+    and admits the first ``capacity`` of them. A pick of the sentinel ``E`` (an expert that is
+    not local, routing from outside) is never admitted and takes no capacity.
 
     Args:
-        topk_ids: ``[T, k]`` integer dtype, values in ``0..E-1``.
+        topk_ids: ``[T, k]`` integer dtype, values in ``0..E`` (``E``: the sentinel).
         num_experts: E.
         capacity: picks admitted per expert, or None to admit every pick.
 
     Returns:
         ``[T, k]`` bool, True where the pick is admitted.
     """
-    if capacity is None:
-        return torch.ones(topk_ids.shape, dtype=torch.bool, device=topk_ids.device)
     flat_ids = topk_ids.reshape(-1).long()
-    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= num_experts):
-        raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}")
+    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) > num_experts):
+        raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}, or be the sentinel {num_experts}")
+    local = flat_ids < num_experts
+    if capacity is None:
+        return local.reshape(topk_ids.shape)
     # Row-major flattening is (token, slot) order; a stable sort by expert keeps it
     # inside each expert, so a pick's offset in its expert's run is its arrival rank.
     order = torch.sort(flat_ids, stable=True).indices
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)
     run_starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(flat_ids)
     rank[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - run_starts[flat_ids[order]]
-    return (rank < capacity).reshape(topk_ids.shape)
+    return ((rank < capacity) & local).reshape(topk_ids.shape)
 
 
 def _activate(h: Tensor, activation: str) -> Tensor:
@@ -305,7 +484,30 @@ def _activate(h: Tensor, activation: str) -> Tensor:
         return F.gelu(h, approximate="tanh")
     if activation == "relu":
         return F.relu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def gated_activation(gate: Tensor, up: Tensor, activation: str, swiglu_limit=None, swiglu_alpha=None) -> Tensor:
+    """The gated expert's hidden activation ``h`` from its gate and up halves (L: swiglu_limit,
+    alpha: swiglu_alpha, defaults as in :func:`activation_options`):
+
+    * swiglu_clamp:      ``g = min(g, L)``, ``u = clamp(u, -L, L)``, ``h = silu(g) * u``
+    * swiglu_clamp_post: ``h = min(silu(g), L) * clamp(u, -L, L)``
+    * swiglu_oai:        ``g = min(g, L)``, ``h = (clamp(u, -L, L) + 1) * g * sigmoid(alpha * g)``
+    * any other:         ``h = act(g) * u``
+    """
+    if activation not in GATED_ACTIVATIONS:
+        return _activate(gate, activation) * up
+    limit, alpha = activation_options(activation, swiglu_limit, swiglu_alpha)
+    up = up.clamp(-limit, limit)
+    if activation == "swiglu_clamp":
+        return F.silu(gate.clamp(max=limit)) * up
+    if activation == "swiglu_clamp_post":
+        return F.silu(gate).clamp(max=limit) * up
+    gate = gate.clamp(max=limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
 
 def expert_ffn(
@@ -317,12 +519,15 @@ def expert_ffn(
     activation: str,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
 ) -> Tensor:
     """One expert's FFN, GEMMs in ``x``'s dtype (torch accumulates bf16/fp16 in fp32).
 
     Plain: ``act(x @ w1.T + b1) @ w2.T + b2``.
-    Gated: ``(act(x @ gate.T + b1[:I]) * (x @ up.T + b1[I:])) @ w2.T + b2`` with
-    ``gate = w1[:I]`` and ``up = w1[I:]`` (HF ``gate_up_proj`` layout). The hidden
+    Gated: ``glu(x @ gate.T + b1[:I], x @ up.T + b1[I:]) @ w2.T + b2`` with
+    ``gate = w1[:I]`` and ``up = w1[I:]`` (HF ``gate_up_proj`` layout) and ``glu`` the
+    :func:`gated_activation` (``act(g) * u`` unless a clamped SwiGLU). The hidden
     activation is rounded to ``x``'s dtype before the second GEMM.
 
     Args:
@@ -330,6 +535,7 @@ def expert_ffn(
         w1: ``[2I, H]`` when gated else ``[I, H]``, dtype of ``x``.
         w2: ``[H, I]``, dtype of ``x``.
         b1: optional ``[2I]`` / ``[I]``; b2: optional ``[H]``; dtype of ``x``.
+        swiglu_limit, swiglu_alpha: the clamped SwiGLUs' options.
 
     Returns:
         ``[n, H]`` in ``x``'s dtype.
@@ -337,7 +543,7 @@ def expert_ffn(
     h = F.linear(x, w1, b1)
     if gated:
         gate, up = h.chunk(2, dim=-1)
-        h = _activate(gate, activation) * up
+        h = gated_activation(gate, up, activation, swiglu_limit, swiglu_alpha)
     else:
         h = _activate(h, activation)
     return F.linear(h, w2, b2)
@@ -345,22 +551,30 @@ def expert_ffn(
 
 def moe(
     x: Tensor,
-    router_weight: Tensor,
-    w1: Tensor,
-    w2: Tensor,
+    router_weight: Optional[Tensor] = None,
+    w1: Optional[Tensor] = None,
+    w2: Optional[Tensor] = None,
     *,
-    top_k: int,
+    top_k: Optional[int] = None,
     gated: bool = True,
     activation: str = "silu",
-    normalize: bool = True,
-    scoring: str = "softmax",
+    normalize: bool = DEFAULT_NORMALIZE,
+    scoring: str = DEFAULT_SCORING,
     capacity_factor: Optional[float] = None,
     router_bias: Optional[Tensor] = None,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
     return_routing: bool = False,
+    topk_ids: Optional[Tensor] = None,
+    topk_weights: Optional[Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
 ):
     """The MoE layer, as every backend must compute it.
+
+    Two forms: ``moe(x, router_weight, w1, w2, *, top_k, ...)`` routes with its own router;
+    ``moe(x, w1, w2, *, topk_ids, topk_weights, ...)`` takes the routing from outside (the
+    gate-less form: no router, and none of top_k, normalize, scoring, router_bias).
 
     Args:
         x: ``[..., H]`` float32 / bfloat16 / float16 / float64; leading dims are T tokens.
@@ -369,36 +583,53 @@ def moe(
         w2: ``[E, H, I]``, dtype of ``x``.
         top_k: experts per token, ``1..E``.
         gated: GLU expert (``act(gate) * up``) or plain two-layer FFN.
-        activation: one of :data:`ACTIVATIONS`.
-        normalize: divide each token's k weights by their sum.
-        scoring: ``"softmax"`` or ``"sigmoid"``.
-        capacity_factor: None (dropless) or a finite number > 0.
+        activation: one of :data:`ACTIVATIONS` (see :func:`gated_activation`).
+        normalize: divide each token's k weights by their sum (default True).
+        scoring: ``"softmax"`` (default) or ``"sigmoid"``.
+        capacity_factor: None (dropless) or a finite number > 0; with routing from outside,
+            ``C = ceil(capacity_factor * T * k / E)`` with ``k = topk_ids.shape[1]``.
         router_bias: optional ``[E]``; b1: optional ``[E, 2I or I]``; b2: optional
             ``[E, H]``; dtype of ``x``.
         return_routing: also return a :class:`Routing`.
+        topk_ids: ``[T, k]`` int32 / int64, the expert of each pick, in ``[0, E)``, or ``E``:
+            HF's expert-parallel sentinel for an expert that is not local, which contributes
+            zero (and takes no capacity). No expert twice in a row.
+        topk_weights: ``[T, k]``, x's dtype or float32, the weight of each pick (differentiable).
+        swiglu_limit, swiglu_alpha: the clamped SwiGLUs' L and alpha.
 
     Returns:
         ``y`` with the shape and dtype of ``x``, or ``(y, Routing)``.
     """
+    gate_less = topk_ids is not None or topk_weights is not None
+    router_weight, w1, w2 = split_weights(router_weight, w1, w2, gate_less=gate_less)
+    normalize, scoring = router_options(normalize, scoring, gate_less=gate_less)
     validate(
         x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
         capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
+        topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
     )
     hidden = x.shape[-1]
-    num_experts = router_weight.shape[0]
+    num_experts = w1.shape[0]
     tokens = x.reshape(-1, hidden)
     num_tokens = tokens.shape[0]
 
-    logits = router_logits(tokens, router_weight, router_bias)
-    topk_ids, topk_weights = route(logits, top_k, scoring=scoring, normalize=normalize)
+    if gate_less:
+        logits = None
+        top_k = topk_ids.shape[1]
+        weights = topk_weights.to(accumulate_dtype(x.dtype))
+    else:
+        logits = router_logits(tokens, router_weight, router_bias)
+        topk_ids, weights = route(logits, top_k, scoring=scoring, normalize=normalize)
+        topk_weights = weights
     flat_ids = topk_ids.reshape(-1).long()
-    expert_counts = torch.bincount(flat_ids, minlength=num_experts).to(torch.int32)
+    local = flat_ids < num_experts
+    expert_counts = torch.bincount(flat_ids[local], minlength=num_experts).to(torch.int32)
     capacity = expert_capacity(capacity_factor, num_tokens, top_k, num_experts)
     admitted = admit(topk_ids, num_experts, capacity)
-    dropped = (~admitted).sum(dtype=torch.int64)
+    dropped = (local & ~admitted.reshape(-1)).sum(dtype=torch.int64)
 
-    y = combine(tokens, w1, w2, topk_ids, topk_weights, admitted, gated=gated, activation=activation,
-                b1=b1, b2=b2)
+    y = combine(tokens, w1, w2, topk_ids, weights, admitted, gated=gated, activation=activation,
+                b1=b1, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     y = y.reshape(x.shape)
 
     if not return_routing:
@@ -437,6 +668,8 @@ def combine(
     activation: str,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
 ) -> Tensor:
     """Expert FFNs of the admitted picks and their weighted sum, for a fixed routing.
 
@@ -446,8 +679,8 @@ def combine(
 
     Args:
         tokens: ``[T, H]`` float dtype.
-        w1, w2, b1, b2: as in :func:`moe`, dtype of ``tokens``.
-        topk_ids: ``[T, k]`` integer, experts of the picks.
+        w1, w2, b1, b2, swiglu_limit, swiglu_alpha: as in :func:`moe`, dtype of ``tokens``.
+        topk_ids: ``[T, k]`` integer, experts of the picks (``E``: the sentinel, never admitted).
         topk_weights: ``[T, k]`` float, weights of the picks.
         admitted: ``[T, k]`` bool, from :func:`admit`.
 
@@ -463,6 +696,7 @@ def combine(
         out = expert_ffn(
             expert_tokens, w1[expert], w2[expert], gated=gated, activation=activation,
             b1=None if b1 is None else b1[expert], b2=None if b2 is None else b2[expert],
+            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
         )
         expert_outputs.append(out.to(accumulate))
         admitted_picks.append(expert_picks)
