@@ -5,7 +5,7 @@
 #   2. test       pytest -m gpu (tests/test_moe_cuda.py and every other gpu-marked test)
 #   3. sanitizer  scripts/compute_sanitizer.sh (memcheck, racecheck, synccheck, initcheck)
 #   4. bench      flashmoe-bench over the named configurations in bf16: fused (native) vs reference
-#                 vs hf-loop vs grouped-mm, with the dense-GEMM and copy floors; then the targets
+#                 vs expert-loop vs grouped-mm, with the dense-GEMM and copy floors; then the targets
 # Every step runs even when an earlier one failed; the exit status is 1 when any step failed.
 # Raw logs and JSON go to bench/results/<UTC timestamp>-<device>-*.
 #
@@ -13,10 +13,10 @@
 #   FLASHMOE_SUITE_STEPS        steps to run, comma-separated (default build,test,sanitizer,bench)
 #   FLASHMOE_SUITE_CONFIGS      bench configs (default mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper)
 #   FLASHMOE_SUITE_TOKENS       bench token counts (default 1,16,128,1024,4096,16384; paper adds 8192)
-#   FLASHMOE_SUITE_BACKENDS     bench backends (default native,reference,hf-loop,grouped-mm)
+#   FLASHMOE_SUITE_BACKENDS     bench backends (default native,reference,expert-loop,grouped-mm)
 #   FLASHMOE_SUITE_ROUTING      uniform, skewed or uniform,skewed (default uniform)
 #   FLASHMOE_SUITE_BUDGET       seconds per bench row (default 2)
-#   FLASHMOE_SUITE_BASELINE_MAX_TOKENS  skip reference and hf-loop above this T (default: run them all)
+#   FLASHMOE_SUITE_BASELINE_MAX_TOKENS  skip reference and expert-loop above this T (default: run them all)
 #   FLASHMOE_SUITE_BENCH_ARGS   extra flashmoe-bench arguments (e.g. "--iters 20"; "--experts 4
 #                               --hidden 64 --ffn 32 --device cpu" makes a quick smoke run anywhere)
 #   FLASHMOE_SUITE_PYTEST_ARGS  extra pytest arguments, e.g. "-m 'gpu and not slow'" or "-x"
@@ -33,7 +33,7 @@ python_bin=${PYTHON:-python3}
 steps=",${FLASHMOE_SUITE_STEPS:-build,test,sanitizer,bench},"
 configs=${FLASHMOE_SUITE_CONFIGS:-mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper}
 tokens=${FLASHMOE_SUITE_TOKENS:-1,16,128,1024,4096,16384}
-bench_backends=${FLASHMOE_SUITE_BACKENDS:-native,reference,hf-loop,grouped-mm}
+bench_backends=${FLASHMOE_SUITE_BACKENDS:-native,reference,expert-loop,grouped-mm}
 routing=${FLASHMOE_SUITE_ROUTING:-uniform}
 budget=${FLASHMOE_SUITE_BUDGET:-2}
 baseline_max_tokens=${FLASHMOE_SUITE_BASELINE_MAX_TOKENS:-}

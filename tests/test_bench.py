@@ -28,7 +28,7 @@ def one_thread():
 ROW_KEYS = {"config", "shape", "dtype", "tokens", "routing", "backend", "status", "error", "median_ms",
             "p10_ms", "p90_ms", "min_ms", "max_ms", "samples_ms", "iterations", "tokens_per_s", "tflops",
             "flops", "speedup_vs_reference", "speedup_vs_grouped_mm", "dense_fraction", "weight_floor_ms",
-            "over_weight_floor", "weight_bytes_touched", "routing_stats"}
+            "over_weight_floor", "weight_bytes_touched", "routing_stats", "rel_err"}
 
 
 def run_cli(tmp_path, capsys, *flags):
@@ -50,14 +50,14 @@ def assert_ok_rows(rows):
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
 
 
-def test_cli_reference_and_hf_loop(tmp_path, capsys):
-    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop",
+def test_cli_reference_and_expert_loop(tmp_path, capsys):
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,expert-loop",
                                            "--dtype", "fp32,bf16", "--floors")
     assert exit_code == 0, captured.err
     rows = results["rows"]
     assert len(rows) == 2 * 2 * 4  # dtypes x tokens x (2 backends + 2 floors)
     assert_ok_rows(rows)
-    assert {row["backend"] for row in rows} == {"reference", "hf-loop", "dense-matmul-floor", "d2d-copy-floor"}
+    assert {row["backend"] for row in rows} == {"reference", "expert-loop", "dense-matmul-floor", "d2d-copy-floor"}
     assert all(row["speedup_vs_reference"] == 1.0 for row in rows if row["backend"] == "reference")
     assert all(row["dense_fraction"] == 1.0 for row in rows if row["backend"] == "dense-matmul-floor")
     for row in rows:
@@ -74,6 +74,12 @@ def test_cli_reference_and_hf_loop(tmp_path, capsys):
     # the table: header row, then one line per row
     assert "median ms" in captured.out and "TFLOP/s" in captured.out and "vs ref" in captured.out
     assert "%dense" in captured.out and "x wfloor" in captured.out and "GB/s" in captured.out
+    assert "rel err" in captured.out
+    for row in rows:  # the accuracy column: every layer backend against float64, none for the floors
+        if row["backend"] in ("dense-matmul-floor", "d2d-copy-floor"):
+            assert row["rel_err"] is None
+        else:
+            assert 0 < row["rel_err"] <= (1e-5 if row["dtype"] == "fp32" else 2e-2), row
     assert captured.out.count("H32-I16-E8-k2") >= len(rows)
 
 
@@ -90,11 +96,11 @@ def test_weight_bytes_touched():
 
 
 def test_baseline_max_tokens_skips_slow_baselines(tmp_path, capsys):
-    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop,grouped-mm",
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,expert-loop,grouped-mm",
                                            "--baseline-max-tokens", "2")
     assert exit_code == 0, captured.err
     by_key = {(row["backend"], row["tokens"]): row for row in results["rows"]}
-    for backend in ("reference", "hf-loop"):
+    for backend in ("reference", "expert-loop"):
         assert by_key[(backend, 1)]["status"] == "ok"
         assert by_key[(backend, 5)]["status"] == "skipped"
         assert "baseline-max-tokens" in by_key[(backend, 5)]["skip_reason"]
@@ -105,7 +111,7 @@ def test_baseline_max_tokens_skips_slow_baselines(tmp_path, capsys):
 
 
 def test_cli_skewed_plain_sigmoid(tmp_path, capsys):
-    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-loop",
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,expert-loop",
                                            "--routing", "skewed", "--plain", "--activation", "gelu",
                                            "--scoring", "sigmoid", "--no-normalize")
     assert exit_code == 0, captured.err
@@ -122,11 +128,11 @@ def test_cli_native_backend(tmp_path, capsys):
 
 
 def test_failing_backend_is_reported_and_the_run_continues(tmp_path, capsys):
-    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "hf-loop,reference",
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "expert-loop,reference",
                                            "--capacity-factor", "1.0")
     assert exit_code == 1
     failed = [row for row in results["rows"] if row["status"] != "ok"]
-    assert {row["backend"] for row in failed} == {"hf-loop"}
+    assert {row["backend"] for row in failed} == {"expert-loop"}
     assert "capacity_factor=None" in failed[0]["error"]
     assert_ok_rows([row for row in results["rows"] if row["backend"] == "reference"])
     assert "error: NotImplementedError" in captured.out
@@ -183,7 +189,7 @@ BASELINE_CASES = [
     dict(gated=False, activation="gelu", scoring="softmax", normalize=True, bias=False),
     dict(gated=False, activation="relu", scoring="sigmoid", normalize=False, bias=False),
 ]
-BASELINES = [baselines.hf_loop_moe] + ([baselines.grouped_mm_moe] if baselines.grouped_mm_available() else [])
+BASELINES = [baselines.expert_loop_moe] + ([baselines.grouped_mm_moe] if baselines.grouped_mm_available() else [])
 
 
 @pytest.mark.parametrize("baseline", BASELINES, ids=lambda function: function.__name__)
@@ -206,7 +212,7 @@ def test_baselines_refuse_capacity():
     generator = torch.Generator().manual_seed(0)
     x, router_weight, w1, w2 = _random_layer(generator, tokens=4, hidden=8, ffn=4, experts=4, gated=True)
     with pytest.raises(NotImplementedError, match="capacity_factor=None"):
-        baselines.hf_loop_moe(x, router_weight, w1, w2, top_k=2, capacity_factor=1.0)
+        baselines.expert_loop_moe(x, router_weight, w1, w2, top_k=2, capacity_factor=1.0)
 
 
 def test_skewed_bias_puts_about_half_the_picks_on_the_hot_experts():
@@ -241,3 +247,57 @@ def test_targets_read_the_bench_json(tmp_path, capsys):
     assert targets.main([str(path), "--strict"]) == 1
     out = capsys.readouterr().out
     assert "MISSED   Mixtral bf16 T=4096: >= 1.2x" in out and "T=4096: 75%" in out and "T=16: 1.40x" in out
+
+
+HF_BACKENDS = ["hf-eager", "hf-grouped-mm"]
+
+
+def test_hf_backends_run_the_real_blocks_on_shared_weights(tmp_path, capsys):
+    """hf-eager / hf-grouped-mm are transformers' own blocks, on flashmoe's tensors, as accurate as flashmoe."""
+    pytest.importorskip("transformers")
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "native,hf-eager,hf-grouped-mm,hf-sonicmoe",
+                                           "--dtype", "fp32,bf16")
+    assert exit_code == 0, captured.out + captured.err
+    rows = results["rows"]
+    assert_ok_rows([row for row in rows if row["backend"] != "hf-sonicmoe"])
+    for row in rows:
+        if row["backend"] == "hf-sonicmoe":  # CUDA-only: a skip that says why, not an error
+            assert row["status"] == "skipped" and "CUDA" in row["skip_reason"]
+        else:
+            assert 0 < row["rel_err"] <= (1e-5 if row["dtype"] == "fp32" else 2e-2), row
+    assert "rel err" in captured.out and "skipped: experts_implementation='sonicmoe' runs only on CUDA" in captured.out
+
+
+@pytest.mark.parametrize("config, block_class", [("olmoe", "OlmoeSparseMoeBlock"),
+                                                 ("qwen3-30b-a3b", "Qwen3MoeSparseMoeBlock"),
+                                                 ("mixtral", "MixtralSparseMoeBlock"),
+                                                 (None, "Qwen3MoeSparseMoeBlock")])
+def test_hf_block_is_the_named_shapes_own_class_and_shares_the_weights(config, block_class):
+    pytest.importorskip("transformers")
+    from flashmoe.bench import hf_blocks, problem
+
+    base = configs.NAMED_CONFIGS[config] if config else configs.custom_shape(32, 16, 8, 2)
+    shape = base.override(hidden_size=32, ffn_size=16, num_experts=8, top_k=2)
+    weights = problem.make_weights(shape, torch.float32, torch.device("cpu"), seed=0)
+    inputs = problem.make_inputs(shape, 5, torch.float32, torch.device("cpu"), seed=1, count=2)
+    the_problem = problem.MoEProblem(shape, weights, None, inputs)
+    block = hf_blocks.build_block(the_problem, "grouped_mm")
+    assert type(block).__name__ == block_class
+    assert block.experts.gate_up_proj.data_ptr() == weights.w1.data_ptr()
+    assert block.experts.down_proj.data_ptr() == weights.w2.data_ptr()
+    assert block.gate.weight.data_ptr() == weights.router_weight.data_ptr()
+    assert block.experts.config._experts_implementation == "grouped_mm"
+    output = hf_blocks.runner("hf-eager")(the_problem)(1)
+    assert output.shape == inputs[1].shape
+    expected = reference.moe(inputs[1], weights.router_weight, weights.w1, weights.w2, **the_problem.moe_options())
+    assert ((output - expected).norm() / expected.norm()).item() <= 1e-5
+
+
+def test_hf_backends_skip_what_the_hf_block_cannot_run(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "reference,hf-eager", "--plain",
+                                           "--routing", "skewed")
+    assert exit_code == 0, captured.err
+    skipped = [row for row in results["rows"] if row["backend"] == "hf-eager"]
+    assert skipped and all(row["status"] == "skipped" for row in skipped)
+    assert "non-gated experts" in skipped[0]["skip_reason"] and "router bias" in skipped[0]["skip_reason"]

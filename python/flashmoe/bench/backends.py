@@ -11,7 +11,7 @@ from typing import Callable, Dict
 
 import torch
 
-from . import baselines
+from . import baselines, hf_blocks
 from .problem import MoEProblem
 
 Runner = Callable[[int], torch.Tensor]
@@ -21,7 +21,7 @@ FLOOR_BACKENDS = (FLOOR_BACKEND, COPY_FLOOR_BACKEND)
 REFERENCE_BACKEND = "reference"
 GROUPED_MM_BACKEND = "grouped-mm"
 # Pure-PyTorch loops that --baseline-max-tokens may skip at large T.
-SLOW_BASELINES = (REFERENCE_BACKEND, "hf-loop")
+SLOW_BASELINES = (REFERENCE_BACKEND, "expert-loop")
 
 
 class BackendUnavailable(RuntimeError):
@@ -75,16 +75,22 @@ def _dense_matmul_floor(problem: MoEProblem) -> Runner:
 BACKENDS: Dict[str, Callable[[MoEProblem], Runner]] = {
     "native": _flashmoe_native,
     REFERENCE_BACKEND: _flashmoe_reference,
-    "hf-loop": _baseline(baselines.hf_loop_moe),
+    "expert-loop": _baseline(baselines.expert_loop_moe),
     GROUPED_MM_BACKEND: _grouped_mm,
+    **{name: hf_blocks.runner(name) for name in hf_blocks.HF_BACKENDS},
 }
 
 BACKEND_HELP = {
     "native": "flashmoe.moe(backend='native'): the fused op (CPU dataflow runtime, or the CUDA kernel "
               "on a GPU)",
     REFERENCE_BACKEND: "flashmoe.reference.moe: the pure-PyTorch specification",
-    "hf-loop": "HF transformers 5 Mixtral-style Python loop over hit experts",
+    "expert-loop": "a Python loop over the hit experts, written in bench/baselines.py (not HF's code)",
     GROUPED_MM_BACKEND: "sort by expert + torch._grouped_mm (where torch has it)",
+    "hf-eager": "transformers' own block of the shape (OlmoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, "
+                "MixtralSparseMoeBlock) on flashmoe's weights, experts_implementation='eager'",
+    "hf-grouped-mm": "the same HF block, experts_implementation='grouped_mm'",
+    "hf-sonicmoe": "the same HF block, experts_implementation='sonicmoe' (CUDA, where installed)",
+    "hf-deepgemm": "the same HF block, experts_implementation='deepgemm' (CUDA, where installed)",
 }
 
 

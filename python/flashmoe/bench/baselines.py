@@ -1,8 +1,8 @@
 """What flashmoe is compared against, written here so the comparison is visible.
 
-- hf_loop_moe: the math of HF transformers 5 MixtralTopKRouter + MixtralExperts.forward
-  (a Python loop over the experts that were hit). Not imported: the benchmark
-  must not depend on transformers, and the loop is the point.
+- expert_loop_moe: a top-k router and a Python loop over the experts that were hit, written
+  here (the shape of an eager loop, not transformers' code; the real HF blocks are the
+  hf-* backends in hf_blocks.py).
 - grouped_mm_moe: sort picks by expert, two torch._grouped_mm calls, weighted
   index_add_. Only where torch has _grouped_mm.
 - DenseMatmulFloor: torch's own dense matmuls doing the same FLOPs as the layer.
@@ -41,10 +41,10 @@ def _require_dropless(capacity_factor: Optional[float], who: str) -> None:
             f"{who} supports only capacity_factor=None (dropless), got {capacity_factor}")
 
 
-def hf_router(x: torch.Tensor, router_weight: torch.Tensor, *, top_k: int, normalize: bool,
-              scoring: str = "softmax",
-              router_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MixtralTopKRouter: linear in the compute dtype, scores in float, topk, normalize.
+def topk_router(x: torch.Tensor, router_weight: torch.Tensor, *, top_k: int, normalize: bool,
+                scoring: str = "softmax",
+                router_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router linear in the compute dtype, scores in float, topk, optional normalize.
 
     Returns (topk_weights [T,k] fp32, topk_ids [T,k] int64).
     """
@@ -70,15 +70,15 @@ def _expert_ffn(tokens: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gated:
     return F.linear(hidden, w2)
 
 
-def hf_loop_moe(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *,
-                top_k: int, gated: bool = True, activation: str = "silu", normalize: bool = True,
-                scoring: str = "softmax", capacity_factor: Optional[float] = None,
-                router_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """HF transformers 5 MixtralSparseMoeBlock math; x [T,H] -> y [T,H] in x.dtype."""
-    _require_dropless(capacity_factor, "the hf-loop baseline")
+def expert_loop_moe(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *,
+                    top_k: int, gated: bool = True, activation: str = "silu", normalize: bool = True,
+                    scoring: str = "softmax", capacity_factor: Optional[float] = None,
+                    router_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A Python loop over the hit experts with an index_add_ combine; x [T,H] -> y [T,H] in x.dtype."""
+    _require_dropless(capacity_factor, "the expert-loop baseline")
     act = activation_fn(activation)
     num_experts = w1.shape[0]
-    topk_weights, topk_ids = hf_router(x, router_weight, top_k=top_k, normalize=normalize,
+    topk_weights, topk_ids = topk_router(x, router_weight, top_k=top_k, normalize=normalize,
                                        scoring=scoring, router_bias=router_bias)
 
     final_hidden_states = torch.zeros_like(x)
@@ -107,7 +107,7 @@ def grouped_mm_moe(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tenso
     _require_dropless(capacity_factor, "the grouped-mm baseline")
     act = activation_fn(activation)
     num_experts = w1.shape[0]
-    topk_weights, topk_ids = hf_router(x, router_weight, top_k=top_k, normalize=normalize,
+    topk_weights, topk_ids = topk_router(x, router_weight, top_k=top_k, normalize=normalize,
                                        scoring=scoring, router_bias=router_bias)
 
     flat_ids = topk_ids.flatten()

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from . import backends, memory, report
+from . import backends, hf_blocks, memory, report
 from .configs import (ACTIVATIONS, NAMED_CONFIGS, SCORINGS, LayerShape, custom_shape, touched_weight_bytes,
                       useful_flops, weight_bytes)
 from .problem import MoEProblem, make_inputs, make_weights, rotating_input_count
@@ -23,7 +23,7 @@ from .timing import time_runner
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONFIG = "olmoe"
 DEFAULT_TOKENS = [1, 16, 256]
-DEFAULT_BACKENDS = "native,reference,hf-loop"
+DEFAULT_BACKENDS = "native,reference,hf-eager,hf-grouped-mm"
 # Timed iterations when --iters is not given; --budget usually binds first on the CPU.
 DEFAULT_ITERS = {"cpu": 10, "cuda": 50}
 DEFAULT_BUDGET_S = 2.0
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="divide the top-k weights by their sum")
     shape.add_argument("--capacity-factor", type=_positive_float,
-                       help="expert capacity ceil(cf*T*k/E); default dropless. hf-loop and grouped-mm "
-                            "support only dropless")
+                       help="expert capacity ceil(cf*T*k/E); default dropless. expert-loop, grouped-mm "
+                            "and the hf-* blocks support only dropless")
 
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--tokens", type=_list_of(_positive_int, "token counts"),
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"also time the device's floors: '{backends.FLOOR_BACKEND}' (dense torch matmuls with "
                             f"the layer's FLOPs) and '{backends.COPY_FLOOR_BACKEND}' (a copy of the weight bytes the "
                             "layer reads, for the bandwidth floor)")
+    sweep.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                       help="the 'rel err' column: each backend's ||y - ref|| / ||ref|| on the first input, "
+                            "against flashmoe.reference in float64 on the same inputs and weights (default on; "
+                            "holds a float64 copy of the weights)")
     sweep.add_argument("--baseline-max-tokens", type=_positive_int, metavar="T",
                        help=f"skip the slow pure-PyTorch baselines ({', '.join(backends.SLOW_BASELINES)}) for "
                             "token counts above T (their rows say 'skipped')")
@@ -188,7 +192,7 @@ def check_memory(shapes, dtype_names, args, device) -> List[str]:
     max_tokens = max(args.tokens)
 
     def needed(shape: LayerShape, dtype: torch.dtype) -> int:
-        return memory.footprint_bytes(shape, dtype, max_tokens, args.iters, args.floors)
+        return memory.footprint_bytes(shape, dtype, max_tokens, args.iters, args.floors, args.accuracy)
 
     problems = []
     for shape in shapes:
@@ -229,8 +233,17 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
                 "skip_reason": f"T > --baseline-max-tokens {args.baseline_max_tokens}"}
     try:
         runner = backends.build_runner(backend, problem)
+    except hf_blocks.HFBlockUnavailable as error:
+        return {"status": "skipped", "error": None, "skip_reason": str(error)}
+    except Exception as error:
+        return {"status": "error", "error": f"{type(error).__name__}: {error}"}
+    try:
         timing = time_runner(runner, warmup=warmup, iters=args.iters, inputs=inputs, device=device,
                              budget_s=args.budget or None)
+        rel_err = None
+        if args.accuracy and backend not in backends.FLOOR_BACKENDS:
+            with torch.no_grad():
+                rel_err = problem.relative_error(runner(0))
     except Exception as error:  # one failing backend must not end the sweep
         if device.type == "cuda":
             torch.cuda.empty_cache()  # an out-of-memory row must not starve the next one
@@ -242,7 +255,7 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
         "median_ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
         "min_ms": min(timing.samples_ms), "max_ms": max(timing.samples_ms),
         "samples_ms": timing.samples_ms, "iterations": len(timing.samples_ms),
-        "warmup_calls": timing.warmup_calls,
+        "warmup_calls": timing.warmup_calls, "rel_err": rel_err,
         "tokens_per_s": problem.tokens / seconds if seconds > 0 else math.inf,
         "tflops": flops / seconds / 1e12 if seconds > 0 else math.inf,
     }
@@ -363,6 +376,9 @@ def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], de
     budget = f", cut to a {args.budget:g} s budget per row" if args.budget else ""
     timing_note = (f"{timer}: median and p10-p90 of n <= {args.iters} timed calls after {warmup}{budget}; "
                    "inputs rotate; TFLOP/s counts router + expert GEMMs")
+    if args.accuracy:
+        timing_note += ("; rel err = ||y - y_ref|| / ||y_ref|| on the first input, y_ref = flashmoe.reference "
+                        "in float64 on the same inputs and weights (each backend routes for itself)")
     if args.floors:
         timing_note += ("; %dense = TFLOP/s / dense-matmul-floor's; x wfloor = median / (weight bytes touched "
                         f"/ {backends.COPY_FLOOR_BACKEND} bandwidth)")

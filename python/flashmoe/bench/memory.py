@@ -15,9 +15,10 @@ from .problem import rotating_input_count
 USABLE_FRACTION = 0.9
 
 
-def footprint_bytes(shape: LayerShape, dtype: torch.dtype, max_tokens: int, iters: int, floors: bool) -> int:
+def footprint_bytes(shape: LayerShape, dtype: torch.dtype, max_tokens: int, iters: int, floors: bool,
+                    accuracy: bool = False) -> int:
     """Weights + rotating inputs + one forward's fp32 working set at the largest T (+ the floors'
-    repeated inputs and copy buffers)."""
+    repeated inputs and copy buffers, + the float64 weights and working set of the accuracy column)."""
     element = dtype_bytes(dtype)
     count = rotating_input_count(max_tokens, shape.hidden_size, dtype, iters)
     inputs = count * max_tokens * shape.hidden_size * element
@@ -27,7 +28,8 @@ def footprint_bytes(shape: LayerShape, dtype: torch.dtype, max_tokens: int, iter
     floor_inputs = inputs * shape.top_k if floors else 0
     weights = weight_bytes(shape, dtype)
     copy_floor = 2 * min(weights, COPY_FLOOR_MAX_BYTES) if floors else 0  # its source and destination
-    return weights + inputs + floor_inputs + working_set + copy_floor
+    float64 = (weight_bytes(shape, torch.float64) + 2 * working_set) if accuracy else 0
+    return weights + inputs + floor_inputs + working_set + copy_floor + float64
 
 
 def available_bytes(device: torch.device) -> Optional[int]:

@@ -25,6 +25,13 @@ class ExpertWeights:
     router_weight: torch.Tensor  # [E, H], std 1/sqrt(H) so router logits are O(1)
     w1: torch.Tensor             # [E, N0, H], N0 = 2I gated (gate rows first) or I
     w2: torch.Tensor             # [E, H, I]
+    _float64: Optional["ExpertWeights"] = None
+
+    def float64(self) -> "ExpertWeights":
+        """The same values in float64, made once (for the accuracy column's reference)."""
+        if self._float64 is None:
+            self._float64 = ExpertWeights(self.router_weight.double(), self.w1.double(), self.w2.double())
+        return self._float64
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -66,6 +73,26 @@ class MoEProblem:
     inputs: List[torch.Tensor]           # rotating x tensors, each [T, H], N(0, 1)
     # Router + hit experts' weight bytes (mean over the inputs): what the copy floor copies.
     weight_bytes_touched: Optional[int] = None
+    _float64_output: Optional[torch.Tensor] = None
+
+    def float64_output(self) -> torch.Tensor:
+        """flashmoe.reference.moe in float64 on inputs[0] and the same weights: what every backend's
+        output on inputs[0] is compared with (made once per problem)."""
+        if self._float64_output is None:
+            from flashmoe import reference
+
+            weights = self.weights.float64()
+            options = self.moe_options()
+            if options["router_bias"] is not None:
+                options["router_bias"] = options["router_bias"].double()
+            self._float64_output = reference.moe(self.inputs[0].double(), weights.router_weight, weights.w1,
+                                                 weights.w2, **options)
+        return self._float64_output
+
+    def relative_error(self, output: torch.Tensor) -> float:
+        """‖output − float64 reference‖ / ‖reference‖, for an output on inputs[0]."""
+        expected = self.float64_output()
+        return ((output.double() - expected).norm() / expected.norm()).item()
 
     @property
     def tokens(self) -> int:

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 TABLE_COLUMNS = ("config", "dtype", "T", "routing", "backend", "median ms", "p10-p90 ms", "n",
-                 "tokens/s", "TFLOP/s", "vs ref", "vs gmm", "%dense", "x wfloor")
+                 "tokens/s", "TFLOP/s", "vs ref", "vs gmm", "%dense", "x wfloor", "rel err")
 NUMERIC_COLUMNS = frozenset(TABLE_COLUMNS[2:3] + TABLE_COLUMNS[5:])
 
 
@@ -168,6 +168,7 @@ def _cells(row: dict) -> List[str]:
         _ratio(row.get("speedup_vs_grouped_mm")),
         "-" if dense_fraction is None else f"{100 * dense_fraction:.0f}%",
         _ratio(row.get("over_weight_floor")),
+        "-" if row.get("rel_err") is None else f"{row['rel_err']:.1e}",
     ]
 
 
