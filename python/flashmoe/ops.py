@@ -177,8 +177,10 @@ def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, 
 
 def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor,
              swiglu_limit=None, swiglu_alpha=None):
+    # E comes from the router when there is one: under expert parallelism w1 holds only the local experts.
     routing_given = router_weight is None
-    problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], w1.shape[0], top_k,
+    experts = w1.shape[0] if routing_given else router_weight.shape[0]
+    problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], experts, top_k,
                             gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
                             has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None,
                             swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given)
