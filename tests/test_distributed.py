@@ -343,3 +343,14 @@ def test_failed_peer_never_hangs(world_size, transport, mode):
             # The watchdog names what it waited for, and the rank that owes it.
             assert "watchdog" in outcome and f"(source {world_size - 1}" in outcome or \
                 f"(owner {world_size - 1}" in outcome, outcome
+
+
+def test_bench_world_size(capsys):
+    from flashmoe.bench.cli import main
+    assert main(["--world-size", "2", "--hidden", "64", "--ffn", "32", "--experts", "4", "--top-k", "2",
+                 "--tokens", "3", "--iters", "3", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    for transport in ("symmetric", "all_to_all", "single-process"):
+        assert f" {transport}" in out, out
+    assert "all_to_all / symmetric" in out
+    assert main(["--world-size", "3", "--experts", "4", "--hidden", "8", "--ffn", "8", "--top-k", "1"]) == 2

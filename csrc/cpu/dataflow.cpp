@@ -247,6 +247,7 @@ class Member {
 
   // ---- Phase 4: the dataflow loop. Every member is a processor and, in turn, the OS. ----
   void dataflow() {
+    int64_t idle_polls = 0;
     for (;;) {
       if (c_.abort.load(std::memory_order_acquire)) throw Aborted{};
       bool subscribed = false;
@@ -261,6 +262,7 @@ class Member {
         chaos_.point();
         s_.completed.fetch_add(1, std::memory_order_acq_rel);
         c_.note_progress();
+        idle_polls = 0;
         continue;
       }
       // completed <= bound always; equal means every signal arrived and every task ran.
@@ -268,7 +270,13 @@ class Member {
       if (completed == s_.bound.load(std::memory_order_acquire)) return;
       if (!subscribed) {
         check_watchdog("processor", [&] { return describe_dataflow_wait(); });
-        std::this_thread::yield();
+        if (c_.config.transport) {
+          c_.config.transport->idle(++idle_polls);  // peers are processes: see HeapTransport::idle
+        } else {
+          std::this_thread::yield();
+        }
+      } else {
+        idle_polls = 0;
       }
     }
   }

@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, help="torch.set_num_threads")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     run.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and the skewed bias")
+    run.add_argument("--world-size", type=_positive_int, metavar="W",
+                     help="expert parallelism: start W local processes (gloo) and time flashmoe.distributed's "
+                          "transports against the single-process op on the same total tokens; --tokens are "
+                          "per rank (first --config and --dtype)")
+    run.add_argument("--transport", type=_list_of(_choice(("symmetric", "all_to_all"), "transport"), "transports"),
+                     default=["symmetric", "all_to_all"], help="with --world-size: transports to time")
     run.add_argument("--json", metavar="PATH", help="write every row and the environment as JSON "
                                                       "(results go in bench/results/)")
     return parser
@@ -359,6 +365,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], device: torch.device) -> int:
+    if args.world_size is not None:
+        return _run_distributed(args, argv, shapes[0], device)
     if args.iters is None:
         args.iters = DEFAULT_ITERS[device.type]
 
@@ -394,4 +402,30 @@ def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], de
     if failed:
         print(f"flashmoe-bench: {len(failed)} of {len(rows)} rows failed", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_distributed(args: argparse.Namespace, argv: List[str], shape: LayerShape, device: torch.device) -> int:
+    from . import distributed
+    if device.type != "cpu":
+        print("flashmoe-bench: error: --world-size runs flashmoe.distributed on CPU tensors in this build",
+              file=sys.stderr)
+        return 2
+    if shape.num_experts % args.world_size:
+        print(f"flashmoe-bench: error: --world-size {args.world_size} must divide E={shape.num_experts}",
+              file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype[0]]
+    env = report.environment(device, ["flashmoe-bench"] + argv)
+    iters = args.iters or 20
+    report.print_lines(report.header_lines(env, [shape], (
+        f"W={args.world_size} processes x 1 thread (gloo); time.perf_counter per call, back to back, median of "
+        f"n calls per rank after 2 warm-ups; tokens/s = W*T / slowest rank's median; single-process runs W*T "
+        f"tokens with all experts")))
+    sys.stdout.flush()
+    rows = distributed.run(args.world_size, shape, dtype, list(args.tokens), iters, list(args.transport), args.seed)
+    print(distributed.format_rows(rows, args.world_size))
+    if args.json:
+        path = report.write_json(args.json, env, dict(vars(args)), rows)
+        print(f"# wrote {path}")
     return 0
