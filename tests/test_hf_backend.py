@@ -410,3 +410,71 @@ def test_cuda_model_runs_the_cuda_op(family):
             actual = model(ids).logits
     assert any(event.name.startswith("flashmoe::") for event in profile.events())
     assert actual.is_cuda and rel_err(actual, expected) <= 1e-5
+
+
+# --- the other decorator flags and _apply_gate overrides, one experts module each ------------------
+
+MODULE_CASES = {  # family -> (experts class, config overrides, picks per token)
+    "muse_spark": ("MuseSparkExperts", dict(moe_hidden_size=32), 2),           # has_post_expert_norm
+    "step3p7": ("Step3p7Experts", dict(swiglu_limits=[0.3, 0.3]), 2),          # clamp after the activation
+    "bailing_hybrid": ("BailingHybridExperts", dict(swiglu_limits=[0.3, 0.3]), 2),
+    "minimax_m3_vl": ("MiniMaxM3VLExperts", dict(swiglu_limit=0.3), 2),        # swiglu_oai, concatenated
+    "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", dict(swiglu_limit=0.3), 2),  # transposed, bias
+    # non-gated, transposed, relu2; ErgoExperts hands its projections one route per row, weight 1
+    "ergo": ("ErgoExpertProjections", {}, 1),
+    "aria": ("AriaExperts", {}, 2),                                           # gated, transposed
+    "glm5_next": ("Glm5NextTextExperts", dict(swiglu_limit=0.3, num_key_value_heads=4, qk_rope_head_dim=0), 2),  # swiglu_clamp
+    "beam": ("BeamExperts", {}, 2),                                           # activation in fp32
+}
+
+
+def tiny_experts_module(family: str, class_name: str, overrides: dict):
+    import importlib
+    import inspect
+
+    settings = {**TINY, **overrides}
+    text_config = AutoConfig.for_model(family, **settings).get_text_config()
+    for key, value in settings.items():  # a composite config keeps its own text defaults
+        setattr(text_config, key, value)
+    module_class = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), class_name)
+    takes_layer = "layer_idx" in inspect.signature(module_class.__init__).parameters
+    module = module_class(text_config, 0) if takes_layer else module_class(text_config)
+    randomize(module, seed=sum(map(ord, family)))
+    return module
+
+
+@pytest.mark.parametrize("family", MODULE_CASES)
+def test_each_flag_and_gate_override_matches_eager(family):
+    class_name, overrides, top_k = MODULE_CASES[family]
+    module = tiny_experts_module(family, class_name, overrides)
+    generator = torch.Generator().manual_seed(12)
+    hidden = module.config.moe_hidden_size if family == "muse_spark" else 32
+    x = torch.randn(6, hidden, generator=generator, requires_grad=True)
+    top_k_index = torch.stack([torch.randperm(module.num_experts, generator=generator)[:top_k] for _ in range(6)])
+    if family == "ergo":  # its eager projections take unit weights and ignore them
+        top_k_weights = torch.ones(6, top_k)
+        inputs = [x, *module.parameters()]
+    else:
+        top_k_weights = torch.rand(6, top_k, generator=generator, requires_grad=True)
+        inputs = [x, *module.parameters(), top_k_weights]
+    module.config._experts_implementation = "eager"
+    expected = module(x, top_k_index, top_k_weights)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs, allow_unused=True)
+    module.config._experts_implementation = "flashmoe"
+    calls = hf.call_count()
+    actual = module(x, top_k_index, top_k_weights)
+    assert hf.call_count() == calls + 1
+    assert rel_err(actual, expected) <= 1e-5
+    actual_grads = torch.autograd.grad(actual.square().sum(), inputs, allow_unused=True)
+    for tensor, want, got in zip(inputs, expected_grads, actual_grads):
+        if want is None or want.norm() == 0:
+            assert got is None or got.norm() == 0
+        else:
+            assert got.shape == tensor.shape and rel_err(got, want) <= 1e-4
+
+
+def test_a_two_argument_activation_is_a_named_error():
+    """Inkling2's _apply_gate calls a soft-capped SwiGLU module the op does not compute."""
+    module = tiny_experts_module("inkling2", "Inkling2Experts", {})
+    with pytest.raises(hf.UnsupportedExpertsError, match=r"Inkling2Experts.*_apply_gate"):
+        hf.plan(module)
