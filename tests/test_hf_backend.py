@@ -425,6 +425,7 @@ MODULE_CASES = {  # family -> (experts class, config overrides, picks per token)
     "aria": ("AriaExperts", {}, 2),                                           # gated, transposed
     "glm5_next": ("Glm5NextTextExperts", dict(swiglu_limit=0.3, num_key_value_heads=4, qk_rope_head_dim=0), 2),  # swiglu_clamp
     "beam": ("BeamExperts", {}, 2),                                           # activation in fp32
+    "lfm2_moe": ("Lfm2MoeExperts", {}, 2),                                    # act_fn is F.silu, a function
 }
 
 

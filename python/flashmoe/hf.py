@@ -64,8 +64,15 @@ def _family(module) -> str:
     return f"{name} ({model_type})" if model_type else name
 
 
+# Plain functions some families use as act_fn (LFM2-MoE: F.silu).
+FUNCTION_ACTIVATIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.relu: "relu",
+                        torch.nn.functional.gelu: "gelu"}
+
+
 def _act_fn_activation(module, where: str) -> str:
     act_fn = getattr(module, "act_fn", None)
+    if act_fn in FUNCTION_ACTIVATIONS:
+        return FUNCTION_ACTIVATIONS[act_fn]
     name = type(act_fn).__name__
     if name not in ACTIVATIONS:
         raise UnsupportedExpertsError(
