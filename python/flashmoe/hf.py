@@ -74,6 +74,8 @@ def _act_fn_activation(module, where: str) -> str:
     if act_fn in FUNCTION_ACTIVATIONS:
         return FUNCTION_ACTIVATIONS[act_fn]
     name = type(act_fn).__name__
+    if name == "GELU" and getattr(act_fn, "approximate", "none") == "tanh":
+        return "gelu_tanh"
     if name not in ACTIVATIONS:
         raise UnsupportedExpertsError(
             f"flashmoe cannot run {_family(module)}: its {where} is {name}, and the op computes only "
