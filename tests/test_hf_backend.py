@@ -429,12 +429,12 @@ MODULE_CASES = {  # family -> (experts class, config overrides, picks per token)
 }
 
 
-def tiny_experts_module(family: str, class_name: str, overrides: dict):
+def tiny_experts_module(family: str, class_name: str, overrides: dict, model_type: str = None):
     import importlib
     import inspect
 
     settings = {**TINY, **overrides}
-    text_config = AutoConfig.for_model(family, **settings).get_text_config()
+    text_config = AutoConfig.for_model(model_type or family, **settings).get_text_config()
     for key, value in settings.items():  # a composite config keeps its own text defaults
         setattr(text_config, key, value)
     module_class = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), class_name)
@@ -479,3 +479,71 @@ def test_a_two_argument_activation_is_a_named_error():
     module = tiny_experts_module("inkling2", "Inkling2Experts", {})
     with pytest.raises(hf.UnsupportedExpertsError, match=r"Inkling2Experts.*_apply_gate"):
         hf.plan(module)
+
+
+# --- every experts class of the installed transformers (opt-in: FLASHMOE_HF_ALL_FAMILIES=1) ----------
+
+KNOWN_UNSUPPORTED = {"Inkling2Experts", "Inkling2LoopExperts"}  # soft-capped SwiGLU act_fn(gate, up)
+# Settings that let most families build a tiny config; a family whose config refuses them is skipped.
+TINY_ANY = dict(TINY, num_key_value_heads=4, moe_hidden_size=32, swiglu_limit=0.3, swiglu_limits=[0.3, 0.3],
+                qk_rope_head_dim=0)
+
+ALL_FAMILIES_OVERRIDES = {"ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 16])}  # text and vision experts
+
+
+def decorated_experts_classes():
+    import os
+    import pathlib
+    import re
+
+    if os.environ.get("FLASHMOE_HF_ALL_FAMILIES") != "1":
+        return []
+    models = pathlib.Path(transformers.__file__).parent / "models"
+    found = []
+    for path in sorted(models.glob("*/modeling_*.py")):
+        for class_name in re.findall(r"@use_experts_implementation(?:\([^)]*\))?\s*\nclass (\w+)\(", path.read_text()):
+            found.append((path.parent.name, class_name))
+    return found
+
+
+@pytest.mark.parametrize("family, class_name", decorated_experts_classes())
+def test_every_decorated_experts_class_runs_or_names_its_error(family, class_name):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    variants = sorted((name for name in CONFIG_MAPPING_NAMES if name.startswith(family) and name != family
+                       and "vision" not in name and "audio" not in name),
+                      key=lambda name: "text" not in name)  # a composite family's text config first
+    model_types = [family] + variants
+    overrides = {key: value for key, value in TINY_ANY.items() if TINY.get(key, None) != value}
+    overrides.update(ALL_FAMILIES_OVERRIDES.get(family, {}))
+    fewer = {key: value for key, value in overrides.items() if key not in ("qk_rope_head_dim", "swiglu_limits")}
+    module, errors = None, []
+    for model_type in model_types:
+        for settings in (overrides, fewer):
+            try:
+                module = tiny_experts_module(family, class_name, settings, model_type)
+                break
+            except Exception as error:  # the tiny config, not flashmoe
+                errors.append(f"{model_type}: {type(error).__name__}: {str(error)[:80]}")
+        if module is not None:
+            break
+    if module is None:
+        pytest.skip(f"no tiny {family} config: {errors[-1]}")
+    if class_name in KNOWN_UNSUPPORTED:
+        with pytest.raises(hf.UnsupportedExpertsError, match=class_name):
+            hf.plan(module)
+        return
+    options = hf.plan(module)
+    up = module.gate_up_proj if options.gated else module.up_proj
+    hidden = up.shape[1] if options.is_transposed else up.shape[-1]
+    top_k = 1 if class_name.endswith("Projections") else 2  # Ergo's projections take one route per row
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(6, hidden, generator=generator)
+    top_k_index = torch.stack([torch.randperm(module.num_experts, generator=generator)[:top_k] for _ in range(6)])
+    top_k_weights = torch.ones(6, 1) if top_k == 1 else torch.rand(6, top_k, generator=generator)
+    with torch.no_grad():
+        module.config._experts_implementation = "eager"
+        expected = module(x, top_k_index, top_k_weights)
+        module.config._experts_implementation = "flashmoe"
+        actual = module(x, top_k_index, top_k_weights)
+    assert rel_err(actual, expected) <= 1e-5
