@@ -220,3 +220,21 @@ def test_module_options():
     assert rel_err(y, ref) <= TOLERANCE[torch.float32]
     y.square().sum().backward()
     assert layer.w1.grad is not None and layer.w1.grad.abs().sum() > 0
+
+
+def test_from_hf_reads_relu2():
+    """A block whose experts use HF's ReLUSquaredActivation ("relu2") converts to activation="relu2"."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    config = transformers.OlmoeConfig(hidden_size=24, intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+                                      hidden_act="relu2")
+    block = OlmoeSparseMoeBlock(config)
+    g = torch.Generator().manual_seed(47)
+    with torch.no_grad():
+        for name, parameter in block.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * (0.3 if name == "gate.weight" else 0.2))
+    layer = flashmoe.MoE.from_hf(block, backend="native")
+    assert layer.activation == "relu2"
+    x = torch.randn(1, 17, 24, generator=g)
+    with torch.no_grad():
+        assert rel_err(layer(x), block(x)) <= 2e-5

@@ -991,3 +991,116 @@ def test_many_calls_with_changing_shapes(watchdog):
         check_routing(routing, ref_routing, problem, options)
         err = rel_err(y, ref_y)
         assert err <= TOLERANCE[dtype], f"call {step} (T={tokens}, {dtype}, layer {layer}): rel err {err:.3g}"
+
+
+# --------------------------------------------------------------------------- routing from outside, activations
+
+CLAMPED_CASES = [("relu2", {}, False), ("swiglu_clamp", dict(swiglu_limit=0.6), True),
+                 ("swiglu_clamp_post", dict(swiglu_limit=0.15), True), ("swiglu_oai", {}, True),
+                 ("swiglu_oai", dict(swiglu_limit=0.6, swiglu_alpha=1.3), True)]
+
+
+def given_routing(seed, tokens, experts, top_k, *, sentinel_share=0.2):
+    """Distinct ids per row, a share of them the sentinel E; positive float32 weights (CPU tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    ids = torch.where(torch.rand(ids.shape, generator=g) < sentinel_share, torch.full_like(ids, experts), ids)
+    return ids, torch.rand(tokens, top_k, generator=g) + 0.1
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CLAMPED_CASES, ids=lambda c: f"{c[0]}-{'gated' if c[2] else 'plain'}-{len(c[1])}")
+def test_new_activations_every_dtype(case, dtype):
+    activation, options, gated = case
+    problem = make_problem(8, tokens=64, hidden=130, ffn=300, experts=8, gated=gated, dtype=dtype,
+                           expert_bias=True, top_k=2)
+    check_parity(problem, top_k=2, gated=gated, activation=activation, **options)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("capacity_factor", (None, 0.6))
+def test_gate_less_bitwise_equals_full_op(capacity_factor, dtype):
+    """The kernel's gate-less path fed the routing its full path produced gives the same y bits."""
+    problem = on_cuda(make_problem(9, tokens=257, hidden=130, ffn=96, experts=8, dtype=dtype, expert_bias=True,
+                                   top_k=2))
+    y, routing = flashmoe.moe(**problem, top_k=2, capacity_factor=capacity_factor, return_routing=True,
+                              backend="native")
+    experts = {name: problem[name] for name in ("x", "w1", "w2", "b1", "b2")}
+    y2, routing2 = flashmoe.moe(**experts, topk_ids=routing.topk_ids, topk_weights=routing.topk_weights,
+                                capacity_factor=capacity_factor, return_routing=True, backend="native")
+    assert same_bits(y, y2)
+    assert torch.equal(routing.expert_counts, routing2.expert_counts) and int(routing.dropped) == int(routing2.dropped)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", [("silu", {}, True)] + CLAMPED_CASES, ids=lambda c: c[0])
+def test_gate_less_matches_cpu_and_reference(case, dtype):
+    activation, options, gated = case
+    problem = make_problem(10, tokens=97, hidden=130, ffn=96, experts=8, gated=gated, dtype=dtype, expert_bias=True)
+    del problem["router_weight"]
+    ids, weights = given_routing(11, 97, 8, 3)
+    arguments = dict(gated=gated, activation=activation, capacity_factor=0.7, **options)
+    y, routing = flashmoe.moe(**on_cuda(problem), topk_ids=ids.cuda(), topk_weights=weights.cuda(),
+                              return_routing=True, backend="native", **arguments)
+    cpu_y, cpu_routing = flashmoe.moe(**problem, topk_ids=ids, topk_weights=weights, return_routing=True,
+                                      backend="native", **arguments)
+    ref_y = reference.moe(**{n: t.double() for n, t in problem.items()}, topk_ids=ids, topk_weights=weights.double(),
+                          **arguments)
+    assert rel_err(y.cpu(), ref_y) <= TOLERANCE[dtype]
+    assert torch.equal(routing.expert_counts.cpu(), cpu_routing.expert_counts)
+    assert int(routing.dropped) == int(cpu_routing.dropped)
+
+
+def test_gate_less_graph_capture_reads_no_ids():
+    """Captured in a CUDA graph (no host read of the ids), replays match eager; bad ids then
+    contribute zero instead of failing or writing out of bounds."""
+    problem = on_cuda(make_problem(12, tokens=64, hidden=130, ffn=96, experts=8, dtype=torch.bfloat16))
+    del problem["router_weight"]
+    ids, weights = given_routing(13, 64, 8, 2)
+    ids, weights = ids.int().cuda(), weights.cuda()
+    args = (problem["x"], problem["w1"], problem["w2"], None, None, ids, weights, True, "silu", None, None, None)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.flashmoe.moe_experts_forward(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = torch.ops.flashmoe.moe_experts_forward(*args)
+    graph.replay()
+    eager = torch.ops.flashmoe.moe_experts_forward(*args)
+    assert same_bits(static[0], eager[0])
+    ids[0] = torch.tensor([-5, 1000], dtype=torch.int32)  # out of range: contributes zero, never read out of bounds
+    ids[1] = torch.tensor([3, 3], dtype=torch.int32)  # a repeat: only the first pick counts
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static[0][0].float(), torch.zeros_like(static[0][0].float()))
+    assert torch.isfinite(static[0].float()).all()
+
+
+def test_gate_less_gradients_match_reference():
+    problem = make_problem(14, tokens=41, hidden=64, ffn=48, experts=6, dtype=torch.float32, expert_bias=True)
+    del problem["router_weight"]
+    ids, weights = given_routing(15, 41, 6, 2)
+    names = list(problem)
+
+    def grads(tensors, routing_weights, topk_ids, backend):
+        leaves = [t.clone().requires_grad_() for t in list(tensors.values()) + [routing_weights]]
+        y = flashmoe.moe(**dict(zip(names, leaves[:-1])), topk_ids=topk_ids, topk_weights=leaves[-1], backend=backend)
+        return torch.autograd.grad(y.square().sum(), leaves)
+
+    got = grads(on_cuda(problem), weights.cuda(), ids.cuda(), "native")
+    want = grads({n: t.double() for n, t in problem.items()}, weights.double(), ids, "reference")
+    for name, a, b in zip(names + ["topk_weights"], got, want):
+        assert rel_err(a.cpu(), b) <= 1e-5, name
+
+
+def test_gate_less_rejects_bad_ids_eagerly():
+    problem = on_cuda(make_problem(16, tokens=4, hidden=16, ffn=8, experts=4))
+    del problem["router_weight"]
+    with pytest.raises(ValueError, match=r"repeats expert 1 in row 0"):
+        flashmoe.moe(**problem, topk_ids=torch.tensor([[1, 1]] * 4, device="cuda"),
+                     topk_weights=torch.rand(4, 2, device="cuda"), backend="native")
+    with pytest.raises(ValueError, match=r"topk_ids\[2, 1\] = 7"):
+        flashmoe.moe(**problem, topk_ids=torch.tensor([[0, 1], [0, 1], [0, 7], [0, 1]], device="cuda"),
+                     topk_weights=torch.rand(4, 2, device="cuda"), backend="native")

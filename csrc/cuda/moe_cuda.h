@@ -21,17 +21,17 @@ BuildInfo build_info();
 // Raw device pointers of one call. Optional inputs are null when absent.
 struct Pointers {
   const void* x = nullptr;              // [T, H] dtype
-  const void* router_weight = nullptr;  // [E, H] dtype
+  const void* router_weight = nullptr;  // [E, H] dtype; null when problem.routing_given
   const void* router_bias = nullptr;    // [E] dtype
   const void* w1 = nullptr;             // [E, I or 2I, H] dtype
   const void* b1 = nullptr;             // [E, I or 2I] dtype
   const void* w2 = nullptr;             // [E, H, I] dtype
   const void* b2 = nullptr;             // [E, H] dtype
   void* y = nullptr;                    // [T, H] dtype
-  int32_t* topk_ids = nullptr;          // [T, k]
-  float* topk_weights = nullptr;        // [T, k]
+  int32_t* topk_ids = nullptr;          // [T, k]; an input when problem.routing_given
+  float* topk_weights = nullptr;        // [T, k]; an input when problem.routing_given
   int32_t* expert_counts = nullptr;     // [E]
-  float* router_logits = nullptr;       // [T, E]
+  float* router_logits = nullptr;       // [T, E]; null when problem.routing_given
   int64_t* dropped = nullptr;           // []
   void* workspace = nullptr;            // workspace_bytes(...) bytes, 256-byte aligned, any contents
 };

@@ -155,8 +155,10 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   auto require = [](bool ok, const char* message) {
     if (!ok) throw std::invalid_argument(std::string("flashmoe: ") + message);
   };
-  require(pointers.router_weight && pointers.w1 && pointers.w2 && pointers.expert_counts && pointers.dropped,
-          "a required weight or output pointer is null");
+  require((pointers.router_weight || problem.routing_given) && pointers.w1 && pointers.w2 && pointers.expert_counts &&
+              pointers.dropped, "a required weight or output pointer is null");
+  require(!problem.routing_given || (!pointers.router_weight && !pointers.router_bias && !pointers.router_logits),
+          "with routing_given there is no router: router_weight, router_bias and router_logits must be null");
   require(problem.has_router_bias == (pointers.router_bias != nullptr), "has_router_bias disagrees with router_bias");
   require(problem.has_b1 == (pointers.b1 != nullptr), "has_b1 disagrees with b1");
   require(problem.has_b2 == (pointers.b2 != nullptr), "has_b2 disagrees with b2");
@@ -167,8 +169,9 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
     FLASHMOE_CUDA_CHECK(cudaMemsetAsync(pointers.dropped, 0, sizeof(int64_t), stream));
     return;
   }
-  require(pointers.x && pointers.y && pointers.topk_ids && pointers.topk_weights && pointers.router_logits &&
-              pointers.workspace, "a required token tensor or workspace pointer is null");
+  require(pointers.x && pointers.y && pointers.topk_ids && pointers.topk_weights &&
+              (pointers.router_logits || problem.routing_given) && pointers.workspace,
+          "a required token tensor or workspace pointer is null");
   require((reinterpret_cast<uintptr_t>(pointers.workspace) % Workspace::kAlignment) == 0,
           "workspace must be 256-byte aligned");
   const int ctas = launch_ctas(device, math);

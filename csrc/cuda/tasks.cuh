@@ -53,10 +53,10 @@ struct Buffers {
   }
 };
 
-// Gate of tokens [first, first + count): router GEMM into router_logits, then scores and top-k
-// per token (core/routing.h), then this tile's expert histogram for the ordered prefix.
+// Router GEMM of tokens [first, first + count) into router_logits, then scores and top-k per
+// token (core/routing.h) into topk_ids and topk_weights.
 template <Math M>
-FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count, int64_t tile) {
+FLASHMOE_DEVICE void route_tokens(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count) {
   using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
   const int64_t E = problem.experts, H = problem.hidden, k = problem.top_k;
@@ -80,10 +80,20 @@ FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, int64_t
                         buffers.params.pointers.topk_weights + token * k);
   }
   __syncthreads();
+}
+
+// Gate of tokens [first, first + count): route_tokens, then this tile's expert histogram for the
+// ordered prefix. With routing from outside (problem.routing_given) topk_ids is an input and the
+// router is skipped: only the histogram is left.
+template <Math M>
+FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count, int64_t tile) {
+  const Problem& problem = buffers.params.problem;
+  if (!problem.routing_given) route_tokens(buffers, smem, first, count);
+  const int64_t E = problem.experts, k = problem.top_k;
   const int32_t* ids = buffers.params.pointers.topk_ids + first * k;
   for (int64_t e = threadIdx.x; e < E; e += kThreads) {
     int32_t picks = 0;
-    for (int64_t p = 0; p < count * k; ++p) picks += ids[p] == int32_t(e);
+    for (int64_t p = 0; p < count * k; ++p) picks += ids[p] == int32_t(e) && routed_pick(ids + p / k * k, p % k, E);
     buffers.tile_counts()[tile * E + e] = picks;
   }
 }
@@ -140,12 +150,17 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
   const int64_t E = problem.experts, H = problem.hidden, k = problem.top_k;
   const int32_t* ids = buffers.params.pointers.topk_ids + first * k;
   int32_t* rows = buffers.pick_row() + first * k;
+  // A pick that goes to no expert (routing from outside: the sentinel) has no row; the loop over
+  // experts below writes every other pick's row.
+  for (int64_t p = threadIdx.x; p < count * k; p += kThreads) {
+    if (!routed_pick(ids + p / k * k, p % k, E)) rows[p] = -1;
+  }
   for (int64_t e = threadIdx.x; e < E; e += kThreads) {
     int64_t slot = buffers.tile_base()[tile * E + e];
     const int64_t admitted = buffers.admitted()[e];
     const int64_t offset = buffers.expert_offsets()[e];
     for (int64_t p = 0; p < count * k; ++p) {
-      if (ids[p] != int32_t(e)) continue;
+      if (ids[p] != int32_t(e) || !routed_pick(ids + p / k * k, p % k, E)) continue;
       rows[p] = slot < admitted ? int32_t(offset + slot) : -1;
       ++slot;
     }
@@ -160,7 +175,7 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
   }
 }
 
-// GEMM0 of one row tile: h[rows, columns) = act(x·W1ᵀ + b1) (⊙ (x·upᵀ + b1')), rounded to dtype.
+// GEMM0 of one row tile: h[rows, columns) = glu(x·gateᵀ + b1, x·upᵀ + b1') or act(x·W1ᵀ + b1), rounded to dtype.
 template <Math M>
 FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
   using S = Storage<M>;
@@ -169,6 +184,7 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
   const auto* w1 = buffers.w1() + task.local_expert * problem.gemm0_cols() * H;
   const auto* b1 = buffers.b1() ? buffers.b1() + task.local_expert * problem.gemm0_cols() : nullptr;
   auto* h = buffers.h();
+  const float limit = float(problem.swiglu_limit), alpha = float(problem.swiglu_alpha);
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
@@ -183,7 +199,7 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
           if (m < rows && n < columns) {
             g += b1 ? S::load(b1[n0 + n]) : 0.0f;
             u += b1 ? S::load(b1[I + n0 + n]) : 0.0f;
-            h[(row0 + m) * I + n0 + n] = S::store(activate(problem.activation, g) * u);
+            h[(row0 + m) * I + n0 + n] = S::store(glu(problem.activation, g, u, limit, alpha));
           }
         });
       } else {

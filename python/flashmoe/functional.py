@@ -130,9 +130,10 @@ def moe(
 
 
 def _can_read_values(x: Tensor) -> bool:
-    """Whether topk_ids' values may be read on the host now: not while torch.compile traces (fake
-    tensors) nor while a CUDA graph captures (a read would break the capture)."""
-    if torch.compiler.is_compiling():
+    """Whether to read topk_ids' values on the host here: not on the CPU, whose kernel reads them
+    itself, nor while torch.compile traces (fake tensors) or a CUDA graph captures (a read would
+    break the capture)."""
+    if x.device.type == "cpu" or torch.compiler.is_compiling():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 

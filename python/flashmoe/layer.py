@@ -22,6 +22,7 @@ _HF_ACTIVATIONS = {
     "PytorchGELUTanh": "gelu_tanh",
     "GELUPytorchTanh": "gelu_tanh",
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 
 

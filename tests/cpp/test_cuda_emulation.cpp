@@ -2,6 +2,8 @@
 // doorbells and heap signals, compiled as plain C++ with each CTA a team of 128 threads and the MMA
 // a host loop (csrc/cuda/platform.h). Checked against the CPU backend on the same inputs:
 //   (a) topk_ids, expert_counts and dropped exactly; topk_weights, router_logits and y closely;
+//       with routing from outside (Problem::routing_given; sentinel ids among them) the kernel's
+//       gate stage is skipped: topk_ids and topk_weights stay as given, y, counts and dropped match;
 //   (b) every element of every output written (outputs and workspace start as NaN/garbage);
 //   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule);
 //   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1).
@@ -11,6 +13,7 @@
 //   g++ -O2 -std=c++17 -pthread -Icsrc -DFLASHMOE_BOUNDED_WAITS=1 tests/cpp/test_cuda_emulation.cpp
 //       csrc/cpu/*.cpp -o /tmp/test_cuda_emulation && /tmp/test_cuda_emulation
 // It prints "cuda_emulation: N passed, M failed" and exits non-zero on any failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -110,11 +113,28 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
   const auto b2 = random_values<T>(rng, size_t(E * H), 0.1f);
   auto optional = [](bool present, const std::vector<T>& values) { return present ? values.data() : nullptr; };
 
+  // Routing from outside: distinct ids per token, about one pick in five the sentinel E.
+  std::vector<int32_t> given_ids;
+  std::vector<float> given_weights;
+  if (problem.routing_given) {
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    for (int64_t t = 0; t < T_; ++t) {
+      std::vector<int32_t> experts(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) experts[size_t(e)] = int32_t(e);
+      std::shuffle(experts.begin(), experts.end(), rng);
+      for (int64_t j = 0; j < k; ++j) {
+        given_ids.push_back(j < E && uniform(rng) >= 0.2f ? experts[size_t(j)] : int32_t(E));
+        given_weights.push_back(uniform(rng) + 0.1f);
+      }
+    }
+  }
+
   auto fresh_outputs = [&] {
     Outputs out;
     out.y.assign(size_t(T_ * H) * sizeof(T), 0xff);  // NaN in every float format
     out.topk_ids.assign(size_t(T_ * k), -7);
     out.topk_weights.assign(size_t(T_ * k), NAN);
+    if (problem.routing_given) out.topk_ids = given_ids, out.topk_weights = given_weights;
     out.expert_counts.assign(size_t(E), -7);
     out.router_logits.assign(size_t(T_ * E), NAN);
     return out;
@@ -123,11 +143,12 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
   // The CPU backend: the reference of this test.
   Outputs expected = fresh_outputs();
   {
-    const cpu::ExpertWeights weights{router.data(), optional(problem.has_router_bias, router_bias), w1.data(),
+    const cpu::ExpertWeights weights{problem.routing_given ? nullptr : router.data(),
+                                     optional(problem.has_router_bias, router_bias), w1.data(),
                                      optional(problem.has_b1, b1), w2.data(), optional(problem.has_b2, b2)};
     const cpu::RankIO io{x.data(), T_, problem.expert_capacity, expected.y.data(), expected.topk_ids.data(),
-                         expected.topk_weights.data(), expected.expert_counts.data(), expected.router_logits.data(),
-                         &expected.dropped};
+                         expected.topk_weights.data(), expected.expert_counts.data(),
+                         problem.routing_given ? nullptr : expected.router_logits.data(), &expected.dropped};
     cpu::moe_forward(problem, weights, io, 1);
   }
 
@@ -137,7 +158,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     Outputs got = fresh_outputs();
     cuda::Pointers pointers;
     pointers.x = x.data();
-    pointers.router_weight = router.data();
+    pointers.router_weight = problem.routing_given ? nullptr : router.data();
     pointers.router_bias = optional(problem.has_router_bias, router_bias);
     pointers.w1 = w1.data();
     pointers.b1 = optional(problem.has_b1, b1);
@@ -147,7 +168,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     pointers.topk_ids = got.topk_ids.data();
     pointers.topk_weights = got.topk_weights.data();
     pointers.expert_counts = got.expert_counts.data();
-    pointers.router_logits = got.router_logits.data();
+    pointers.router_logits = problem.routing_given ? nullptr : got.router_logits.data();
     pointers.dropped = &got.dropped;
     cuda::KernelParams params = cuda::make_params(problem, pointers, processors);
     // Garbage everywhere, then the launcher's memset of the control block and heap flags.
@@ -165,6 +186,8 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
       ok = false;
     };
     if (got.topk_ids != expected.topk_ids) fail("topk_ids differ from the CPU backend");
+    if (problem.routing_given && got.topk_ids != given_ids) fail("the kernel wrote the given topk_ids");
+    if (problem.routing_given && got.topk_weights != given_weights) fail("the kernel wrote the given topk_weights");
     if (got.expert_counts != expected.expert_counts) fail("expert_counts differ");
     if (got.dropped != expected.dropped) fail("dropped differs");
     for (size_t i = 0; i < got.topk_weights.size(); ++i) {
@@ -173,7 +196,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
         break;
       }
     }
-    for (size_t i = 0; i < got.router_logits.size(); ++i) {
+    for (size_t i = 0; i < (problem.routing_given ? 0 : got.router_logits.size()); ++i) {
       if (!(std::fabs(got.router_logits[i] - expected.router_logits[i]) <= 1e-4f * (1 + std::fabs(expected.router_logits[i])))) {
         fail("router_logits[" + std::to_string(i) + "] differs");
         break;
@@ -192,13 +215,19 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
 std::vector<Case> cases() {
   std::vector<Case> all;
   auto add = [&](std::string name, int64_t tokens, int64_t hidden, int64_t ffn, int64_t experts, int64_t top_k,
-                 bool gated, Activation activation, Scoring scoring, bool normalize, bool biases, double capacity) {
+                 bool gated, Activation activation, Scoring scoring, bool normalize, bool biases, double capacity,
+                 bool routing_given = false) {
     Case c;
     c.name = name;
     Problem& p = c.problem;
     p.tokens = tokens, p.hidden = hidden, p.ffn = ffn, p.experts = experts, p.top_k = top_k;
     p.gated = gated, p.activation = activation, p.scoring = scoring, p.normalize = normalize;
-    p.has_router_bias = p.has_b1 = p.has_b2 = biases;
+    p.has_router_bias = biases && !routing_given;
+    p.has_b1 = p.has_b2 = biases;
+    p.routing_given = routing_given;
+    // Limits that the random inputs cross: the clamps are exercised, not just compiled.
+    p.swiglu_limit = activation == Activation::swiglu_oai ? 0.8 : 0.5;
+    p.swiglu_alpha = 1.702;
     c.capacity_factor = capacity;
     all.push_back(c);
   };
@@ -212,6 +241,15 @@ std::vector<Case> cases() {
   add("one expert", 50, 24, 40, 1, 1, true, Activation::silu, Scoring::softmax, true, true, 0);
   // More experts than subscriber threads (96) and than one gate column tile (64).
   add("many experts", 40, 32, 16, 130, 4, true, Activation::silu, Scoring::softmax, true, false, 1.0);
+  add("relu2 plain", 33, 24, 40, 4, 2, false, Activation::relu2, Scoring::softmax, true, true, 0);
+  add("swiglu_clamp", 41, 40, 24, 5, 2, true, Activation::swiglu_clamp, Scoring::softmax, true, true, 0);
+  add("swiglu_clamp_post", 41, 40, 24, 5, 2, true, Activation::swiglu_clamp_post, Scoring::softmax, true, false, 0.8);
+  add("swiglu_oai", 41, 40, 24, 5, 2, true, Activation::swiglu_oai, Scoring::softmax, true, true, 0);
+  // Routing from outside: no gate stage, sentinel picks contribute zero.
+  add("given routing", 57, 40, 24, 6, 3, true, Activation::silu, Scoring::softmax, true, true, 0, true);
+  add("given routing dropping", 90, 32, 40, 4, 2, true, Activation::swiglu_oai, Scoring::softmax, true, false, 0.6,
+      true);
+  add("given routing k above E", 30, 24, 16, 2, 4, false, Activation::relu2, Scoring::softmax, true, true, 0, true);
   return all;
 }
 
