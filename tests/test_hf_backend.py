@@ -497,7 +497,8 @@ def decorated_experts_classes():
     import re
 
     if os.environ.get("FLASHMOE_HF_ALL_FAMILIES") != "1":
-        return []
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason="set FLASHMOE_HF_ALL_FAMILIES=1 to run "
+                                                                       "every experts class of transformers"))]
     models = pathlib.Path(transformers.__file__).parent / "models"
     found = []
     for path in sorted(models.glob("*/modeling_*.py")):
