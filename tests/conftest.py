@@ -20,8 +20,21 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flashm
 
 import torch  # noqa: E402
 
-import flashmoe
-from flashmoe import _C, reference
+# tests/test_cpp.py::test_python_subset_asan runs a pytest subset in a child process against an
+# ASan + UBSan build of the extension: it stands in for flashmoe._C before flashmoe is imported.
+if os.environ.get("FLASHMOE_SANITIZED_C"):
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    _path = os.environ["FLASHMOE_SANITIZED_C"]
+    _spec = importlib.util.spec_from_file_location(
+        "flashmoe._C", _path, loader=importlib.machinery.ExtensionFileLoader("flashmoe._C", _path))
+    sys.modules["flashmoe._C"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["flashmoe._C"])
+
+import flashmoe  # noqa: E402
+from flashmoe import _C, reference  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

@@ -49,6 +49,16 @@ TSAN_FLAGS = ["-fsanitize=thread", "-O1", "-g"]
 # halt_on_error: the first report ends the run with exitcode (66), so a report can never pass.
 TSAN_OPTIONS = "halt_on_error=1 second_deadlock_stack=1 exitcode=66"
 
+# AddressSanitizer + UndefinedBehaviorSanitizer: out-of-bounds and use-after-free accesses, signed
+# overflow, misaligned or null accesses. Every UBSan finding is fatal (-fno-sanitize-recover), and
+# the first ASan report ends the run, so no report can pass.
+# -fPIC: the same objects also go into the sanitized Python extension.
+ASAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-O1",
+              "-g", "-fPIC"]
+ASAN_ENV = {"ASAN_OPTIONS": "halt_on_error=1 detect_leaks=1 abort_on_error=0 exitcode=67",
+            "UBSAN_OPTIONS": "halt_on_error=1 print_stacktrace=1 exitcode=68"}
+ASAN_MARKERS = ("AddressSanitizer", "runtime error:", "LeakSanitizer")
+
 RUN_TIMEOUT_S = 900
 
 
@@ -68,41 +78,64 @@ def _compiler_id(cxx: str) -> str:
     return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
 
 
-def _build(cxx: str, name: str, sources: list[Path], flags: list[str]) -> Path:
-    """Compiles sources (one process per core) and links them; cached by content."""
+def _headers_digest() -> str:
     digest = hashlib.sha256()
-    digest.update(_compiler_id(cxx).encode())
-    digest.update("\0".join(flags).encode())
-    inputs = sorted({*sources, *CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")})
-    for path in inputs:
+    for path in sorted({*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh")}):
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _object(cxx: str, source: Path, flags: list[str], headers: str) -> Path:
+    """One compiled object, cached by compiler, flags, source and every header: binaries built with
+    the same flags (test_dataflow_asan, test_cuda_emulation_asan) share the runtime's objects."""
+    digest = hashlib.sha256()
+    for part in (_compiler_id(cxx), "\0".join(flags), str(source.relative_to(ROOT)), headers):
+        digest.update(part.encode())
+    digest.update(source.read_bytes())
+    obj = CACHE / "objects" / f"{source.stem}-{digest.hexdigest()[:16]}.o"
+    if obj.exists():
+        os.utime(obj)  # in use: the stale sweep below keeps it
+        return obj
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=obj.parent, prefix=f".{source.stem}-", suffix=".o")
+    os.close(fd)
+    try:
+        result = subprocess.run([cxx, *flags, "-c", str(source), "-o", partial], capture_output=True, text=True)
+        assert result.returncode == 0, f"compiling {source} failed:\n{_tail(result.stderr)}"
+        os.replace(partial, obj)  # atomic: a concurrent run never sees half an object
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return obj
+
+
+def _build(cxx: str, name: str, sources: list[Path], flags: list[str], test_flags: tuple = (),
+           link_flags: tuple = ()) -> Path:
+    """Compiles sources (one process per core; objects cached and shared between binaries) and links
+    them; the binary is cached by content. ``test_flags`` apply to the first source (the test) only."""
+    headers = _headers_digest()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objects = list(pool.map(lambda i_source: _object(cxx, i_source[1], [*flags, *(test_flags if i_source[0] == 0
+                                                                                  else ())], headers),
+                                enumerate(sources)))
+    digest = hashlib.sha256("\0".join([*flags, *link_flags, *(str(o.name) for o in objects)]).encode())
     binary = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     if binary.exists():
         return binary
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # A private directory, then an atomic rename: concurrent runs never see half a binary.
     with tempfile.TemporaryDirectory(dir=CACHE, prefix=f".{name}-") as work:
-        work = Path(work)
-
-        def compile_one(index_source):
-            index, source = index_source
-            obj = work / f"{index}-{source.stem}.o"
-            result = subprocess.run([cxx, *flags, "-c", str(source), "-o", str(obj)], capture_output=True,
-                                    text=True)
-            return obj, source, result
-
-        objects = []
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for obj, source, result in pool.map(compile_one, enumerate(sources)):
-                assert result.returncode == 0, f"compiling {source} failed:\n{_tail(result.stderr)}"
-                objects.append(str(obj))
-        linked = work / name
-        result = subprocess.run([cxx, *flags, *objects, "-o", str(linked)], capture_output=True, text=True)
+        linked = Path(work) / name
+        result = subprocess.run([cxx, *flags, *link_flags, *map(str, objects), "-o", str(linked)], capture_output=True,
+                                text=True)
         assert result.returncode == 0, f"linking {name} failed:\n{_tail(result.stderr)}"
         os.replace(linked, binary)
-    for stale in CACHE.glob(f"{name}-*"):  # builds of older sources; spare any a concurrent run just made
-        if stale != binary and time.time() - stale.stat().st_mtime > 600:
+    now = time.time()
+    # Builds of older sources: binaries of this name not made in the last 10 minutes (a concurrent
+    # run's are spared), objects no build has used for a day.
+    for stale in CACHE.glob(f"{name}-*"):
+        if stale != binary and now - stale.stat().st_mtime > 600:
+            stale.unlink(missing_ok=True)
+    for stale in (CACHE / "objects").glob("*.o"):
+        if now - stale.stat().st_mtime > 86400:
             stale.unlink(missing_ok=True)
     return binary
 
@@ -156,6 +189,42 @@ def tsan_launcher(cxx, tmp_path_factory) -> list[str]:
     pytest.fail("ThreadSanitizer did not report the planted race in a probe program:\n" + "\n".join(attempts))
 
 
+_OVERFLOW = """
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+int main(int argc, char**) {
+  const char source[64] = "sixteen bytes...and more";
+  char* cells = static_cast<char*>(std::malloc(16));
+  std::memcpy(cells, source, 16 + size_t(argc));  // one byte past the end
+  std::printf("%c\\n", cells[3]);
+  std::free(cells);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def asan(cxx, tmp_path_factory) -> None:
+    """Proves that this compiler's ASan build reports a planted heap overflow, or skips."""
+    work = tmp_path_factory.mktemp("asan_probe")
+    source, binary = work / "overflow.cpp", work / "overflow"
+    source.write_text(_OVERFLOW)
+    built = subprocess.run([cxx, *ASAN_FLAGS, str(source), "-o", str(binary)], capture_output=True, text=True)
+    if built.returncode != 0:
+        _skip_or_fail(f"{cxx} cannot build with -fsanitize=address,undefined (libasan/libubsan missing?):\n"
+                      f"{_tail(built.stderr, 2000)}")
+    result = _run([str(binary)], ASAN_ENV)
+    assert "heap-buffer-overflow" in result.stderr and result.returncode == 67, \
+        f"AddressSanitizer did not report the planted overflow (exit {result.returncode}):\n{_tail(_output(result), 2000)}"
+
+
+def _assert_clean_asan(result: subprocess.CompletedProcess) -> None:
+    output = _output(result)
+    assert not any(marker in output for marker in ASAN_MARKERS), \
+        f"a sanitizer reported (exit {result.returncode}):\n{_tail(output, 12000)}"
+
+
 def _assert_summary(result: subprocess.CompletedProcess, pattern: str) -> re.Match:
     output = _output(result)
     match = re.search(pattern, result.stdout)
@@ -195,6 +264,17 @@ def test_dataflow_tsan(cxx, tsan_launcher):
     assert int(match.group(1)) > 0
 
 
+def test_dataflow_asan(cxx, asan):
+    """Under ASan + UBSan; includes the heap of 2^62 + 1 tokens whose size once overflowed int64
+    (issue 16): before the checked arithmetic of csrc/core/checked.h this run reported a
+    heap-buffer-overflow in dispatch_rows."""
+    binary = _build(cxx, "test_dataflow_asan", _dataflow_sources(), [*COMMON_FLAGS, *ASAN_FLAGS])
+    result = _run([str(binary), "--rounds", "1"], ASAN_ENV)
+    _assert_clean_asan(result)
+    match = _assert_summary(result, r"dataflow: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
+
+
 def _cuda_emulation_sources() -> list[Path]:
     return [ROOT / "tests/cpp/test_cuda_emulation.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
 
@@ -204,20 +284,71 @@ EMULATION_FLAGS = ["-DFLASHMOE_BOUNDED_WAITS=1"]
 
 
 def test_cuda_emulation(cxx):
-    binary = _build(cxx, "test_cuda_emulation", _cuda_emulation_sources(), [*COMMON_FLAGS, *EMULATION_FLAGS, "-O2"])
+    binary = _build(cxx, "test_cuda_emulation", _cuda_emulation_sources(), [*COMMON_FLAGS, "-O2"], EMULATION_FLAGS)
     result = _run([str(binary)])
     match = _assert_summary(result, r"cuda_emulation: (\d+) passed, 0 failed")
     assert int(match.group(1)) > 0
 
 
 def test_cuda_emulation_tsan(cxx, tsan_launcher):
-    binary = _build(cxx, "test_cuda_emulation_tsan", _cuda_emulation_sources(),
-                    [*COMMON_FLAGS, *EMULATION_FLAGS, *TSAN_FLAGS])
+    binary = _build(cxx, "test_cuda_emulation_tsan", _cuda_emulation_sources(), [*COMMON_FLAGS, *TSAN_FLAGS],
+                    EMULATION_FLAGS)
     result = _run([*tsan_launcher, str(binary)], {"TSAN_OPTIONS": TSAN_OPTIONS})
     output = _output(result)
     assert "ThreadSanitizer" not in output, f"ThreadSanitizer reported (exit {result.returncode}):\n{_tail(output, 12000)}"
     match = _assert_summary(result, r"cuda_emulation: (\d+) passed, 0 failed")
     assert int(match.group(1)) > 0
+
+
+def test_cuda_emulation_asan(cxx, asan):
+    binary = _build(cxx, "test_cuda_emulation_asan", _cuda_emulation_sources(), [*COMMON_FLAGS, *ASAN_FLAGS],
+                    EMULATION_FLAGS)
+    result = _run([str(binary)], ASAN_ENV)
+    _assert_clean_asan(result)
+    match = _assert_summary(result, r"cuda_emulation: (\d+) passed, 0 failed")
+    assert int(match.group(1)) > 0
+
+
+# The Python-level subset under ASan: the tests that feed the native op and the simulated cluster
+# bad, empty and odd inputs. Kept small: every call runs ~3x slower instrumented.
+ASAN_PYTEST_SUBSET = [*(str(ROOT / "tests" / name) for name in ("test_moe_guards.py", "test_expert_parallel.py",
+                                                                  "test_checked_sizes.py")), "-k",
+                      "reject or empty or nan or non_contiguous or all_tokens or fault or caught or checked_sizes"]
+
+
+def test_python_subset_asan(cxx, asan):
+    """An ASan + UBSan build of flashmoe._C (the runtime objects of the harnesses above), loaded in a
+    child pytest with libasan preloaded; any sanitizer report fails the run."""
+    import sys
+    import sysconfig
+
+    import pybind11
+
+    # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find the real one before torch
+    # throws its first C++ exception, or it aborts with "CHECK failed ... asan_interceptors.cpp".
+    preload = []
+    for library in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run([cxx, f"-print-file-name={library}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(path) or not os.path.exists(path):
+            _skip_or_fail(f"{cxx} -print-file-name={library} found nothing ({path!r})")
+        preload.append(path)
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    sources = [CSRC / "bindings" / "module.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+    module = _build(cxx, "flashmoe_C_asan", sources, [*COMMON_FLAGS, *ASAN_FLAGS], tuple(includes),
+                    link_flags=("-shared",))
+    env = {**ASAN_ENV, "LD_PRELOAD": " ".join(preload), "FLASHMOE_SANITIZED_C": str(module),
+           # torch and CPython allocate for the process's life; only this build's own errors count.
+           "ASAN_OPTIONS": ASAN_ENV["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0"),
+           "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "2"}
+    child = (f"import sys, pytest; code = pytest.main({['-q', '-x', '-p', 'no:cacheprovider', *ASAN_PYTEST_SUBSET]!r}); "
+             "import flashmoe.ops; print('flashmoe._C:', flashmoe.ops._C.__file__); sys.exit(code)")
+    result = _run([sys.executable, "-c", child], env)
+    _assert_clean_asan(result)
+    output = _output(result)
+    match = re.search(r"(\d+) passed", output)
+    assert result.returncode == 0 and match and int(match.group(1)) > 0, \
+        f"exit code {result.returncode}; output tail:\n{_tail(output)}"
+    assert f"flashmoe._C: {module}" in output, f"the child did not run the sanitized build:\n{_tail(output)}"
 
 
 def _cutlass_include() -> Path | None:

@@ -14,6 +14,7 @@
 #include "core/task.h"
 #include "core/task_bound.h"
 #include "core/problem.h"
+#include "core/routing.h"
 #include "cpu/dataflow.h"
 #include "cpu/moe_forward.h"
 #include "cpu/tile_gemm.h"
@@ -209,7 +210,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("routing_given", &Problem::routing_given)
       .def_readwrite("swiglu_limit", &Problem::swiglu_limit)
       .def_readwrite("swiglu_alpha", &Problem::swiglu_alpha)
-      .def("gemm0_cols", &Problem::gemm0_cols)
+      .def("gemm0_cols", &Problem::gemm0_cols<int64_t>)
       .def("validate", [](const Problem& p) {
         const char* error = validate(p);
         return error ? py::object(py::str(error)) : py::object(py::none());
@@ -320,17 +321,21 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<HeapLayout>(m, "HeapLayout")
       .def(py::init([](const ExpertPlacement& placement, int64_t max_tokens, int64_t top_k, int64_t hidden,
-                       int64_t element_size) { return HeapLayout{placement, max_tokens, top_k, hidden, element_size}; }),
+                       int64_t element_size) {
+             const HeapLayout layout{placement, max_tokens, top_k, hidden, element_size};
+             layout.check();
+             return layout;
+           }),
            py::arg("placement"), py::arg("max_tokens"), py::arg("top_k"), py::arg("hidden"), py::arg("element_size"))
       .def_readonly_static("alignment", &HeapLayout::kAlignment)
-      .def("region_rows", &HeapLayout::region_rows)
-      .def("row_bytes", &HeapLayout::row_bytes)
-      .def("flags_bytes", &HeapLayout::flags_bytes)
+      .def("region_rows", &HeapLayout::region_rows<int64_t>)
+      .def("row_bytes", &HeapLayout::row_bytes<int64_t>)
+      .def("flags_bytes", &HeapLayout::flags_bytes<int64_t>)
       .def("dispatch_flag", &HeapLayout::dispatch_flag, py::arg("source"), py::arg("local_expert"))
       .def("return_flag", &HeapLayout::return_flag, py::arg("owner"), py::arg("local_expert"))
       .def("dispatch_row", &HeapLayout::dispatch_row, py::arg("source"), py::arg("row"))
       .def("return_row", &HeapLayout::return_row, py::arg("owner"), py::arg("row"))
-      .def("total_bytes", &HeapLayout::total_bytes);
+      .def("total_bytes", &HeapLayout::total_bytes<int64_t>);
 
   py::class_<Tiling>(m, "Tiling")
       .def(py::init<>())
@@ -338,17 +343,19 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("ffn_tile", &Tiling::ffn_tile)
       .def_readonly("hidden_tile", &Tiling::hidden_tile)
       .def_readonly("token_tile", &Tiling::token_tile)
-      .def("row_tiles", &Tiling::row_tiles, py::arg("rows"))
-      .def("cell_tasks", &Tiling::cell_tasks, py::arg("rows"), py::arg("ffn"), py::arg("hidden"));
+      .def("row_tiles", &Tiling::row_tiles<int64_t>, py::arg("rows"))
+      .def("cell_tasks", &Tiling::cell_tasks<int64_t>, py::arg("rows"), py::arg("ffn"), py::arg("hidden"));
 
   py::class_<TaskBound>(m, "TaskBound")
       .def(py::init([](const ExpertPlacement& placement, int64_t max_cell_rows, int64_t ffn, int64_t hidden) {
-             return TaskBound{Tiling{}, placement, max_cell_rows, ffn, hidden};
+             const TaskBound bound{Tiling{}, placement, max_cell_rows, ffn, hidden};
+             bound.check();
+             return bound;
            }), py::arg("placement"), py::arg("max_cell_rows"), py::arg("ffn"), py::arg("hidden"))
-      .def("initial", &TaskBound::initial, py::arg("own_tokens"))
+      .def("initial", &TaskBound::initial<int64_t>, py::arg("own_tokens"))
       .def("correction", &TaskBound::correction, py::arg("rows"))
-      .def("cell_tasks", &TaskBound::cell_tasks, py::arg("rows"))
-      .def("combine_tasks", &TaskBound::combine_tasks, py::arg("own_tokens"));
+      .def("cell_tasks", &TaskBound::cell_tasks<int64_t>, py::arg("rows"))
+      .def("combine_tasks", &TaskBound::combine_tasks<int64_t>, py::arg("own_tokens"));
 
   m.attr("task_bytes") = py::int_(sizeof(Task));
   m.attr("task_alignment") = py::int_(alignof(Task));
@@ -366,6 +373,23 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"), py::arg("experts"), py::arg("capacity"),
      "Token-order slot assignment: (expert_counts, expert_offsets, pick_row, row_token, dropped). A pick that goes "
      "to no expert (an id outside [0, experts), or a repeat in its row) gets pick_row -1.");
+
+  // The gate's top-k (csrc/core/routing.h) on one token's scores, in fp32 and fp64 as the kernels run it.
+  m.def("select_top_k", [](const std::vector<double>& scores, int64_t top_k, bool normalize, bool fp64) {
+    const int64_t experts = int64_t(scores.size());
+    require(experts >= 1 && top_k >= 1 && top_k <= experts, "select_top_k: top_k must be in [1, len(scores)]");
+    std::vector<int32_t> ids(size_t(top_k), -1);
+    std::vector<double> weights(static_cast<size_t>(top_k));
+    if (fp64) {
+      select_top_k(scores.data(), experts, top_k, normalize, ids.data(), weights.data());
+    } else {
+      std::vector<float> scores32(scores.begin(), scores.end()), weights32(static_cast<size_t>(top_k));
+      select_top_k(scores32.data(), experts, top_k, normalize, ids.data(), weights32.data());
+      weights.assign(weights32.begin(), weights32.end());
+    }
+    return py::make_tuple(ids, weights);
+  }, py::arg("scores"), py::arg("top_k"), py::arg("normalize"), py::arg("fp64"),
+     "The native top-k of one token's scores: (ids in pick order, weights).");
 
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");

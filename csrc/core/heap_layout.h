@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "core/checked.h"
 #include "core/dtype.h"
 #include "core/expert_placement.h"
 #include "core/signal_word.h"
@@ -30,15 +31,23 @@ struct HeapLayout {
   int64_t hidden = 0;
   int64_t element_size = 0;
 
-  FLASHMOE_HD static int64_t align(int64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+  // Sizes are templates over the number type (core/checked.h): int64_t here, CheckedInt in check().
+  template <typename N = int64_t>
+  FLASHMOE_HD static N align(N bytes) { return ceil_div_as<N>(bytes, N(kAlignment)) * N(kAlignment); }
 
   FLASHMOE_HD int64_t world() const { return placement.world_size; }
   FLASHMOE_HD int64_t local_experts() const { return placement.local_experts(); }
-  FLASHMOE_HD int64_t region_rows() const { return max_tokens * placement.max_picks_per_owner(top_k); }
-  FLASHMOE_HD int64_t row_bytes() const { return hidden * element_size; }
+  template <typename N = int64_t>
+  FLASHMOE_HD N region_rows() const { return N(max_tokens) * N(placement.max_picks_per_owner(top_k)); }
+  template <typename N = int64_t>
+  FLASHMOE_HD N row_bytes() const { return N(hidden) * N(element_size); }
 
-  FLASHMOE_HD int64_t flags_bytes() const { return align(world() * local_experts() * int64_t(sizeof(SignalWord))); }
-  FLASHMOE_HD int64_t region_bytes() const { return region_rows() * row_bytes(); }
+  template <typename N = int64_t>
+  FLASHMOE_HD N flags_bytes() const {
+    return align<N>(N(world()) * N(local_experts()) * N(int64_t(sizeof(SignalWord))));
+  }
+  template <typename N = int64_t>
+  FLASHMOE_HD N region_bytes() const { return region_rows<N>() * row_bytes<N>(); }
 
   // Flag announcing the cell that `source` sent for this rank's local expert.
   FLASHMOE_HD int64_t dispatch_flag(int64_t source, int64_t local_expert) const {
@@ -54,7 +63,21 @@ struct HeapLayout {
   FLASHMOE_HD int64_t return_row(int64_t owner, int64_t row) const {
     return 2 * flags_bytes() + world() * align(region_bytes()) + owner * align(region_bytes()) + row * row_bytes();
   }
-  FLASHMOE_HD int64_t total_bytes() const { return 2 * flags_bytes() + 2 * world() * align(region_bytes()); }
+  template <typename N = int64_t>
+  FLASHMOE_HD N total_bytes() const {
+    return N(2) * flags_bytes<N>() + N(2) * N(world()) * align<N>(region_bytes<N>());
+  }
+
+  // Host: throws SizeError naming the argument when a size overflows or a region needs more rows
+  // than a SignalWord can address. Every offset above is then below total_bytes(), so in range.
+  void check() const {
+    require_size(region_rows<CheckedInt>(), "max_tokens", max_tokens,
+                 "the rows one source sends one owner (max_tokens * min(top_k, local experts))", SignalWord::kMaxRows);
+    require_size(row_bytes<CheckedInt>(), "hidden", hidden, "one row's bytes (hidden * element size)");
+    require_size(flags_bytes<CheckedInt>(), "experts", placement.experts, "the heap's flags");
+    require_size(region_bytes<CheckedInt>(), "hidden", hidden, "one region's bytes (region rows * hidden * element size)");
+    require_size(total_bytes<CheckedInt>(), "world_size", world(), "the symmetric heap's bytes");
+  }
 };
 
 }  // namespace flashmoe

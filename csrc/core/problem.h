@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/checked.h"
 #include "core/dtype.h"
 
 namespace flashmoe {
@@ -57,7 +58,8 @@ struct Problem {
   double swiglu_alpha = 0;  // α of swiglu_oai
 
   // Width of the first expert GEMM: gate and up projections side by side when gated.
-  FLASHMOE_HD int64_t gemm0_cols() const { return gated ? 2 * ffn : ffn; }
+  template <typename N = int64_t>
+  FLASHMOE_HD N gemm0_cols() const { return gated ? N(2) * N(ffn) : N(ffn); }
   FLASHMOE_HD bool dropless() const { return expert_capacity == kDropless; }
 };
 
@@ -78,7 +80,16 @@ inline const char* validate(const Problem& p) {
   if (int32_t(p.dtype) < 0 || int32_t(p.dtype) > 3) return "dtype code out of range";
   if (p.expert_capacity < kDropless) return "expert_capacity must be >= 0, or -1 for dropless";
   // Row indices of the expert-sorted buffers are int32 on every backend.
-  if (p.tokens * p.top_k > int64_t(INT32_MAX)) return "tokens * top_k must fit in int32";
+  if (CheckedInt(p.tokens) * CheckedInt(p.top_k) > CheckedInt(INT32_MAX)) return "tokens * top_k must fit in int32";
+  // Sizes the kernels index with int64: one expert's weights, and the router logits of a call.
+  const CheckedInt w1_elements = CheckedInt(p.experts) * CheckedInt(p.gemm0_cols<CheckedInt>()) * CheckedInt(p.hidden);
+  if ((w1_elements * CheckedInt(8)).overflow) return "ffn * hidden * experts is too large: w1's bytes overflow int64";
+  if ((CheckedInt(p.tokens) * CheckedInt(p.experts) * CheckedInt(8)).overflow) {
+    return "tokens * experts is too large: the router logits' bytes overflow int64";
+  }
+  if ((CheckedInt(p.tokens) * CheckedInt(p.hidden) * CheckedInt(8)).overflow) {
+    return "tokens * hidden is too large: x's bytes overflow int64";
+  }
   return nullptr;
 }
 

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "core/checked.h"
 #include "core/expert_placement.h"
 #include "core/tiling.h"
 
@@ -27,15 +28,25 @@ struct TaskBound {
   int64_t ffn = 0;
   int64_t hidden = 0;
 
-  FLASHMOE_HD int64_t cell_tasks(int64_t rows) const { return tiling.cell_tasks(rows, ffn, hidden); }
+  template <typename N = int64_t>
+  FLASHMOE_HD N cell_tasks(Number<N> rows) const { return tiling.cell_tasks<N>(rows, N(ffn), N(hidden)); }
   // Combine tasks of a rank with `own_tokens` tokens: one per token tile, and never none.
-  FLASHMOE_HD int64_t combine_tasks(int64_t own_tokens) const {
-    const int64_t tiles = tiling.token_tiles(own_tokens);
-    return tiles > 0 ? tiles : 1;
+  template <typename N = int64_t>
+  FLASHMOE_HD N combine_tasks(Number<N> own_tokens) const {
+    const N tiles = tiling.token_tiles<N>(own_tokens);
+    return tiles > N(0) ? tiles : N(1);
   }
   // Upper bound for a rank that will combine `own_tokens` tokens.
-  FLASHMOE_HD int64_t initial(int64_t own_tokens) const {
-    return placement.world_size * placement.local_experts() * cell_tasks(max_cell_rows) + combine_tasks(own_tokens);
+  template <typename N = int64_t>
+  FLASHMOE_HD N initial(Number<N> own_tokens) const {
+    return N(placement.world_size) * N(placement.local_experts()) * cell_tasks<N>(N(max_cell_rows)) +
+           combine_tasks<N>(own_tokens);
+  }
+
+  // Host: throws SizeError when the bound of a rank with max_cell_rows tokens overflows.
+  void check() const {
+    require_size(initial<CheckedInt>(CheckedInt(max_cell_rows)), "max_tokens", max_cell_rows,
+                 "the task-count bound (world size * local experts * tile tasks of a full cell)");
   }
   // How much the bound drops when a cell turns out to have `rows` rows.
   FLASHMOE_HD int64_t correction(int64_t rows) const { return cell_tasks(max_cell_rows) - cell_tasks(rows); }

@@ -561,9 +561,15 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
   if (config.threads_per_rank < 1) throw std::invalid_argument("threads_per_rank must be >= 1");
   s.layout = HeapLayout{s.placement, config.max_tokens, config.shape.top_k, config.shape.hidden,
                         dtype_size(config.shape.dtype)};
-  if (s.layout.region_rows() > SignalWord::kMaxRows) throw std::invalid_argument("max_tokens * top_k too large for a SignalWord");
+  s.layout.check();  // SizeError naming max_tokens, hidden, ... before a byte is allocated
   s.task_bound = TaskBound{s.tiling, s.placement, config.max_tokens, config.shape.ffn, config.shape.hidden};
+  s.task_bound.check();
   s.h_buffers = std::max<int64_t>(4, 2 * int64_t(config.threads_per_rank));
+  const CheckedInt h_bytes = CheckedInt(s.h_buffers) * CheckedInt(s.tiling.row_tile) * CheckedInt(config.shape.ffn) *
+                             CheckedInt(dtype_size(config.shape.dtype));
+  require_size(h_bytes, "ffn", config.shape.ffn, "the intermediate buffers' bytes");
+  require_size(CheckedInt(config.world_size) * (CheckedInt(s.layout.total_bytes()) + h_bytes), "world_size",
+               config.world_size, "the cluster's footprint");
   const int64_t cells = config.world_size * s.placement.local_experts();
   const HeapTransport* transport = config.transport.get();
   if (transport != nullptr) {

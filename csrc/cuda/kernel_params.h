@@ -35,9 +35,12 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
   workspace.hidden = problem.hidden;
   workspace.ffn = problem.ffn;
   workspace.element_size = dtype_size(problem.dtype);
-  workspace.plan();
   params.bound = TaskBound{gpu_tiling(), ExpertPlacement{1, problem.experts}, problem.tokens, problem.ffn,
                            problem.hidden};
+  // SizeError (named) before any unchecked arithmetic runs on these sizes.
+  workspace.check();
+  params.bound.check();
+  workspace.plan();
   params.processors = processors;
   return params;
 }

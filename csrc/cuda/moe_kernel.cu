@@ -122,7 +122,7 @@ int launch_ctas(int device, Math math) {
 
 void check_problem(const Problem& problem) {
   if (const char* error = validate(problem)) throw std::invalid_argument(std::string("flashmoe: ") + error);
-  if (problem.tokens * std::min(problem.top_k, problem.experts) > SignalWord::kMaxRows) {
+  if (CheckedInt(problem.tokens) * CheckedInt(std::min(problem.top_k, problem.experts)) > CheckedInt(SignalWord::kMaxRows)) {
     throw std::invalid_argument("flashmoe: tokens * min(top_k, experts) must be < 2^24 rows per call");
   }
 }

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "core/checked.h"
 #include "core/dtype.h"
 #include "core/heap_layout.h"
 #include "core/problem.h"
@@ -87,39 +88,54 @@ struct Workspace {
   }
   FLASHMOE_HD int64_t region_rows() const { return heap_layout().region_rows(); }
 
-  // Lays the buffers out back to back; returns *this for chaining.
-  FLASHMOE_HD Workspace& plan() {
-    int64_t at = 0;
-    auto take = [&at](int64_t bytes) {
-      const int64_t offset = at;
-      at += align(bytes);
-      return offset;
+  // Lays the buffers out back to back in number type N and returns the total; with N = int64_t
+  // and `record`, also stores each offset there. One list of buffers serves plan() and check().
+  template <typename N>
+  FLASHMOE_HD N lay_out(Workspace* record) const {
+    N at = N(0);
+    auto take = [&](int64_t Workspace::*field, N bytes) {
+      if (record) record->*field = plain_value(at);
+      at = at + HeapLayout::align<N>(bytes);
     };
-    inbox_ready = take(inbox_capacity() * 4);
-    inbox = take(inbox_capacity() * int64_t(sizeof(Message)));
-    counters = take(kCounters * 4);
-    doorbells = take(processors * 4);
-    control_end = at;
+    const N four = N(4);
+    const N token_tiles_n = gpu_tiling().token_tiles<N>(tokens), max_row_tiles_n = gpu_tiling().row_tiles<N>(tokens);
+    const N inbox_capacity_n = N(processors) + N(experts) + N(1);
     const HeapLayout layout = heap_layout();
-    heap = take(layout.total_bytes());
-    heap_flags_end = heap + 2 * layout.flags_bytes();
-    task_slots = take(processors * int64_t(sizeof(Task)));
-    tile_counts = take(token_tiles() * experts * 4);
-    tile_base = take(token_tiles() * experts * 4);
-    expert_offsets = take(experts * 4);
-    admitted = take(experts * 4);
-    scores = take(tokens * experts * 4);
-    pick_row = take(tokens * top_k * 4);
-    gemm0_left = take(experts * max_row_tiles() * 4);
-    gemm1_left = take(experts * 4);
-    cell_rows = take(experts * 4);
-    cell_first_row = take(experts * 4);
-    gemm0_queue = take(experts * 4);
-    gemm1_queue = take(experts * max_row_tiles() * 4);
-    idle = take(processors * 4);
-    h = take(region_rows() * ffn * element_size);
-    total = at;
+    take(&Workspace::inbox_ready, inbox_capacity_n * four);
+    take(&Workspace::inbox, inbox_capacity_n * N(int64_t(sizeof(Message))));
+    take(&Workspace::counters, N(kCounters) * four);
+    take(&Workspace::doorbells, N(processors) * four);
+    if (record) record->control_end = plain_value(at);
+    take(&Workspace::heap, layout.total_bytes<N>());
+    if (record) record->heap_flags_end = record->heap + 2 * layout.flags_bytes();
+    take(&Workspace::task_slots, N(processors) * N(int64_t(sizeof(Task))));
+    take(&Workspace::tile_counts, token_tiles_n * N(experts) * four);
+    take(&Workspace::tile_base, token_tiles_n * N(experts) * four);
+    take(&Workspace::expert_offsets, N(experts) * four);
+    take(&Workspace::admitted, N(experts) * four);
+    take(&Workspace::scores, N(tokens) * N(experts) * four);
+    take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
+    take(&Workspace::gemm0_left, N(experts) * max_row_tiles_n * four);
+    take(&Workspace::gemm1_left, N(experts) * four);
+    take(&Workspace::cell_rows, N(experts) * four);
+    take(&Workspace::cell_first_row, N(experts) * four);
+    take(&Workspace::gemm0_queue, N(experts) * four);
+    take(&Workspace::gemm1_queue, N(experts) * max_row_tiles_n * four);
+    take(&Workspace::idle, N(processors) * four);
+    take(&Workspace::h, layout.region_rows<N>() * N(ffn) * N(element_size));
+    if (record) record->total = plain_value(at);
+    return at;
+  }
+
+  FLASHMOE_HD Workspace& plan() {
+    lay_out<int64_t>(this);
     return *this;
+  }
+
+  // Host: throws SizeError naming the argument when a buffer's size, or the total, overflows.
+  void check() const {
+    heap_layout().check();
+    require_size(lay_out<CheckedInt>(nullptr), "tokens", tokens, "the CUDA workspace's bytes");
   }
 
   // Bytes the memset node clears before the launch: the control block and the heap's flags.

@@ -575,6 +575,40 @@ void run_transport_case(const Case& c, bool shared_memory, ChaosOptions chaos, i
   record(why.empty(), what + (why.empty() ? "" : ": " + why));
 }
 
+// ---- Impossible sizes: a named std::invalid_argument, never a heap too small for its calls. ----
+
+// Issue 16, defect 1: max_tokens * top_k overflowed int64, so a 2^62 + 1 token heap came out a few
+// KiB and the first call of 100 tokens wrote past it. The cluster must refuse to be built.
+void run_impossible_sizes() {
+  const std::string what = "impossible sizes: max_tokens = 2^62 + 1, E=4 k=4 H=64";
+  if (!g_only.empty() && what.find(g_only) == std::string::npos) return;
+  Case c;
+  c.name = "oversized";
+  c.experts = 4;
+  c.top_k = 4;
+  c.hidden = 64;
+  c.ffn = 8;
+  c.tokens = {100};
+  c.seed = 16;
+  const Data d = make_data(c);
+  Outputs outputs = poisoned_outputs(c, 100);
+  ClusterConfig config = cluster_config(c, 1, ChaosOptions{}, 60);
+  config.max_tokens = (int64_t(1) << 62) + 1;
+  std::string why;
+  try {
+    Cluster cluster(config);
+    cluster.forward(weights_of(c, d), {rank_io(c, d, 0, outputs)}, 1);
+    why = "built a cluster of " + std::to_string(cluster.heap_bytes()) + " heap bytes and ran it";
+  } catch (const std::invalid_argument& error) {
+    if (std::string(error.what()).find("max_tokens") == std::string::npos) {
+      why = std::string("message does not name max_tokens: ") + error.what();
+    }
+  } catch (const std::exception& error) {
+    why = std::string("threw a non-invalid_argument: ") + error.what();
+  }
+  record(why.empty(), what + (why.empty() ? "" : ": " + why));
+}
+
 // ---- The configurations. ----
 
 std::vector<Case> sweep() {
@@ -698,6 +732,7 @@ int main(int argc, char** argv) {
     }
   }
   const auto start = std::chrono::steady_clock::now();
+  run_impossible_sizes();
 
   // Thread counts, repeats and chaos seeds (new ones each round); the bits must not change.
   for (int round = 0; round < rounds; ++round) {
