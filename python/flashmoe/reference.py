@@ -141,6 +141,7 @@ def _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha) -> 
 def activation_options(activation: str, swiglu_limit=None, swiglu_alpha=None) -> tuple[float, float]:
     """``(L, alpha)`` of ``activation``, defaults filled in: swiglu_oai takes L = 7.0 and
     alpha = 1.702 (gpt-oss) unless given; an option the activation does not use is 0.0."""
+    _check_activation_options(activation, True, swiglu_limit, swiglu_alpha)
     if activation == "swiglu_oai":
         return (SWIGLU_OAI_LIMIT if swiglu_limit is None else float(swiglu_limit),
                 SWIGLU_OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha))
