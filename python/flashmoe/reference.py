@@ -187,14 +187,17 @@ def check_topk_ids_values(topk_ids: Tensor, num_experts: int) -> None:
     ids = topk_ids.long()
     if ids.numel() == 0:
         return
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != num_experts)
+    # One host read in the common, valid case; the error paths below may take their time.
+    if not bool(((ordered[:, 0] < 0) | (ordered[:, -1] > num_experts)).any() | repeated.any()):
+        return
     bad = (ids < 0) | (ids > num_experts)
     if bool(bad.any()):
         token, slot = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"topk_ids must lie in [0, E={num_experts}), or be {num_experts}, the sentinel of an expert "
                          f"that is not local (it contributes zero); got topk_ids[{token}, {slot}] = "
                          f"{int(ids[token, slot])}")
-    ordered = ids.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != num_experts)
     if bool(repeated.any()):
         token, slot = (int(i) for i in repeated.nonzero()[0])
         raise ValueError(f"topk_ids repeats expert {int(ordered[token, slot])} in row {token}: a token picks each "
