@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _C, reference
 from .ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
 
-FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch")
+FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch", "slow_gate", "stuck_gate")
 
 
 class SimulatedCluster:
@@ -32,10 +32,12 @@ class SimulatedCluster:
         threads_per_rank: processor threads per rank.
         chaos_seed: None, or a seed for chaos mode (random delays and yields at every send,
             poll and task boundary, and a shuffled task order). Results must not change.
-        fault: a deliberate protocol fault, for tests that prove faults are caught:
-            ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"``.
-        watchdog_seconds: a wait with no progress anywhere for this long raises RuntimeError
-            naming the rank, the role and the flags it waits for.
+        fault: a deliberate fault, for tests that prove faults are caught:
+            ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"`` (protocol), ``"stuck_gate"``
+            (rank 0's first member stops in its gate), or ``"slow_gate"`` (it works there, beating,
+            for 8 watchdog timeouts: honest, so the watchdog must not fire).
+        watchdog_seconds: a wait during which no member it waits on advanced its heartbeat for
+            this long raises RuntimeError naming the rank, the role and what it waits for.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, world_size: int,
