@@ -537,8 +537,8 @@ def _cluster_kwargs(**overrides):
     (dict(num_experts=6), ValueError, "num_experts"),
     (dict(world_size=0), ValueError, "world_size"),
     (dict(world_size=-2), ValueError, "world_size"),
-    (dict(world_size=2.0), ValueError, "world_size"),
-    (dict(world_size=True), ValueError, "world_size"),
+    (dict(world_size=2.0), TypeError, "world_size"),
+    (dict(world_size=True), TypeError, "world_size"),
     (dict(max_tokens=0), ValueError, "max_tokens"),
     (dict(threads_per_rank=0), ValueError, "threads_per_rank"),
     (dict(dtype=torch.int32), TypeError, "dtype"),
@@ -569,7 +569,7 @@ def test_forward_rejects_bad_input_and_stays_usable():
         cluster.forward([xs[0], too_many, xs[2], xs[3]], **weights)
     with pytest.raises(TypeError, match="x"):  # a rank's x in another dtype than the weights
         cluster.forward([xs[0], xs[1].double(), xs[2], xs[3]], **weights)
-    with pytest.raises(ValueError, match=r"xs\[0\]"):  # all float64, but the cluster is float32
+    with pytest.raises(TypeError, match=r"xs\[0\]"):  # all float64, but the cluster is float32
         cluster.forward([x.double() for x in xs], **{n: t.double() for n, t in weights.items()})
     with pytest.raises(ValueError, match="repeats"):
         cluster.forward(xs, **weights, repeats=0)
