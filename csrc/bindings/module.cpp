@@ -225,7 +225,9 @@ PYBIND11_MODULE(_C, m) {
   py::enum_<cpu::Fault>(m, "Fault")
       .value("none", cpu::Fault::none)
       .value("skip_empty_dispatch_signal", cpu::Fault::skip_empty_dispatch_signal)
-      .value("stale_epoch", cpu::Fault::stale_epoch);
+      .value("stale_epoch", cpu::Fault::stale_epoch)
+      .value("slow_gate", cpu::Fault::slow_gate)
+      .value("stuck_gate", cpu::Fault::stuck_gate);
 
   py::class_<cpu::Cluster>(m, "Cluster",
                            "W simulated ranks running the dataflow protocol over simulated symmetric heaps.")

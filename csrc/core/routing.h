@@ -34,21 +34,54 @@ FLASHMOE_HD bool outranks(Acc a, Acc b) {
   return a != a ? b == b : a > b;
 }
 
-// Picks the top_k highest scores under outranks(); the ids are always distinct and in range.
+// The order of the picks: higher under outranks() first, then the lower expert index. A strict
+// total order on expert ids, so the top_k under it are one well-defined list.
+template <typename Acc>
+FLASHMOE_HD bool picked_before(const Acc* scores, int32_t a, int32_t b) {
+  if (outranks(scores[a], scores[b])) return true;
+  if (outranks(scores[b], scores[a])) return false;
+  return a < b;
+}
+
+// Restores the heap below `root` of heap[0, size): every node is picked_before() its children's
+// inverse, i.e. the root holds the id picked last among the kept ones.
+template <typename Acc>
+FLASHMOE_HD void sift_down_last_picked(const Acc* scores, int32_t* heap, int64_t size, int64_t root) {
+  for (;;) {
+    int64_t last = root;
+    const int64_t left = 2 * root + 1, right = left + 1;
+    if (left < size && picked_before(scores, heap[last], heap[left])) last = left;
+    if (right < size && picked_before(scores, heap[last], heap[right])) last = right;
+    if (last == root) return;
+    const int32_t id = heap[root];
+    heap[root] = heap[last];
+    heap[last] = id;
+    root = last;
+  }
+}
+
+// Picks the top_k highest scores under outranks(), ties to the lower expert index; the ids are
+// distinct and in range. O(E·log k): a heap of the k best so far in topk_ids, rooted at the one
+// picked last, which each later expert only has to beat; then a heap sort puts them in pick order.
 template <typename Acc>
 FLASHMOE_HD void select_top_k(const Acc* scores, int64_t experts, int64_t top_k, bool normalize,
                               int32_t* topk_ids, Acc* topk_weights) {
-  for (int64_t j = 0; j < top_k; ++j) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < experts; ++e) {
-      bool taken = false;
-      for (int64_t i = 0; i < j; ++i) taken = taken || topk_ids[i] == int32_t(e);
-      if (taken) continue;
-      if (best < 0 || outranks(scores[e], scores[best])) best = e;
-    }
-    topk_ids[j] = int32_t(best);
-    topk_weights[j] = scores[best];
+  int32_t* heap = topk_ids;
+  for (int64_t e = 0; e < top_k; ++e) heap[e] = int32_t(e);
+  for (int64_t node = top_k / 2 - 1; node >= 0; --node) sift_down_last_picked(scores, heap, top_k, node);
+  for (int64_t e = top_k; e < experts; ++e) {
+    if (!picked_before(scores, int32_t(e), heap[0])) continue;
+    heap[0] = int32_t(e);
+    sift_down_last_picked(scores, heap, top_k, 0);
   }
+  // Heap sort: the root (picked last of those left) goes to the end, so ids end in pick order.
+  for (int64_t size = top_k - 1; size > 0; --size) {
+    const int32_t id = heap[0];
+    heap[0] = heap[size];
+    heap[size] = id;
+    sift_down_last_picked(scores, heap, size, 0);
+  }
+  for (int64_t j = 0; j < top_k; ++j) topk_weights[j] = scores[topk_ids[j]];
   if (normalize) {
     Acc sum = 0;
     for (int64_t j = 0; j < top_k; ++j) sum += topk_weights[j];

@@ -59,6 +59,12 @@ HeapBytes aligned_bytes(int64_t bytes) {
   return HeapBytes(memory);
 }
 
+// One member's heartbeat: advanced as the member works (a token routed, a row copied, a task run,
+// a signal seen), never while it waits. On a cache line of its own: members beat often.
+struct alignas(64) Heartbeat {
+  std::atomic<uint64_t> beats{0};
+};
+
 // A row tile whose GEMM0 tasks wait for a free intermediate buffer.
 struct PendingRowTile {
   int32_t source;
@@ -114,9 +120,15 @@ struct Cluster::State {
   std::mutex error_mutex;
   std::string error;
   bool broken = false;
-  std::atomic<int64_t> last_progress_ns{0};
+  // The watchdog's evidence of progress: heartbeats[rank * threads_per_rank + member].
+  std::unique_ptr<Heartbeat[]> heartbeats;
 
-  void note_progress() { last_progress_ns.store(now_ns(), std::memory_order_relaxed); }
+  // Sum of the heartbeats of members [first, first + count): it moves iff one of them worked.
+  uint64_t beats(int64_t first, int64_t count) const {
+    uint64_t sum = 0;
+    for (int64_t m = first; m < first + count; ++m) sum += heartbeats[size_t(m)].beats.load(std::memory_order_relaxed);
+    return sum;
+  }
 
   [[noreturn]] void fail(const std::string& message) {
     {
@@ -153,6 +165,7 @@ class Member {
 
   void call(const RankIO& io) {
     io_ = &io;
+    beat();
     x_ = static_cast<const T*>(io.x);
     barrier("start of call");
     if (member_ == 0) begin_call();
@@ -193,8 +206,10 @@ class Member {
       const int64_t t0 = task * tile, m = std::min(tile, io_->tokens - t0);
       gate_tile<T>(p_, x_, t0, m, router_weight_, router_bias_, static_cast<Acc*>(io_->router_logits),
                    io_->topk_ids, static_cast<Acc*>(io_->topk_weights), scores_.data());
-      c_.note_progress();
+      beat();
     }
+    if (c_.config.chaos.fault == Fault::slow_gate) slow_gate();
+    if (c_.config.chaos.fault == Fault::stuck_gate) stuck_gate();
   }
 
   // ---- Phase 2: token-order slot assignment under this source's capacity. ----
@@ -225,8 +240,9 @@ class Member {
         const T* token = x_ + int64_t(s_.row_token[size_t(row)]) * p_.hidden;
         std::memcpy(owner_heap + c_.layout.dispatch_row(rank_, first + row - s_.expert_offsets[size_t(e)]), token,
                     size_t(row_bytes));
+        beat();
       }
-      c_.note_progress();
+      beat();
     }
   }
 
@@ -248,6 +264,7 @@ class Member {
   // ---- Phase 4: the dataflow loop. Every member is a processor and, in turn, the OS. ----
   void dataflow() {
     int64_t idle_polls = 0;
+    bool waiting = false;
     for (;;) {
       if (c_.abort.load(std::memory_order_acquire)) throw Aborted{};
       bool subscribed = false;
@@ -257,26 +274,32 @@ class Member {
       }
       Task task;
       if (pop(task)) {
+        waiting = false;
         chaos_.point();
         run(task);
         chaos_.point();
         s_.completed.fetch_add(1, std::memory_order_acq_rel);
-        c_.note_progress();
+        beat();
         idle_polls = 0;
         continue;
       }
       // completed <= bound always; equal means every signal arrived and every task ran.
       const int64_t completed = s_.completed.load(std::memory_order_acquire);
       if (completed == s_.bound.load(std::memory_order_acquire)) return;
-      if (!subscribed) {
-        check_watchdog("processor", [&] { return describe_dataflow_wait(); });
+      if (subscribed) {
+        waiting = false;
+        idle_polls = 0;
+      } else {
+        if (!waiting) begin_wait();
+        waiting = true;
+        // Across processes the peers' heartbeats are not visible here; their progress shows as
+        // arrived signals, which subscribe() counts as this member's beats.
+        check_watchdog("processor", 0, c_.placement.world_size * team_, [&] { return describe_dataflow_wait(); });
         if (c_.config.transport) {
           c_.config.transport->idle(++idle_polls);  // peers are processes: see HeapTransport::idle
         } else {
           std::this_thread::yield();
         }
-      } else {
-        idle_polls = 0;
       }
     }
   }
@@ -316,7 +339,7 @@ class Member {
       }
       push(combines);
     }
-    if (arrived) c_.note_progress();
+    if (arrived) beat();
     return arrived;
   }
 
@@ -467,20 +490,60 @@ class Member {
         return reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(owner, owner_row));
       };
       combine_token<T>(H, k, pick_row, weights + t * k, output_row, sum_.data(), static_cast<T*>(io_->y) + t * H);
+      beat();
     }
   }
 
   // ---- Waiting, bounded. ----
+  void beat() { c_.heartbeats[size_t(rank_ * team_ + member_)].beats.fetch_add(1, std::memory_order_relaxed); }
+
+  // A wait is a hang only when no member it waits on has advanced its heartbeat for the whole
+  // timeout: honest work, however long, keeps beating. `first, count` are those members (the
+  // rank's team at a barrier; every member of every rank for flags, which any rank may owe).
+  // Call begin_wait() when a wait starts and check_watchdog() while it lasts.
+  void begin_wait() {
+    wait_beats_ = ~uint64_t(0);
+    wait_since_ns_ = now_ns();
+  }
+
   template <typename Describe>
-  void check_watchdog(const char* role, Describe describe) {
+  void check_watchdog(const char* role, int64_t first, int64_t count, Describe describe) {
     if (c_.abort.load(std::memory_order_acquire)) throw Aborted{};
-    const int64_t idle = now_ns() - c_.last_progress_ns.load(std::memory_order_relaxed);
-    if (idle < int64_t(c_.config.watchdog_seconds * 1e9)) return;
+    const uint64_t beats = c_.beats(first, count);
+    const int64_t now = now_ns();
+    if (beats != wait_beats_) {
+      wait_beats_ = beats;
+      wait_since_ns_ = now;
+      return;
+    }
+    if (now - wait_since_ns_ < int64_t(c_.config.watchdog_seconds * 1e9)) return;
     std::ostringstream message;
-    message << "flashmoe watchdog: no progress for " << c_.config.watchdog_seconds << " s; rank " << rank_
-            << " (member " << member_ << ", role " << role << ", epoch " << s_.epoch << ") is waiting for "
-            << describe();
+    message << "flashmoe watchdog: no progress for " << c_.config.watchdog_seconds << " s (no heartbeat of "
+            << (count == team_ ? "its team" : "any member of any rank") << " advanced); rank " << rank_ << " (member "
+            << member_ << ", role " << role << ", epoch " << s_.epoch << ") is waiting for " << describe();
     c_.fail(message.str());
+  }
+
+  // Test faults (chaos.h): rank 0's member 0 works honestly but long in its gate, beating as it
+  // goes, or stops there without beating until the watchdog of a waiting member fires.
+  void slow_gate() {
+    if (rank_ != 0 || member_ != 0) return;
+    const int64_t end = now_ns() + int64_t(c_.config.watchdog_seconds * 8e9);
+    while (now_ns() < end) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      beat();
+    }
+  }
+  // The others' watchdogs catch the stuck member; a lone one (W = 1, one thread) watches itself.
+  void stuck_gate() {
+    if (rank_ != 0 || member_ != 0) return;
+    const bool alone = c_.placement.world_size * team_ == 1;
+    begin_wait();
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (!alone && c_.abort.load(std::memory_order_acquire)) throw Aborted{};
+      if (alone) check_watchdog("gate", 0, 1, [] { return std::string("itself: the stuck_gate fault"); });
+    }
   }
 
   std::string describe_dataflow_wait() const {
@@ -511,8 +574,9 @@ class Member {
       s_.barrier_generation.fetch_add(1, std::memory_order_acq_rel);
       return;
     }
+    begin_wait();
     while (s_.barrier_generation.load(std::memory_order_acquire) == generation) {
-      check_watchdog("team", [&] { return std::string("its team at the barrier ") + name; });
+      check_watchdog("team", rank_ * team_, team_, [&] { return std::string("its team at the barrier ") + name; });
       std::this_thread::yield();
     }
   }
@@ -529,13 +593,14 @@ class Member {
   const int64_t first_expert_;  // the expert w1_[0] (and w2_, b1_, b2_) holds
   const T* x_ = nullptr;
   std::vector<Acc> gate_, up_, out_, scores_, sum_;
+  uint64_t wait_beats_ = 0;     // the waited-on members' heartbeats when last seen to move
+  int64_t wait_since_ns_ = 0;   // when they last moved, or the wait began
 };
 
 template <typename T>
 void run_all(Cluster::State& state, const ExpertWeights& weights, const std::vector<std::vector<RankIO>>& calls) {
   const int team = state.config.threads_per_rank;
   run_team(int(state.local_ranks.size()) * team, [&](int thread) {
-    state.note_progress();  // the wait for the pool is not a hang
     const size_t local = size_t(thread / team);
     try {
       Member<T> member(state, state.local_ranks[local], thread % team, weights);
@@ -599,6 +664,7 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
     rank->gemm1_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(s.h_buffers));
     s.ranks.push_back(std::move(rank));
   }
+  s.heartbeats = std::make_unique<Heartbeat[]>(size_t(config.world_size * config.threads_per_rank));
 }
 
 Cluster::~Cluster() = default;

@@ -86,15 +86,17 @@ def moe(
     Returns:
         y with x's shape and dtype, or ``(y, routing)``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    reference.check_choice("backend", backend, BACKENDS)
+    reference.check_bool("return_routing", return_routing)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
     gate_less = topk_ids is not None or topk_weights is not None
     router_weight, w1, w2 = reference.split_weights(router_weight, w1, w2, gate_less=gate_less)
     normalize, scoring = reference.router_options(normalize, scoring, gate_less=gate_less)
     if backend == "auto":
-        backend = "native" if ops.has_native_kernel(x.device, x.dtype) else "reference"
+        # Meta tensors hold no values: the op's fake kernel infers the output shapes.
+        native = x.device.type == "meta" or ops.has_native_kernel(x.device, x.dtype)
+        backend = "native" if native else "reference"
         if backend == "reference":
             _warn_reference_fallback(x)
     options = dict(top_k=top_k, gated=gated, activation=activation, normalize=normalize, scoring=scoring,

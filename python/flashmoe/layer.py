@@ -74,21 +74,15 @@ class MoE(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-        if not isinstance(gated, bool):
-            raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
-        reference._check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
-        if scoring not in reference.SCORINGS:
-            raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
-        reference.expert_capacity(capacity_factor, 1, top_k, num_experts)  # validates capacity_factor
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
+                                 activation=activation, normalize=normalize, scoring=scoring,
+                                 capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
+                                 swiglu_alpha=swiglu_alpha)
+        reference.check_bool("router_bias", router_bias)
+        reference.check_bool("expert_bias", expert_bias)
+        reference.check_real("load_balancing_coef", load_balancing_coef)
+        reference.check_real("z_loss_coef", z_loss_coef)
+        reference.check_choice("backend", backend, BACKENDS)
         factory = dict(device=device, dtype=dtype)
         rows = 2 * ffn_size if gated else ffn_size
         self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k
@@ -175,12 +169,37 @@ class MoE(nn.Module):
         if act_name not in _HF_ACTIVATIONS:
             raise ValueError(f"block.experts.act_fn is {act_name}, which has no flashmoe activation; "
                              f"supported: {sorted(_HF_ACTIVATIONS)}")
-        top_k = getattr(gate, "top_k", None) or getattr(block, "top_k", None)
+        top_k_owner = "block.gate" if getattr(gate, "top_k", None) is not None else "block"
+        top_k = getattr(gate, "top_k", None)
+        if top_k is None:
+            top_k = getattr(block, "top_k", None)
         if top_k is None:
             raise TypeError(f"cannot find top_k on {type(block).__name__}.gate or the block")
-        num_experts, rows, hidden = experts.gate_up_proj.shape
-        weight = gate.weight
-        layer = cls(hidden, rows // 2, num_experts, int(top_k), gated=True, activation=_HF_ACTIVATIONS[act_name],
+        if not reference._is_int(top_k):
+            raise TypeError(f"{top_k_owner}.top_k must be an int, got {type(top_k).__name__} {top_k!r}")
+        weight, gate_up, down = gate.weight, experts.gate_up_proj, experts.down_proj
+        for name, tensor, layout in (("block.gate.weight", weight, "[E, H]"),
+                                     ("block.experts.gate_up_proj", gate_up, "[E, 2I, H]"),
+                                     ("block.experts.down_proj", down, "[E, H, I]")):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+            if tensor.dim() != layout.count(",") + 1:
+                raise ValueError(f"{name} must have shape {layout}, got {list(tensor.shape)}")
+            if tensor.dtype not in reference.FLOAT_DTYPES:
+                raise TypeError(f"{name} must have dtype in {reference.FLOAT_DTYPES}, got {tensor.dtype}")
+        num_experts, rows, hidden = gate_up.shape
+        if rows % 2 or rows < 2:
+            raise ValueError(f"block.experts.gate_up_proj must have shape [E, 2I, H] with an even, non-zero row "
+                             f"count (gate rows then up rows), got {list(gate_up.shape)}")
+        for name, tensor, shape in (("block.gate.weight", weight, (num_experts, hidden)),
+                                    ("block.experts.down_proj", down, (num_experts, hidden, rows // 2))):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} (from block.experts.gate_up_proj "
+                                 f"{list(gate_up.shape)}), got {list(tensor.shape)}")
+            if tensor.dtype != gate_up.dtype:
+                raise TypeError(f"{name} must have the dtype of block.experts.gate_up_proj ({gate_up.dtype}), "
+                                f"got {tensor.dtype}")
+        layer = cls(hidden, rows // 2, num_experts, top_k, gated=True, activation=_HF_ACTIVATIONS[act_name],
                     normalize=bool(getattr(gate, "norm_topk_prob", True)), device="meta", dtype=weight.dtype,
                     **options)
         for name, source in (("router_weight", gate.weight), ("w1", experts.gate_up_proj),

@@ -122,6 +122,49 @@ def _validate_native(x, top_k, named):
                              f"got stride {tuple(tensor.stride())}; call .contiguous() once, outside the hot loop")
 
 
+_GRAD_INPUTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
+
+
+def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
+                       swiglu_limit=None, swiglu_alpha=None):
+    """flashmoe::moe_backward's arguments: the forward's (the shared validator), then the
+    gradients, the routing and needs_grad against them. Values of topk_ids are checked where
+    that costs no device sync (CPU tensors, or CUDA outside graph capture)."""
+    _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
+              capacity_factor, swiglu_limit, swiglu_alpha)
+    tokens, experts = x.shape[0], router_weight.shape[0]
+    if not isinstance(needs_grad, (list, tuple)) or len(needs_grad) != len(_GRAD_INPUTS):
+        raise ValueError(f"needs_grad must be a list of {len(_GRAD_INPUTS)} bools, one per input {_GRAD_INPUTS}, "
+                         f"got {needs_grad!r}")
+    for name, need in zip(_GRAD_INPUTS, needs_grad):
+        if not isinstance(need, bool):
+            raise TypeError(f"needs_grad must hold bools; its entry for {name} is {type(need).__name__} {need!r}")
+    for name, tensor, shape, float_only in (
+            ("grad_y", grad_y, (tokens, x.shape[1]), True),
+            ("grad_topk_weights", grad_topk_weights, (tokens, top_k), True),
+            ("grad_router_logits", grad_router_logits, (tokens, experts), True),
+            ("topk_ids", topk_ids, (tokens, top_k), False)):
+        if tensor is None and name in ("grad_topk_weights", "grad_router_logits"):
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(tensor).__name__}")
+        if float_only and tensor.dtype not in reference.FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a float dtype in {reference.FLOAT_DTYPES}, got {tensor.dtype}")
+        if not float_only and tensor.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} must be on device {x.device} (the device of x), got {tensor.device}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    checkable = topk_ids.device.type == "cpu" or (
+        topk_ids.device.type == "cuda" and not torch.cuda.is_current_stream_capturing())
+    if checkable and topk_ids.numel() and not torch._guards.detect_fake_mode(topk_ids):
+        low, high = int(topk_ids.min()), int(topk_ids.max())
+        if low < 0 or high >= experts:
+            raise ValueError(f"topk_ids must lie in [0, E={experts}), got values in [{low}, {high}]")
+
+
 def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS):
     """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
     and contiguity): a dtype it computes in."""
@@ -334,6 +377,9 @@ def moe_backward(
     constant, so only the weights and the expert math carry gradient. Computed in fp32 (fp64 for
     fp64), one expert's weights upcast at a time, with explicit formulas: an op body runs below
     autograd."""
+    _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
+                       swiglu_limit, swiglu_alpha)
     accumulate = accumulate_dtype(x.dtype)
     need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad
     xa = x.to(accumulate)
@@ -381,6 +427,9 @@ def moe_backward(
 def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
                        swiglu_limit=None, swiglu_alpha=None):
+    _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
+                       topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
+                       swiglu_limit, swiglu_alpha)
     inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 

@@ -38,6 +38,9 @@ __all__ = [
     "Routing",
     "validate",
     "activation_options",
+    "validate_options",
+    "validate_layer",
+    "OPTION_CHECKS",
     "router_logits",
     "route",
     "expert_capacity",
@@ -101,21 +104,61 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """``value`` is one of the strings ``choices``: TypeError for a non-str (a numpy array, say,
+    whose ``in`` test would be ambiguous), ValueError for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {_type_name(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)} {value!r}")
+
+
+def check_count(name: str, value, minimum: int = 1) -> None:
+    """``value`` is an int (not a bool) >= ``minimum``: a size such as hidden_size or world_size."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {_type_name(value)} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value >= 2**63:  # the native side holds sizes in int64
+        raise ValueError(f"{name} must be below 2**63, got {value!r}")
+
+
+def check_real(name: str, value, *, positive: bool = False) -> None:
+    """``value`` is a finite real number (> 0 with ``positive``); huge ints are out of range, not an
+    OverflowError."""
+    expected = "a finite number" + (" > 0" if positive else "")
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        finite = False
+    if not finite or (positive and not value > 0):
+        shown = value if not isinstance(value, int) or abs(value) < 10**20 else f"an int of {len(str(abs(value)))} digits"
+        raise ValueError(f"{name} must be {expected}, got {shown}")
+
+
+def check_dtype(name: str, dtype, allowed: tuple = FLOAT_DTYPES) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, one of {allowed}, got {_type_name(dtype)} {dtype!r}")
+    if dtype not in allowed:
+        raise TypeError(f"{name} must be one of {allowed}, got {dtype}")
+
+
 def _check_top_k(top_k, num_experts: int) -> None:
     if not _is_int(top_k):
-        raise TypeError(f"top_k must be an int in 1..{num_experts}, got {type(top_k).__name__} {top_k!r}")
+        raise TypeError(f"top_k must be an int in 1..{num_experts}, got {_type_name(top_k)} {top_k!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..num_experts={num_experts}, got {top_k}")
-
-
-def _check_scoring(scoring) -> None:
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-
-
-def _check_activation(activation) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha) -> None:
@@ -220,14 +263,45 @@ def _check_no_router(router_weight, top_k, normalize, scoring, router_bias) -> N
 
 
 def _check_capacity_factor(capacity_factor) -> None:
-    if capacity_factor is None:
-        return
-    if not _is_real(capacity_factor):
-        raise TypeError(
-            f"capacity_factor must be None or a finite number > 0, got {type(capacity_factor).__name__}"
-        )
-    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}")
+    if capacity_factor is not None:
+        check_real("capacity_factor", capacity_factor, positive=True)
+
+
+# The operator's options, one row each: name -> check(value, num_experts). Every entry point
+# (flashmoe.moe, MoE, from_hf, SimulatedCluster, simulate_expert_parallel, the raw ops) validates
+# its options through this table, in this order; a new option is a new row.
+OPTION_CHECKS = {
+    "top_k": _check_top_k,
+    "gated": lambda value, _: check_bool("gated", value),
+    "activation": lambda value, _: check_choice("activation", value, ACTIVATIONS),
+    "scoring": lambda value, _: check_choice("scoring", value, SCORINGS),
+    "normalize": lambda value, _: check_bool("normalize", value),
+    "capacity_factor": lambda value, _: _check_capacity_factor(value),
+}
+
+
+def validate_options(num_experts: int, **options) -> None:
+    """Checks the given options (a subset of :data:`OPTION_CHECKS`, any order) in table order."""
+    unknown = set(options) - set(OPTION_CHECKS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; the options are {list(OPTION_CHECKS)}")
+    for name, check in OPTION_CHECKS.items():
+        if name in options:
+            check(options[name], num_experts)
+
+
+def validate_layer(hidden_size, ffn_size, num_experts, *, dtype=None, swiglu_limit=None, swiglu_alpha=None,
+                   **options) -> None:
+    """The arguments of a layer built from sizes (:class:`flashmoe.MoE`, ``SimulatedCluster``):
+    the sizes (ints >= 1), the dtype (None or a float dtype), the options of the table and the
+    activation's own options (``swiglu_limit``, ``swiglu_alpha``)."""
+    for name, value in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
+        check_count(name, value)
+    if dtype is not None:
+        check_dtype("dtype", dtype)
+    validate_options(num_experts, **options)
+    _check_activation_options(options.get("activation", "silu"), options.get("gated", True), swiglu_limit,
+                              swiglu_alpha)
 
 
 def _check_tensor(name: str, tensor, shape: tuple, x: Tensor) -> None:
@@ -262,6 +336,7 @@ def validate(
     swiglu_limit=None,
     swiglu_alpha=None,
     check_values=True,
+    x_name: str = "x",
 ) -> None:
     """Check the arguments of :func:`moe`; raise naming the argument and what was expected.
 
@@ -288,19 +363,19 @@ def validate(
             swiglu_clamp / swiglu_clamp_post); swiglu_alpha: swiglu_oai's alpha.
         check_values: read ``topk_ids``' values (range, repeats); False where reading them is not
             possible (fake tensors, CUDA graph capture).
+        x_name: how messages name ``x`` (``"xs[2]"`` for one rank's tokens).
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
+        raise TypeError(f"{x_name} must be a torch.Tensor of shape [..., H], got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must have dtype in {FLOAT_DTYPES}, got {x.dtype}")
+        raise TypeError(f"{x_name} must have dtype in {FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() < 2:
-        raise ValueError(f"x must have shape [..., H] with at least 2 dims, got {list(x.shape)}")
+        raise ValueError(f"{x_name} must have shape [..., H] with at least 2 dims, got {list(x.shape)}")
     hidden = x.shape[-1]
     if hidden < 1:
-        raise ValueError(f"x must have shape [..., H] with H >= 1, got {list(x.shape)}")
+        raise ValueError(f"{x_name} must have shape [..., H] with H >= 1, got {list(x.shape)}")
 
-    if not isinstance(gated, bool):
-        raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+    check_bool("gated", gated)
     w1_rows_name = "2I" if gated else "I"
     gate_less = topk_ids is not None or topk_weights is not None
     if gate_less:
@@ -336,19 +411,12 @@ def validate(
     if b2 is not None:
         _check_tensor("b2", b2, (num_experts, hidden), x)
 
-    if not gate_less:
-        _check_top_k(top_k, num_experts)
-    if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {ACTIVATIONS}, got {type(activation).__name__}")
-    _check_activation(activation)
+    if gate_less:
+        validate_options(num_experts, gated=gated, activation=activation, capacity_factor=capacity_factor)
+    else:
+        validate_options(num_experts, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
+                         normalize=normalize, capacity_factor=capacity_factor)
     _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
-    if not gate_less:
-        if not isinstance(scoring, str):
-            raise TypeError(f"scoring must be a str, one of {SCORINGS}, got {type(scoring).__name__}")
-        _check_scoring(scoring)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    _check_capacity_factor(capacity_factor)
     if gate_less:
         _check_routing(topk_ids, topk_weights, x, num_experts, check_values)
 
@@ -420,7 +488,7 @@ def route(
         ``(topk_ids, topk_weights)``: ``[T, k]`` int32 experts ordered by descending score,
         ties to the lower expert index; ``[T, k]`` weights in ``logits``' dtype.
     """
-    _check_scoring(scoring)
+    check_choice("scoring", scoring, SCORINGS)
     _check_top_k(top_k, logits.shape[-1])
     scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
     # A stable descending sort keeps equal scores in ascending expert order; torch.topk
@@ -612,6 +680,9 @@ def moe(
         capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
         topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
     )
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, which holds no values for the reference to route; "
+                         "flashmoe.moe(..., backend='native') infers the output shapes of meta tensors")
     hidden = x.shape[-1]
     num_experts = w1.shape[0]
     tokens = x.reshape(-1, hidden)

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _C, reference
 from .ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
 
-FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch")
+FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch", "slow_gate", "stuck_gate")
 
 
 class SimulatedCluster:
@@ -32,10 +32,12 @@ class SimulatedCluster:
         threads_per_rank: processor threads per rank.
         chaos_seed: None, or a seed for chaos mode (random delays and yields at every send,
             poll and task boundary, and a shuffled task order). Results must not change.
-        fault: a deliberate protocol fault, for tests that prove faults are caught:
-            ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"``.
-        watchdog_seconds: a wait with no progress anywhere for this long raises RuntimeError
-            naming the rank, the role and the flags it waits for.
+        fault: a deliberate fault, for tests that prove faults are caught:
+            ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"`` (protocol), ``"stuck_gate"``
+            (rank 0's first member stops in its gate), or ``"slow_gate"`` (it works there, beating,
+            for 8 watchdog timeouts: honest, so the watchdog must not fire).
+        watchdog_seconds: a wait during which no member it waits on advanced its heartbeat for
+            this long raises RuntimeError naming the rank, the role and what it waits for.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, world_size: int,
@@ -43,24 +45,21 @@ class SimulatedCluster:
                  normalize: bool = True, scoring: str = "softmax", with_router_bias: bool = False,
                  with_b1: bool = False, with_b2: bool = False, threads_per_rank: int = 1, chaos_seed: Optional[int] = None,
                  fault: str = "none", watchdog_seconds: float = 60.0) -> None:
+        reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
+                                 activation=activation, normalize=normalize, scoring=scoring)
         for name, value in (("world_size", world_size), ("max_tokens", max_tokens),
                             ("threads_per_rank", threads_per_rank)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(num_experts, int) or num_experts < 1 or num_experts % world_size:
+            reference.check_count(name, value)
+        if num_experts % world_size:
             raise ValueError(f"num_experts must be a positive multiple of world_size={world_size}, got {num_experts!r}")
-        if dtype not in _DTYPE_CODES:
-            raise TypeError(f"dtype must be one of {tuple(_DTYPE_CODES)}, got {dtype}")
-        if fault not in FAULTS:
-            raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
-        if chaos_seed is not None and (not isinstance(chaos_seed, int) or chaos_seed < 0):
-            raise ValueError(f"chaos_seed must be None or an int >= 0, got {chaos_seed!r}")
-        if not watchdog_seconds > 0:
-            raise ValueError(f"watchdog_seconds must be > 0, got {watchdog_seconds!r}")
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-        if scoring not in reference.SCORINGS:
-            raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
+        for name, value in (("with_router_bias", with_router_bias), ("with_b1", with_b1), ("with_b2", with_b2)):
+            reference.check_bool(name, value)
+        reference.check_choice("fault", fault, FAULTS)
+        if chaos_seed is not None:
+            reference.check_count("chaos_seed", chaos_seed, minimum=0)
+            if chaos_seed >= 2**64:
+                raise ValueError(f"chaos_seed must be below 2**64, got {chaos_seed}")
+        reference.check_real("watchdog_seconds", watchdog_seconds, positive=True)
         shape = problem_shape(hidden_size, ffn_size, num_experts, top_k, gated=gated, activation=activation,
                               normalize=normalize, scoring=scoring, dtype=dtype, has_router_bias=with_router_bias,
                               has_b1=with_b1, has_b2=with_b2)
@@ -95,8 +94,7 @@ class SimulatedCluster:
         With ``repeats > 1`` each rank runs that many calls back to back, never waiting for the
         other ranks between calls. Returns ``[y_r]``, or ``([y_r], [Routing_r])``.
         """
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        reference.check_count("repeats", repeats)
         # Every repeat reads the same inputs and writes the same outputs.
         return self._run([xs], router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing,
                          repeats=repeats)[0]
@@ -115,6 +113,7 @@ class SimulatedCluster:
     def _run(self, calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing, repeats=1):
         if not isinstance(calls, (list, tuple)) or not calls:
             raise ValueError("calls must be a non-empty list of per-rank input lists")
+        reference.check_bool("return_routing", return_routing)
         # The runtime indexes every buffer with the cluster's shape: weights must have exactly it.
         for name, tensor, expected in (
                 ("router_weight", router_weight, (self.num_experts, self.hidden_size)),
@@ -129,6 +128,9 @@ class SimulatedCluster:
                                  f"with {flag}={declared}")
         outputs = []
         for call, xs in enumerate(calls):
+            if not isinstance(xs, (list, tuple)):
+                raise TypeError(f"xs must be a list of {self.world_size} [T_r, H] tensors, one per rank, got "
+                                f"{type(xs).__name__}" + (f" in calls[{call}]" if len(calls) > 1 else ""))
             if len(xs) != self.world_size:
                 raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}"
                                  + (f" in calls[{call}]" if len(calls) > 1 else ""))
@@ -149,11 +151,19 @@ class SimulatedCluster:
 
     def _rank_outputs(self, rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2) -> dict:
         """Validates rank's input and allocates its outputs (the x it will read included)."""
+        # This rank's tokens against the cluster's shape first, so a stray rank is the one named.
+        name = f"xs[{rank}]"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [T, H={self.hidden_size}], got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} must have dtype {self.dtype} (the cluster's dtype), got {x.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor, got device {x.device}")
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"{name} must have shape [T, H={self.hidden_size}], got {list(x.shape)}")
         reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated, activation=self.activation,
                            scoring=self.scoring, capacity_factor=capacity_factor, router_bias=router_bias, b1=b1,
-                           b2=b2, normalize=self.normalize)
-        if x.dtype != self.dtype or x.device.type != "cpu" or x.dim() != 2:
-            raise ValueError(f"xs[{rank}] must be a [T, H] CPU tensor of dtype {self.dtype}")
+                           b2=b2, normalize=self.normalize, x_name=name)
         if x.shape[0] > self.max_tokens:
             raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
         x = x.contiguous()
@@ -193,12 +203,16 @@ def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Te
     """
     if not isinstance(xs, (list, tuple)) or not xs:
         raise TypeError("xs must be a non-empty list of [T_r, H] tensors, one per rank")
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(router_weight, Tensor) or router_weight.dim() != 2:
-        raise ValueError("router_weight must be an [E, H] tensor")
+    reference.check_count("world_size", world_size)
+    if len(xs) != world_size:
+        raise ValueError(f"xs must hold one tensor per rank (world_size={world_size}), got {len(xs)}")
+    # The shared validator on rank 0's tokens names a bad weight or option before the cluster's
+    # shape is read from the weights; the cluster then checks every rank's tokens against it.
+    reference.validate(xs[0], router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation,
+                       scoring=scoring, capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
+                       normalize=normalize, x_name="xs[0]")
     experts, hidden = router_weight.shape
-    ffn = w2.shape[-1] if isinstance(w2, Tensor) and w2.dim() == 3 else 1
+    ffn = w2.shape[-1]
     max_tokens = max([1] + [x.shape[0] for x in xs if isinstance(x, Tensor) and x.dim() == 2])
     cluster = SimulatedCluster(hidden, ffn, experts, top_k, world_size=world_size, max_tokens=max_tokens,
                                dtype=router_weight.dtype, gated=gated, activation=activation, normalize=normalize,

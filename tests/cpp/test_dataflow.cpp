@@ -437,8 +437,11 @@ void run_case(const Case& c, const std::vector<Variant>& variants, bool with_ref
 // ---- Fault injection: a broken protocol must end in the watchdog's error, not a hang. ----
 
 void run_fault(const Case& c, Fault fault, int threads_per_rank, const char* must_mention) {
-  const std::string what = describe(c) + (fault == Fault::stale_epoch ? " fault stale_epoch" : " fault skip_empty_dispatch_signal") +
-                           ", " + std::to_string(threads_per_rank) + " thread(s)/rank";
+  const char* fault_name = fault == Fault::stale_epoch  ? "stale_epoch"
+                           : fault == Fault::stuck_gate ? "stuck_gate"
+                                                        : "skip_empty_dispatch_signal";
+  const std::string what = describe(c) + " fault " + fault_name + ", " + std::to_string(threads_per_rank) +
+                           " thread(s)/rank";
   if (!g_only.empty() && what.find(g_only) == std::string::npos) return;
   const Data d = make_data(c);
   std::vector<Outputs> outputs;
@@ -568,6 +571,33 @@ void run_transport_case(const Case& c, bool shared_memory, ChaosOptions chaos, i
     }
     for (int64_t rank = 0; rank < c.world && why.empty(); ++rank) {
       if (clusters[size_t(rank)]->epoch(rank) != uint32_t(forwards * repeats)) why = "epochs did not carry over";
+    }
+  } catch (const std::exception& error) {
+    why = std::string("threw: ") + error.what();
+  }
+  record(why.empty(), what + (why.empty() ? "" : ": " + why));
+}
+
+// ---- The watchdog measures progress: a long honest phase, beating all along, never fires. ----
+
+// Rank 0's first member spends 8 watchdog timeouts in its gate (Fault::slow_gate) while its team
+// waits at the barrier and the other ranks wait for its flags; the call must succeed and match.
+void run_slow_gate(const Case& c, int threads_per_rank) {
+  const std::string what = describe(c) + " slow_gate (honest long phase), " + std::to_string(threads_per_rank) +
+                           " thread(s)/rank";
+  if (!g_only.empty() && what.find(g_only) == std::string::npos) return;
+  const Data d = make_data(c);
+  std::vector<Outputs> outputs;
+  std::vector<RankIO> io;
+  for (int64_t rank = 0; rank < c.world; ++rank) outputs.push_back(poisoned_outputs(c, c.tokens[size_t(rank)]));
+  for (int64_t rank = 0; rank < c.world; ++rank) io.push_back(rank_io(c, d, rank, outputs[size_t(rank)]));
+  std::string why;
+  try {
+    Cluster cluster(cluster_config(c, threads_per_rank, ChaosOptions{false, 0, Fault::slow_gate}, 0.05));
+    cluster.forward(weights_of(c, d), io, 1);
+    for (int64_t rank = 0; rank < c.world && why.empty(); ++rank) {
+      const std::string diff = difference(c, outputs[size_t(rank)], single_rank(c, d, rank));
+      if (!diff.empty()) why = "rank " + std::to_string(rank) + ": " + diff;
     }
   } catch (const std::exception& error) {
     why = std::string("threw: ") + error.what();
@@ -794,6 +824,18 @@ int main(int argc, char** argv) {
   fault.experts = 8;
   fault.tokens = {5, 0, 7, 3};
   run_fault(fault, Fault::stale_epoch, 1, "flag");
+
+  // (e) The watchdog fires on a member that stops without beating, naming the wait, whether its
+  // team waits for it at a barrier or it is alone; and never on a long phase that beats.
+  fault.world = 1;
+  fault.experts = 4;
+  fault.tokens = {5};
+  run_fault(fault, Fault::stuck_gate, 2, "barrier after gate");
+  run_fault(fault, Fault::stuck_gate, 1, "stuck_gate");
+  fault.world = 2;
+  fault.tokens = {5, 9};
+  run_slow_gate(fault, 2);
+  run_slow_gate(fault, 1);
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("dataflow: %d passed, %d failed (%.1f s)\n", g_passed, g_failed, seconds);
