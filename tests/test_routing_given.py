@@ -283,6 +283,9 @@ BAD_ROUTING = [
     ("id-negative", dict(topk_ids=_ids([[-1, 0]])), ValueError, r"topk_ids.*\[0, E=4\).*topk_ids\[0, 0\] = -1"),
     ("id-above-sentinel", dict(topk_ids=_ids([[0, 1], [5, 0]])), ValueError, r"topk_ids\[1, 0\] = 5"),
     ("id-repeated", dict(topk_ids=_ids([[0, 1], [2, 2]])), ValueError, r"repeats expert 2 in row 1"),
+    # int64 ids beyond int32: the native path narrows them to int32, which must not wrap into range.
+    ("id-wraps-above", dict(topk_ids=_ids([[0, 1], [2, 2**32 + 1]])), ValueError, r"topk_ids\[1, 1\] = "),
+    ("id-wraps-below", dict(topk_ids=_ids([[-2**32, 1]])), ValueError, r"topk_ids\[0, 0\] = -"),
     ("ids-float", dict(topk_ids=torch.zeros(6, 2)), TypeError, r"topk_ids must have dtype torch.int32 or torch.int64"),
     ("ids-int16", dict(topk_ids=torch.zeros(6, 2, dtype=torch.int16)), TypeError, r"topk_ids"),
     ("ids-1d", dict(topk_ids=torch.zeros(6, dtype=torch.int64)), ValueError, r"topk_ids must have shape \[T=6, k\]"),

@@ -13,6 +13,7 @@ from .reference import Routing
 
 BACKENDS = ("auto", "native", "reference")
 _warned_devices: set = set()
+_INT32 = torch.iinfo(torch.int32)
 
 
 def moe(
@@ -107,7 +108,10 @@ def moe(
     reference.validate(x, router_weight, w1, w2, **options, **routing, check_values=_can_read_values(x))
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
     if gate_less:
-        ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        # The op takes int32 ids. Saturate int64 ones first: a plain cast wraps, so 2^32 + 1 would
+        # become expert 1 instead of an out-of-range id that the op rejects (or, unread, drops).
+        ids = topk_ids if topk_ids.dtype == torch.int32 else \
+            topk_ids.clamp(_INT32.min, _INT32.max).to(torch.int32)
         weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
         y, expert_counts, dropped = ops.moe_experts_forward(
             tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
