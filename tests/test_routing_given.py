@@ -293,6 +293,11 @@ BAD_ROUTING = [
     ("ids-k-0", dict(topk_ids=torch.zeros(6, 0, dtype=torch.int64), topk_weights=torch.zeros(6, 0)), ValueError,
      r"k >= 1"),
     ("ids-list", dict(topk_ids=[[0, 1]] * 6), TypeError, r"topk_ids must be a torch.Tensor"),
+    ("ids-meta", dict(topk_ids=torch.zeros(6, 2, dtype=torch.int64, device="meta")), ValueError,
+     r"topk_ids must be on device cpu"),
+    ("weights-list", dict(topk_weights=[[0.5, 0.5]] * 6), TypeError, r"topk_weights must be a torch.Tensor"),
+    ("weights-meta", dict(topk_weights=torch.rand(6, 2, device="meta")), ValueError,
+     r"topk_weights must be on device cpu"),
     ("weights-missing", dict(topk_weights=None), ValueError, r"topk_weights is missing"),
     ("ids-missing", dict(topk_ids=None), ValueError, r"topk_ids is missing"),
     ("weights-float16", dict(topk_weights=torch.rand(6, 2, dtype=torch.float16)), TypeError,
@@ -326,8 +331,12 @@ def test_rejects_a_router_with_topk_ids(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sentinel_may_repeat(backend):
-    y = _call(backend, topk_ids=_ids([[4, 4], [4, 0]]))
-    assert torch.isfinite(y).all()
+    ids = _ids([[4, 4], [4, 0]])
+    y = _call(backend, topk_ids=ids)
+    problem, weights = experts_problem(23, tokens=6, experts=4), random_routing(24, 6, 4, 2)[1]  # _call's inputs
+    ref = reference.moe(**double(problem), topk_ids=ids, topk_weights=weights.double())
+    assert torch.equal(y[0], torch.zeros_like(y[0]))  # both picks the sentinel
+    assert rel_err(y, ref) <= TOLERANCE[torch.float32]
 
 
 def test_op_wants_int32_ids_and_accumulate_weights():
@@ -342,6 +351,12 @@ def test_op_wants_int32_ids_and_accumulate_weights():
     with pytest.raises(ValueError, match=r"repeats expert"):
         torch.ops.flashmoe.moe_experts_forward(*args, torch.tensor([[1, 1]] * 4, dtype=torch.int32), weights, True,
                                                "silu", None, None, None)
+    strided = ids.int().T.contiguous().T  # [4, 2] column-major
+    with pytest.raises(ValueError, match=r"topk_ids must be contiguous"):
+        torch.ops.flashmoe.moe_experts_forward(*args, strided, weights, True, "silu", None, None, None)
+    with pytest.raises(ValueError, match=r"topk_weights must be contiguous"):
+        torch.ops.flashmoe.moe_experts_forward(*args, ids.int(), weights.T.contiguous().T, True, "silu", None, None,
+                                               None)
 
 
 def test_router_form_unchanged_defaults_still_reject_none():
