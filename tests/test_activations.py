@@ -264,3 +264,29 @@ def test_native_gradient_at_the_clamp_edges(activation):
 
     for name, got, want in zip(("x", "w1", "w2", "topk_weights"), grads("native"), grads("reference")):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_native_nan_token_stays_in_its_row(case, dtype):
+    """A NaN in one token's x: the clamps pass it through (its y is all NaN), and no other row
+    sees it (the others match the reference on the clean tokens)."""
+    activation, options, gated = case
+    tokens, bad = 40, 7
+    problem = make_problem(50, tokens=tokens, hidden=24, ffn=16, experts=5, gated=gated, dtype=dtype,
+                           expert_bias=True)
+    del problem["router_weight"]
+    g = torch.Generator().manual_seed(51)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)])  # 5 = E: the sentinel
+    ids[bad] = torch.tensor([0, 1])
+    weights = torch.rand(tokens, 2, generator=g)
+    problem["x"] = problem["x"].clone()
+    problem["x"][bad, 3] = float("nan")
+    arguments = dict(gated=gated, activation=activation, **options)
+    y = flashmoe.moe(**problem, topk_ids=ids, topk_weights=weights, backend="native", **arguments)
+    assert y[bad].isnan().all()
+    others = torch.arange(tokens) != bad
+    clean = {name: t[others] if name == "x" else t for name, t in problem.items()}
+    ref = reference.moe(**{name: t.double() for name, t in clean.items()}, topk_ids=ids[others],
+                        topk_weights=weights[others].double(), **arguments)
+    assert torch.isfinite(y[others]).all() and rel_err(y[others], ref) <= TOLERANCE[dtype]
