@@ -115,8 +115,7 @@ def moe(
         weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
         y, expert_counts, dropped = ops.moe_experts_forward(
             tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
-            None if capacity_factor is None else float(capacity_factor),
-            None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
+            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
         )
         y = y.reshape(x.shape)
         if return_routing:
@@ -124,13 +123,17 @@ def moe(
         return y
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-        None if capacity_factor is None else float(capacity_factor),
-        None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
+        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
     )
     y = y.reshape(x.shape)
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
+
+
+def _optional_floats(*values) -> tuple:
+    """The op schema's ``float?`` options: None stays None, a validated int becomes a float."""
+    return tuple(None if value is None else float(value) for value in values)
 
 
 def _can_read_values(x: Tensor) -> bool:
