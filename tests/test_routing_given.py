@@ -256,6 +256,17 @@ def test_compile_fullgraph_matches_eager():
         assert same_bits(a, b)
 
 
+def test_meta_tensors_give_shapes():
+    """Like the router form, the gate-less native path on meta tensors (shape inference, meta
+    initialization) returns a meta y of x's shape: no value of topk_ids is read."""
+    problem = {name: t.to("meta") for name, t in experts_problem(32, tokens=8).items()}
+    ids, weights = random_routing(33, 8, 6, 2)
+    y, routing = flashmoe.moe(**problem, topk_ids=ids.to("meta"), topk_weights=weights.to("meta"),
+                              return_routing=True, backend="native")
+    assert y.device.type == "meta" and y.shape == problem["x"].shape and y.dtype == problem["x"].dtype
+    assert routing.expert_counts.shape == (6,) and routing.expert_counts.dtype == torch.int32
+
+
 def test_inference_mode():
     problem = experts_problem(21, tokens=13)
     ids, weights = random_routing(22, 13, 6, 2)

@@ -137,12 +137,11 @@ def _optional_floats(*values) -> tuple:
 
 
 def _can_read_values(x: Tensor) -> bool:
-    """Whether to read topk_ids' values on the host here: not on the CPU, whose kernel reads them
-    itself, nor while torch.compile traces (fake tensors) or a CUDA graph captures (a read would
-    break the capture)."""
-    if x.device.type == "cpu" or torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether to read topk_ids' values on the host here: only for the CUDA kernel, which does not
+    read them itself (the CPU kernel does; meta tensors have no values and get the op's fake), and
+    not while torch.compile traces (fake tensors) or a CUDA graph captures (a read would break the
+    capture)."""
+    return x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
 def _warn_reference_fallback(x: Tensor) -> None:
