@@ -75,6 +75,13 @@ def test_reference_capacity_in_token_order_skips_sentinel():
     torch.testing.assert_close(y, torch.stack([f[0][0], f[0][1], f[1][2], f[1][3]]), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("capacity", (None, 3))
+@pytest.mark.parametrize("bad", (-1, 3))
+def test_reference_admit_rejects_ids_beyond_the_sentinel(bad, capacity):
+    with pytest.raises(ValueError, match=r"topk_ids must lie in 0\.\.1, or be the sentinel 2"):
+        reference.admit(torch.tensor([[0, 2], [1, bad]]), 2, capacity)
+
+
 def test_reference_gate_less_equals_router_form():
     problem = make_problem(1, tokens=17, hidden=8, ffn=6, experts=5, dtype=torch.float64, top_k=2,
                            expert_bias=True, tie_rtol=1e-6)
