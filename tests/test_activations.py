@@ -238,3 +238,55 @@ def test_from_hf_reads_relu2():
     x = torch.randn(1, 17, 24, generator=g)
     with torch.no_grad():
         assert rel_err(layer(x), block(x)) <= 2e-5
+
+
+@pytest.mark.parametrize("activation", reference.GATED_ACTIVATIONS)
+def test_native_gradient_at_the_clamp_edges(activation):
+    """Gate and up values exactly at -L, L and on either side (x = I, so z = x·W1ᵀ is exact): the
+    native backward's clamp masks agree with torch.clamp's closed interval in the reference.
+    An open interval would zero the gradient at the edges and fail here."""
+    limit = 2.0
+    gate = torch.tensor([g for g, _ in EDGE_PAIRS] + [2.0, -2.0, 2.0], dtype=torch.float64)
+    up = torch.tensor([u for _, u in EDGE_PAIRS] + [-2.0, 2.0, 2.0], dtype=torch.float64)
+    n = gate.numel()
+    x = torch.eye(n, dtype=torch.float64)
+    w1 = torch.stack([gate, up]).unsqueeze(0)  # [E=1, 2I=2, H=n]: z[t] = (gate[t], up[t])
+    w2 = torch.randn(1, n, 1, generator=torch.Generator().manual_seed(48), dtype=torch.float64)
+    ids = torch.zeros(n, 1, dtype=torch.int64)
+    weights = torch.rand(n, 1, generator=torch.Generator().manual_seed(49), dtype=torch.float64) + 0.5
+    options = dict(swiglu_limit=limit, swiglu_alpha=1.702 if activation == "swiglu_oai" else None)
+
+    def grads(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2, weights)]
+        y = flashmoe.moe(leaves[0], leaves[1], leaves[2], topk_ids=ids, topk_weights=leaves[3],
+                         activation=activation, backend=backend, **options)
+        return torch.autograd.grad(y.sum(), leaves)
+
+    for name, got, want in zip(("x", "w1", "w2", "topk_weights"), grads("native"), grads("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_native_nan_token_stays_in_its_row(case, dtype):
+    """A NaN in one token's x: the clamps pass it through (its y is all NaN), and no other row
+    sees it (the others match the reference on the clean tokens)."""
+    activation, options, gated = case
+    tokens, bad = 40, 7
+    problem = make_problem(50, tokens=tokens, hidden=24, ffn=16, experts=5, gated=gated, dtype=dtype,
+                           expert_bias=True)
+    del problem["router_weight"]
+    g = torch.Generator().manual_seed(51)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)])  # 5 = E: the sentinel
+    ids[bad] = torch.tensor([0, 1])
+    weights = torch.rand(tokens, 2, generator=g)
+    problem["x"] = problem["x"].clone()
+    problem["x"][bad, 3] = float("nan")
+    arguments = dict(gated=gated, activation=activation, **options)
+    y = flashmoe.moe(**problem, topk_ids=ids, topk_weights=weights, backend="native", **arguments)
+    assert y[bad].isnan().all()
+    others = torch.arange(tokens) != bad
+    clean = {name: t[others] if name == "x" else t for name, t in problem.items()}
+    ref = reference.moe(**{name: t.double() for name, t in clean.items()}, topk_ids=ids[others],
+                        topk_weights=weights[others].double(), **arguments)
+    assert torch.isfinite(y[others]).all() and rel_err(y[others], ref) <= TOLERANCE[dtype]

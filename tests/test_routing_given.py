@@ -75,6 +75,13 @@ def test_reference_capacity_in_token_order_skips_sentinel():
     torch.testing.assert_close(y, torch.stack([f[0][0], f[0][1], f[1][2], f[1][3]]), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("capacity", (None, 3))
+@pytest.mark.parametrize("bad", (-1, 3))
+def test_reference_admit_rejects_ids_beyond_the_sentinel(bad, capacity):
+    with pytest.raises(ValueError, match=r"topk_ids must lie in 0\.\.1, or be the sentinel 2"):
+        reference.admit(torch.tensor([[0, 2], [1, bad]]), 2, capacity)
+
+
 def test_reference_gate_less_equals_router_form():
     problem = make_problem(1, tokens=17, hidden=8, ffn=6, experts=5, dtype=torch.float64, top_k=2,
                            expert_bias=True, tie_rtol=1e-6)
@@ -256,6 +263,17 @@ def test_compile_fullgraph_matches_eager():
         assert same_bits(a, b)
 
 
+def test_meta_tensors_give_shapes():
+    """Like the router form, the gate-less native path on meta tensors (shape inference, meta
+    initialization) returns a meta y of x's shape: no value of topk_ids is read."""
+    problem = {name: t.to("meta") for name, t in experts_problem(32, tokens=8).items()}
+    ids, weights = random_routing(33, 8, 6, 2)
+    y, routing = flashmoe.moe(**problem, topk_ids=ids.to("meta"), topk_weights=weights.to("meta"),
+                              return_routing=True, backend="native")
+    assert y.device.type == "meta" and y.shape == problem["x"].shape and y.dtype == problem["x"].dtype
+    assert routing.expert_counts.shape == (6,) and routing.expert_counts.dtype == torch.int32
+
+
 def test_inference_mode():
     problem = experts_problem(21, tokens=13)
     ids, weights = random_routing(22, 13, 6, 2)
@@ -283,6 +301,9 @@ BAD_ROUTING = [
     ("id-negative", dict(topk_ids=_ids([[-1, 0]])), ValueError, r"topk_ids.*\[0, E=4\).*topk_ids\[0, 0\] = -1"),
     ("id-above-sentinel", dict(topk_ids=_ids([[0, 1], [5, 0]])), ValueError, r"topk_ids\[1, 0\] = 5"),
     ("id-repeated", dict(topk_ids=_ids([[0, 1], [2, 2]])), ValueError, r"repeats expert 2 in row 1"),
+    # int64 ids beyond int32: the native path narrows them to int32, which must not wrap into range.
+    ("id-wraps-above", dict(topk_ids=_ids([[0, 1], [2, 2**32 + 1]])), ValueError, r"topk_ids\[1, 1\] = "),
+    ("id-wraps-below", dict(topk_ids=_ids([[-2**32, 1]])), ValueError, r"topk_ids\[0, 0\] = -"),
     ("ids-float", dict(topk_ids=torch.zeros(6, 2)), TypeError, r"topk_ids must have dtype torch.int32 or torch.int64"),
     ("ids-int16", dict(topk_ids=torch.zeros(6, 2, dtype=torch.int16)), TypeError, r"topk_ids"),
     ("ids-1d", dict(topk_ids=torch.zeros(6, dtype=torch.int64)), ValueError, r"topk_ids must have shape \[T=6, k\]"),
@@ -290,6 +311,11 @@ BAD_ROUTING = [
     ("ids-k-0", dict(topk_ids=torch.zeros(6, 0, dtype=torch.int64), topk_weights=torch.zeros(6, 0)), ValueError,
      r"k >= 1"),
     ("ids-list", dict(topk_ids=[[0, 1]] * 6), TypeError, r"topk_ids must be a torch.Tensor"),
+    ("ids-meta", dict(topk_ids=torch.zeros(6, 2, dtype=torch.int64, device="meta")), ValueError,
+     r"topk_ids must be on device cpu"),
+    ("weights-list", dict(topk_weights=[[0.5, 0.5]] * 6), TypeError, r"topk_weights must be a torch.Tensor"),
+    ("weights-meta", dict(topk_weights=torch.rand(6, 2, device="meta")), ValueError,
+     r"topk_weights must be on device cpu"),
     ("weights-missing", dict(topk_weights=None), ValueError, r"topk_weights is missing"),
     ("ids-missing", dict(topk_ids=None), ValueError, r"topk_ids is missing"),
     ("weights-float16", dict(topk_weights=torch.rand(6, 2, dtype=torch.float16)), TypeError,
@@ -323,8 +349,12 @@ def test_rejects_a_router_with_topk_ids(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sentinel_may_repeat(backend):
-    y = _call(backend, topk_ids=_ids([[4, 4], [4, 0]]))
-    assert torch.isfinite(y).all()
+    ids = _ids([[4, 4], [4, 0]])
+    y = _call(backend, topk_ids=ids)
+    problem, weights = experts_problem(23, tokens=6, experts=4), random_routing(24, 6, 4, 2)[1]  # _call's inputs
+    ref = reference.moe(**double(problem), topk_ids=ids, topk_weights=weights.double())
+    assert torch.equal(y[0], torch.zeros_like(y[0]))  # both picks the sentinel
+    assert rel_err(y, ref) <= TOLERANCE[torch.float32]
 
 
 def test_op_wants_int32_ids_and_accumulate_weights():
@@ -339,6 +369,12 @@ def test_op_wants_int32_ids_and_accumulate_weights():
     with pytest.raises(ValueError, match=r"repeats expert"):
         torch.ops.flashmoe.moe_experts_forward(*args, torch.tensor([[1, 1]] * 4, dtype=torch.int32), weights, True,
                                                "silu", None, None, None)
+    strided = ids.int().T.contiguous().T  # [4, 2] column-major
+    with pytest.raises(ValueError, match=r"topk_ids must be contiguous"):
+        torch.ops.flashmoe.moe_experts_forward(*args, strided, weights, True, "silu", None, None, None)
+    with pytest.raises(ValueError, match=r"topk_weights must be contiguous"):
+        torch.ops.flashmoe.moe_experts_forward(*args, ids.int(), weights.T.contiguous().T, True, "silu", None, None,
+                                               None)
 
 
 def test_router_form_unchanged_defaults_still_reject_none():

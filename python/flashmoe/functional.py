@@ -13,6 +13,7 @@ from .reference import Routing
 
 BACKENDS = ("auto", "native", "reference")
 _warned_devices: set = set()
+_INT32 = torch.iinfo(torch.int32)
 
 
 def moe(
@@ -109,12 +110,14 @@ def moe(
     reference.validate(x, router_weight, w1, w2, **options, **routing, check_values=_can_read_values(x))
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
     if gate_less:
-        ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        # The op takes int32 ids. Saturate int64 ones first: a plain cast wraps, so 2^32 + 1 would
+        # become expert 1 instead of an out-of-range id that the op rejects (or, unread, drops).
+        ids = topk_ids if topk_ids.dtype == torch.int32 else \
+            topk_ids.clamp(_INT32.min, _INT32.max).to(torch.int32)
         weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
         y, expert_counts, dropped = ops.moe_experts_forward(
             tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
-            None if capacity_factor is None else float(capacity_factor),
-            None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
+            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
         )
         y = y.reshape(x.shape)
         if return_routing:
@@ -122,8 +125,7 @@ def moe(
         return y
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-        None if capacity_factor is None else float(capacity_factor),
-        None if swiglu_limit is None else float(swiglu_limit), None if swiglu_alpha is None else float(swiglu_alpha),
+        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
     )
     y = y.reshape(x.shape)
     if return_routing:
@@ -131,13 +133,17 @@ def moe(
     return y
 
 
+def _optional_floats(*values) -> tuple:
+    """The op schema's ``float?`` options: None stays None, a validated int becomes a float."""
+    return tuple(None if value is None else float(value) for value in values)
+
+
 def _can_read_values(x: Tensor) -> bool:
-    """Whether to read topk_ids' values on the host here: not on the CPU, whose kernel reads them
-    itself, nor while torch.compile traces (fake tensors) or a CUDA graph captures (a read would
-    break the capture)."""
-    if x.device.type == "cpu" or torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether to read topk_ids' values on the host here: only for the CUDA kernel, which does not
+    read them itself (the CPU kernel does; meta tensors have no values and get the op's fake), and
+    not while torch.compile traces (fake tensors) or a CUDA graph captures (a read would break the
+    capture)."""
+    return x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
 def _warn_reference_fallback(x: Tensor) -> None:

@@ -27,6 +27,7 @@ _DTYPE_CODES = {
 # float64 is a verification dtype: only the CPU kernel computes in it.
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TENSOR_ARGUMENTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
+_EXPERTS_TENSOR_ARGUMENTS = ("x", "w1", "w2", "b1", "b2", "topk_ids", "topk_weights")  # moe_experts_forward's
 
 
 def cuda_compiled() -> bool:
@@ -613,8 +614,7 @@ def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
     lets an id outside [0, E), or a repeat within a row, contribute zero."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
                       swiglu_alpha, check_values=False)
-    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights,
-                   names=("x", "w1", "w2", "b1", "b2", "topk_ids", "topk_weights"))
+    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
                        swiglu_limit, swiglu_alpha)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
@@ -628,7 +628,7 @@ def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
                       swiglu_alpha, check_values=False)
     if x.device.type == "cuda":
-        _validate_cuda(x, w1, w2, b1, b2, names=("x", "w1", "w2", "b1", "b2"))
+        _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
     return _empty_experts_outputs(x, w1)
 
 

@@ -532,7 +532,7 @@ def admit(topk_ids: Tensor, num_experts: int, capacity: Optional[int]) -> Tensor
         ``[T, k]`` bool, True where the pick is admitted.
     """
     flat_ids = topk_ids.reshape(-1).long()
-    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) > num_experts):
+    if bool(((flat_ids < 0) | (flat_ids > num_experts)).any()):  # one host read, not two (min and max)
         raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}, or be the sentinel {num_experts}")
     local = flat_ids < num_experts
     if capacity is None:
