@@ -232,6 +232,25 @@ def guards(rank, world_size):
         fd.moe(x, **dict(mine, w2=mine["w2"].double()), top_k=2)
     with pytest.raises(ValueError, match="top_k"):
         fd.moe(x, **mine, top_k=2 * world_size + 1)
+    # A group that spans hosts: symmetric refuses it on every rank, auto picks all_to_all.
+    import flashmoe.distributed.context as context_module
+    real_host_id = context_module.host_id
+    context_module.host_id = lambda: f"host-{rank}/boot"
+    try:
+        with pytest.raises(ValueError, match="one host"):
+            fd.moe(x, **mine, top_k=2, transport="symmetric", watchdog_seconds=59.0)
+        config = fd.LayerConfig(2 * world_size, H, I, 2, torch.float32, True, "silu", "softmax", True, None, False,
+                                False, False)
+        context = fd.Context(config, transport="auto", tokens=3)
+        assert context.transport == "all_to_all"
+        assert same_bits(fd.moe(x, **mine, top_k=2, context=context),
+                         flashmoe.moe(x, **weights, top_k=2, backend="native"))
+        context.destroy()
+    finally:
+        context_module.host_id = real_host_id
+    context = fd.Context(config, transport="auto", tokens=3)
+    assert context.transport == "symmetric"
+    context.destroy()
 
 
 def world_of_two(rank, world_size):

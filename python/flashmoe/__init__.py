@@ -5,6 +5,7 @@ Public API:
     flashmoe.MoE(...)        nn.Module, with MoE.from_hf(block)
     flashmoe.reference       the pure-PyTorch executable specification
     flashmoe.build_info()    what the native module was compiled with
+    flashmoe.distributed     expert parallelism across processes (import flashmoe.distributed)
 """
 
 from . import reference

@@ -23,8 +23,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from .. import _C
-from ..ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
+from .. import _C, reference
+from ..ops import _address, _empty_outputs, problem_shape
 from .context import _bucket
 
 
@@ -114,7 +114,6 @@ class SymmetricHeaps:
         return outputs
 
     def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
-        from .. import reference
         config = self.context.config
         self.calls += 1
         tokens = x.shape[0]
