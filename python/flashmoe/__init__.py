@@ -5,6 +5,8 @@ Public API:
     flashmoe.MoE(...)        nn.Module, with MoE.from_hf(block)
     flashmoe.reference       the pure-PyTorch executable specification
     flashmoe.build_info()    what the native module was compiled with
+    flashmoe.hf              HF transformers' experts_implementation="flashmoe" (import it
+                             explicitly; ``import flashmoe`` never imports transformers)
 """
 
 from . import reference
