@@ -7,6 +7,8 @@ biases and topk_weights), torch citizenship (opcheck, compile) and every guard.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flashmoe
 from conftest import TOLERANCE, DTYPES, dtype_id, make_problem, rel_err, same_bits
@@ -345,3 +347,43 @@ def test_router_form_unchanged_defaults_still_reject_none():
         flashmoe.moe(**problem, top_k=2, scoring=None)
     with pytest.raises(TypeError, match=r"router_weight must be a torch.Tensor"):
         flashmoe.moe(problem["x"], w1=problem["w1"], w2=problem["w2"], top_k=2)
+
+
+# --------------------------------------------------------------------------- properties
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 23), st.integers(1, 5), st.integers(1, 6),
+       st.sampled_from([None, 0.3, 1.0]), st.floats(0.0, 0.6))
+def test_native_matches_reference_on_random_routings(seed, tokens, experts, top_k, capacity_factor, sentinel_share):
+    """Any valid routing (k up to E + 1, sentinels anywhere, capacity): counts and dropped exactly,
+    y within fp32's bound, and rows whose every pick is a sentinel exactly zero."""
+    rng = torch.Generator().manual_seed(seed)
+    problem = experts_problem(seed % 1000, tokens=tokens, hidden=9, ffn=5, experts=experts)
+    rows = []
+    for _ in range(tokens):
+        row = torch.randperm(experts, generator=rng)[:top_k].tolist()
+        row += [experts] * (top_k - len(row))
+        rows.append([experts if torch.rand((), generator=rng) < sentinel_share else e for e in row])
+    ids = torch.tensor(rows, dtype=torch.int64).reshape(tokens, top_k)
+    weights = torch.rand(tokens, top_k, generator=rng) + 0.1
+    y, routing = flashmoe.moe(**problem, topk_ids=ids, topk_weights=weights, capacity_factor=capacity_factor,
+                              return_routing=True, backend="native")
+    ref_y, ref_routing = reference.moe(**double(problem), topk_ids=ids, topk_weights=weights.double(),
+                                       capacity_factor=capacity_factor, return_routing=True)
+    assert torch.equal(routing.expert_counts, ref_routing.expert_counts)
+    assert int(routing.dropped) == int(ref_routing.dropped)
+    all_sentinel = (ids == experts).all(dim=1)
+    assert torch.equal(y[all_sentinel], torch.zeros_like(y[all_sentinel]))
+    if ref_y.norm() > 0:
+        assert rel_err(y, ref_y) <= TOLERANCE[torch.float32]
+
+
+def test_bits_do_not_depend_on_threads(num_threads):
+    problem = experts_problem(30, tokens=70, expert_bias=True)
+    ids, weights = random_routing(31, 70, 6, 3, sentinel_share=0.2)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(flashmoe.moe(**problem, topk_ids=ids, topk_weights=weights, capacity_factor=0.9,
+                                    backend="native"))
+    assert all(same_bits(results[0], other) for other in results[1:])

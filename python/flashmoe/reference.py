@@ -141,6 +141,7 @@ def _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha) -> 
 def activation_options(activation: str, swiglu_limit=None, swiglu_alpha=None) -> tuple[float, float]:
     """``(L, alpha)`` of ``activation``, defaults filled in: swiglu_oai takes L = 7.0 and
     alpha = 1.702 (gpt-oss) unless given; an option the activation does not use is 0.0."""
+    _check_activation_options(activation, True, swiglu_limit, swiglu_alpha)
     if activation == "swiglu_oai":
         return (SWIGLU_OAI_LIMIT if swiglu_limit is None else float(swiglu_limit),
                 SWIGLU_OAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha))
@@ -186,14 +187,17 @@ def check_topk_ids_values(topk_ids: Tensor, num_experts: int) -> None:
     ids = topk_ids.long()
     if ids.numel() == 0:
         return
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != num_experts)
+    # One host read in the common, valid case; the error paths below may take their time.
+    if not bool(((ordered[:, 0] < 0) | (ordered[:, -1] > num_experts)).any() | repeated.any()):
+        return
     bad = (ids < 0) | (ids > num_experts)
     if bool(bad.any()):
         token, slot = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"topk_ids must lie in [0, E={num_experts}), or be {num_experts}, the sentinel of an expert "
                          f"that is not local (it contributes zero); got topk_ids[{token}, {slot}] = "
                          f"{int(ids[token, slot])}")
-    ordered = ids.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != num_experts)
     if bool(repeated.any()):
         token, slot = (int(i) for i in repeated.nonzero()[0])
         raise ValueError(f"topk_ids repeats expert {int(ordered[token, slot])} in row {token}: a token picks each "
