@@ -249,15 +249,17 @@ def test_targets_read_the_bench_json(tmp_path, capsys):
     assert "MISSED   Mixtral bf16 T=4096: >= 1.2x" in out and "T=4096: 75%" in out and "T=16: 1.40x" in out
 
 
-HF_BACKENDS = ["hf-eager", "hf-grouped-mm"]
-
-
 def test_hf_backends_run_the_real_blocks_on_shared_weights(tmp_path, capsys):
     """hf-eager / hf-grouped-mm are transformers' own blocks, on flashmoe's tensors, as accurate as flashmoe."""
     pytest.importorskip("transformers")
-    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend", "native,hf-eager,hf-grouped-mm,hf-sonicmoe",
+    from flashmoe import hf
+
+    calls = hf.call_count()
+    exit_code, captured, results = run_cli(tmp_path, capsys, "--backend",
+                                           "native,hf-eager,hf-grouped-mm,hf-flashmoe,hf-sonicmoe",
                                            "--dtype", "fp32,bf16")
     assert exit_code == 0, captured.out + captured.err
+    assert hf.call_count() > calls  # hf-flashmoe ran flashmoe's op inside HF's block
     rows = results["rows"]
     assert_ok_rows([row for row in rows if row["backend"] != "hf-sonicmoe"])
     for row in rows:

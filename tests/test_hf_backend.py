@@ -9,6 +9,7 @@ saving and reloading, and training steps. A call counter proves flashmoe's op ra
 from __future__ import annotations
 
 import copy
+import io
 import math
 import subprocess
 import sys
@@ -273,19 +274,21 @@ def test_converted_weights_are_cached_and_invalidated_by_an_in_place_update(fami
     model.set_experts_implementation("flashmoe")
     name, module = experts_modules(model)[0]
     ids = token_ids(seed=7)
+    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias")
     with torch.inference_mode():
         first = model(ids).logits
-        cached = {key: entry[2] for key, entry in module.__dict__["_flashmoe_weight_cache"].items()}
-        assert set(cached) >= {"gate_up_proj", "down_proj"}
+        cached = {key: hf.cached_conversion(getattr(module, key)) for key in names}
+        assert all(tensor is not None for tensor in cached.values())
         again = model(ids).logits
         for key, tensor in cached.items():  # no copy per call
-            assert module.__dict__["_flashmoe_weight_cache"][key][2] is tensor, key
+            assert hf.cached_conversion(getattr(module, key)) is tensor, key
     assert torch.equal(first, again)
     with torch.no_grad():
         module.gate_up_proj.mul_(1.5)  # bumps the version counter
-    with torch.no_grad():
+    with torch.inference_mode():
         updated = model(ids).logits
-        assert module.__dict__["_flashmoe_weight_cache"]["gate_up_proj"][2] is not cached["gate_up_proj"]
+        assert hf.cached_conversion(module.gate_up_proj) is not cached["gate_up_proj"]
+        assert hf.cached_conversion(module.down_proj) is cached["down_proj"]
         model.set_experts_implementation("eager")
         expected = model(ids).logits
     assert rel_err(updated, expected) <= 1e-5
@@ -293,6 +296,8 @@ def test_converted_weights_are_cached_and_invalidated_by_an_in_place_update(fami
     model.set_experts_implementation("flashmoe")
     model(ids).logits.sum().backward()
     assert module.gate_up_proj.grad is not None and module.gate_up_proj.grad.norm() > 0
+    torch.save(model, io.BytesIO())  # nothing unpicklable was left on the model
+    assert not any(key.startswith("_flashmoe") and key != "_flashmoe_plan" for key in module.__dict__)
 
 
 def test_repeated_picks_sum_like_eager():

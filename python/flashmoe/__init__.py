@@ -6,6 +6,8 @@ Public API:
     flashmoe.reference       the pure-PyTorch executable specification
     flashmoe.build_info()    what the native module was compiled with
     flashmoe.distributed     expert parallelism across processes (import flashmoe.distributed)
+    flashmoe.hf              HF transformers' experts_implementation="flashmoe" (import it
+                             explicitly; ``import flashmoe`` never imports transformers)
 """
 
 from . import reference

@@ -9,7 +9,7 @@ FFNs and the combine from that routing (``flashmoe.moe(x, w1, w2, topk_ids=, top
 
 The weights are the module's own Parameters. The layouts the op reads in place (``gate_up_proj
 [E, 2I, H]`` gate rows then up rows, ``down_proj [E, H, I]``) go to the op as they are; a
-transposed or interleaved layout is converted once, cached on the module keyed on the Parameter
+transposed or interleaved layout is converted once, cached keyed on the Parameter
 and its version counter (so an optimizer's in-place step invalidates it), and its gradient is
 converted back, so gradients land on HF's Parameters in HF's layout.
 
@@ -31,7 +31,7 @@ from .functional import moe
 from .layer import _HF_ACTIVATIONS
 
 __all__ = ["NAME", "register", "experts_forward", "plan", "check_model", "call_count", "reset_call_count",
-           "UnsupportedExpertsError"]
+           "cached_conversion", "UnsupportedExpertsError"]
 
 NAME = "flashmoe"
 
@@ -225,20 +225,38 @@ class _Relayout(torch.autograd.Function):
         return _to_hf_layout(grad, *ctx.layout), None, None, None
 
 
-def _converted(module, name: str, parameter: Tensor, transposed: bool, interleaved: bool) -> Tensor:
-    """``parameter`` in the op's layout, converted once and cached on ``module`` under ``name``,
-    keyed on the Parameter object and its version counter."""
-    cache = module.__dict__.setdefault("_flashmoe_weight_cache", {})
-    version = parameter._version
-    entry = cache.get(name)
+# id(Parameter) -> (weak reference to it, its version counter, layout, the converted copy). An entry
+# goes when its Parameter does, and nothing is stored on the module (it pickles and deep-copies as HF's
+# own). Keyed on id, not on the tensor: a tensor's == is elementwise.
+_converted_weights: Dict[int, tuple] = {}
+
+
+def _entry(parameter: Tensor) -> Optional[tuple]:
+    entry = _converted_weights.get(id(parameter))
+    return entry if entry is not None and entry[0]() is parameter else None
+
+
+def cached_conversion(parameter: Tensor) -> Optional[Tensor]:
+    """The op-layout copy of ``parameter`` held in the cache, if any (for tests and debugging)."""
+    entry = _entry(parameter)
+    return None if entry is None else entry[3]
+
+
+def _converted(parameter: Tensor, transposed: bool, interleaved: bool) -> Tensor:
+    """``parameter`` in the op's layout, converted once and cached, keyed on the Parameter object and
+    its version counter (an optimizer's in-place step bumps it)."""
+    version, layout = parameter._version, (transposed, interleaved)
+    entry = _entry(parameter)
     # A copy made under inference_mode is an inference tensor, which autograd may not save: remake it.
-    if (entry is not None and entry[0]() is parameter and entry[1] == version
-            and (torch.is_inference_mode_enabled() or not entry[2].is_inference())):
-        converted = entry[2]
+    if (entry is not None and entry[1] == version and entry[2] == layout
+            and (torch.is_inference_mode_enabled() or not entry[3].is_inference())):
+        converted = entry[3]
     else:
         with torch.no_grad():
             converted = _to_op_layout(parameter.detach(), transposed, interleaved)
-        cache[name] = (weakref.ref(parameter), version, converted)
+        key = id(parameter)
+        reference = weakref.ref(parameter, lambda _, key=key: _converted_weights.pop(key, None))
+        _converted_weights[key] = (reference, version, layout, converted)
     if torch.is_grad_enabled() and parameter.requires_grad:
         return _Relayout.apply(parameter, converted, transposed, interleaved)
     return converted
@@ -248,7 +266,7 @@ def _weight(module, name: str, transposed: bool, interleaved: bool) -> Optional[
     parameter = getattr(module, name, None)
     if parameter is None or not (transposed or interleaved):
         return parameter  # read in place: no copy
-    return _converted(module, name, parameter, transposed, interleaved)
+    return _converted(parameter, transposed, interleaved)
 
 
 # --- the experts function --------------------------------------------------------------------------

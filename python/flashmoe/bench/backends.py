@@ -91,6 +91,8 @@ BACKEND_HELP = {
     "hf-grouped-mm": "the same HF block, experts_implementation='grouped_mm'",
     "hf-sonicmoe": "the same HF block, experts_implementation='sonicmoe' (CUDA, where installed)",
     "hf-deepgemm": "the same HF block, experts_implementation='deepgemm' (CUDA, where installed)",
+    "hf-flashmoe": "the same HF block, experts_implementation='flashmoe' (flashmoe.hf: HF routes, the op "
+                   "runs the experts)",
 }
 
 

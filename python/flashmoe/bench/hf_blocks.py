@@ -4,7 +4,8 @@ Each ``hf-*`` backend builds the named shape's own sparse-MoE block from transfo
 (``OlmoeSparseMoeBlock`` for olmoe, ``Qwen3MoeSparseMoeBlock`` for qwen3-30b-a3b and custom shapes,
 ``MixtralSparseMoeBlock`` for mixtral), points its router and expert Parameters at the problem's
 tensors (no copy: HF's ``gate_up_proj [E, 2I, H]`` is flashmoe's ``w1``), and runs it under one of
-transformers' experts implementations (``eager``, ``grouped_mm``; ``sonicmoe``, ``deepgemm`` on CUDA).
+transformers' experts implementations (``eager``, ``grouped_mm``; ``sonicmoe``, ``deepgemm`` on CUDA;
+``flashmoe``, registered by :mod:`flashmoe.hf`).
 transformers is imported only when such a backend is built.
 """
 
@@ -24,6 +25,7 @@ HF_BACKENDS = {
     "hf-grouped-mm": "grouped_mm",
     "hf-sonicmoe": "sonicmoe",
     "hf-deepgemm": "deepgemm",
+    "hf-flashmoe": "flashmoe",  # HF's block and router, flashmoe's op for the experts (flashmoe.hf)
 }
 CUDA_ONLY = ("sonicmoe", "deepgemm")
 
@@ -66,6 +68,11 @@ def _check_supported(shape: LayerShape, problem: MoEProblem) -> None:
 
 
 def _check_implementation(implementation: str, device: torch.device) -> None:
+    if implementation == "flashmoe":
+        from flashmoe import hf
+
+        hf.register()
+        return
     if implementation not in CUDA_ONLY:
         return
     if device.type != "cuda":
