@@ -58,6 +58,8 @@ struct alignas(64) Heartbeat {
   std::atomic<uint64_t> beats{0};
 };
 
+constexpr int64_t kMaxClusterThreads = 4096;
+
 // A row tile whose GEMM0 tasks wait for a free intermediate buffer.
 struct PendingRowTile {
   int32_t source;
@@ -619,6 +621,9 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
   if (const char* error = validate(config.shape)) throw std::invalid_argument(error);
   if (config.max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
   if (config.threads_per_rank < 1) throw std::invalid_argument("threads_per_rank must be >= 1");
+  // One OS thread per member: a bound, so a typo cannot ask the system for millions of threads.
+  require_size(CheckedInt(config.world_size) * CheckedInt(config.threads_per_rank), "threads_per_rank",
+               config.threads_per_rank, "the cluster's threads (world_size * threads_per_rank)", kMaxClusterThreads);
   s.layout = HeapLayout{s.placement, config.max_tokens, config.shape.top_k, config.shape.hidden,
                         dtype_size(config.shape.dtype)};
   s.layout.check();  // SizeError naming max_tokens, hidden, ... before a byte is allocated

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from .ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
+from .ops import _address, _empty_outputs, problem_shape
 
 FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch", "slow_gate", "stuck_gate")
 
