@@ -315,7 +315,7 @@ ASAN_PYTEST_SUBSET = [*(str(ROOT / "tests" / name) for name in ("test_moe_guards
                                                                   "test_checked_sizes.py", "test_validation.py",
                                                                   "test_topk.py")), "-k",
                       "reject or empty or nan or non_contiguous or all_tokens or fault or caught or checked_sizes "
-                      "or validation or topk or honest or planted"]
+                      "or validation or topk or planted"]
 
 
 def test_python_subset_asan(cxx, asan):

@@ -161,15 +161,24 @@ class Member {
     beat();
     x_ = static_cast<const T*>(io.x);
     barrier("start of call");
-    if (member_ == 0) begin_call();
+    if (member_ == 0) {
+      begin_call();
+      beat();  // member 0's serial phases are work the team waits on
+    }
     barrier("after reset");
     gate();
     barrier("after gate");
-    if (member_ == 0) assign();
+    if (member_ == 0) {
+      assign();
+      beat();
+    }
     barrier("after slot assignment");
     dispatch_rows();
     barrier("after dispatch copies");
-    if (member_ == 0) publish_dispatch_signals();
+    if (member_ == 0) {
+      publish_dispatch_signals();
+      beat();
+    }
     dataflow();
   }
 
@@ -526,7 +535,7 @@ class Member {
   // goes, or stops there without beating until the watchdog of a waiting member fires.
   void slow_gate() {
     if (rank_ != 0 || member_ != 0) return;
-    const int64_t end = now_ns() + int64_t(c_.config.watchdog_seconds * 8e9);
+    const int64_t end = now_ns() + int64_t(c_.config.watchdog_seconds * 3e9);
     while (now_ns() < end) {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
       beat();
