@@ -20,6 +20,7 @@ import sys
 import traceback
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +128,20 @@ def call_entry(case, tensors, options, generator) -> list:
             for name in ("router_weight", "w1", "w2"):
                 getattr(layer, name).copy_(tensors[name])
             return [(x, layer(x))]
+    if entry == "from_hf":
+        block = nn.Module()
+        block.gate, block.experts = nn.Module(), nn.Module()
+        def parameter(tensor):  # HF blocks hold Parameters; ints cannot require grad
+            return nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+        block.gate.weight, block.gate.top_k = parameter(tensors["router_weight"]), options["top_k"]
+        block.gate.norm_topk_prob = options["normalize"]
+        block.experts.gate_up_proj, block.experts.down_proj = parameter(tensors["w1"]), parameter(tensors["w2"])
+        block.experts.act_fn = nn.SiLU()
+        layer_options = {name: options[name] for name in ("scoring", "capacity_factor")}
+        layer = flashmoe.MoE.from_hf(block, **layer_options)
+        with torch.no_grad():
+            return [(x, layer(x))]
     if entry in ("raw_forward", "raw_backward"):
         args = [x, tensors["router_weight"], tensors["w1"], tensors["w2"], biases["router_bias"], biases["b1"],
                 biases["b2"], options["top_k"], options["gated"], options["activation"], options["normalize"],
@@ -177,6 +192,8 @@ def run_case(case) -> tuple[str, str]:
         return "violation", f"unnamed {type(error).__name__}: {error}"
     except Exception as error:  # noqa: BLE001 - any other exception is a finding
         return "violation", f"{type(error).__name__}: {error}\n{traceback.format_exc()[-1500:]}"
+    if case["entry"] == "from_hf":  # what the block means: a gated SiLU layer
+        options = dict(options, gated=True, activation="silu", normalize=bool(options["normalize"]))
     for x, y in pairs:
         why = check_result(case, tensors, options, x, y)
         if why:

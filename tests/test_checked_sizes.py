@@ -68,3 +68,8 @@ def test_problem_validate_checks_products_without_overflow(field, value, words):
     setattr(problem, field, value)
     message = problem.validate()
     assert message is not None and words in message, message
+
+
+def test_a_cluster_of_millions_of_threads_is_refused_by_name():
+    with pytest.raises(ValueError, match="threads_per_rank"):
+        SimulatedCluster(8, 4, 4, 2, world_size=4, max_tokens=4, threads_per_rank=2**20)

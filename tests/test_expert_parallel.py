@@ -471,15 +471,15 @@ def test_skip_empty_dispatch_signal_is_caught(world_size, threads):
 @pytest.mark.parametrize("world_size,threads", [(1, 2), (2, 1), (2, 2)])
 def test_long_honest_phase_does_not_fire_the_watchdog(world_size, threads, watchdog):
     """Issue 16: the watchdog measured time, not progress, so 76 s of honest top-k on one member
-    read as a hang. Rank 0's first member now works in its gate for 8 watchdog timeouts (0.8 s),
+    read as a hang. Rank 0's first member now works in its gate for 3 watchdog timeouts (3 s),
     beating as it goes, while its team and the other ranks wait on it: no error, same bits."""
     experts, top_k, counts = 4, 2, [9, 14][:world_size]
     xs, weights = build(111, counts, experts=experts, top_k=top_k, router_bias=True)
     cluster = SimulatedCluster(H, I, experts, top_k, world_size=world_size, max_tokens=14, with_router_bias=True,
-                               fault="slow_gate", watchdog_seconds=0.1, threads_per_rank=threads)
+                               fault="slow_gate", watchdog_seconds=1.0, threads_per_rank=threads)
     start = time.perf_counter()
     ys = cluster.forward(xs, **weights)
-    assert time.perf_counter() - start >= 0.8  # the phase really outlasted the timeout
+    assert time.perf_counter() - start >= 3.0  # the phase really outlasted the timeout
     expected = _natives(xs, weights, top_k=top_k)
     assert all(same_bits(ys[r], expected[r]) for r in range(world_size))
 

@@ -1,4 +1,4 @@
-"""Fuzzing every entry point (issue 16): flashmoe.moe (native, reference, auto), MoE, the raw
+"""Fuzzing every entry point (issue 16): flashmoe.moe (native, reference, auto), MoE, MoE.from_hf, the raw
 torch.ops.flashmoe.moe_forward / moe_backward, simulate_expert_parallel and SimulatedCluster.
 
 Hypothesis draws the cases: shapes with 0 and 1, dtypes mixed across arguments, layouts (transposed,
@@ -29,7 +29,7 @@ SEED = int(os.environ.get("FLASHMOE_FUZZ_SEED", "16"))
 BATCH = 150            # cases per child process: one torch import serves them all
 BATCH_TIMEOUT_S = 600  # a hang fails the batch, naming the case it was in
 
-ENTRIES = ("native", "reference", "auto", "module", "raw_forward", "raw_backward", "simulate", "cluster")
+ENTRIES = ("native", "reference", "auto", "module", "from_hf", "raw_forward", "raw_backward", "simulate", "cluster")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 LAYOUTS = ("contiguous",) * 5 + ("transposed", "offset", "expanded")
 VALUES = ("normal",) * 12 + ("nan", "inf", "huge", "denormal")
@@ -55,6 +55,8 @@ def cases(draw):
     experts = draw(st.sampled_from((1, 2, 3, 4, 8)))
     fault = draw(st.sampled_from(FAULTS))
     gated = draw(st.booleans()) if fault != "gated" else draw(st.sampled_from(("yes", 1, None)))
+    if entry == "from_hf":
+        gated = True  # an HF block's experts are gated: gate_up_proj [E, 2I, H]
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
     rows = 2 * ffn if gated is True else ffn
     tensors = {
@@ -63,7 +65,7 @@ def cases(draw):
         "w1": _tensor(draw, (experts, rows, hidden), dtype, hidden ** -0.5),
         "w2": _tensor(draw, (experts, hidden, ffn), dtype, ffn ** -0.5),
     }
-    if entry != "module":
+    if entry not in ("module", "from_hf"):
         for name, shape in (("router_bias", (experts,)), ("b1", (experts, rows)), ("b2", (experts, hidden))):
             tensors[name] = _tensor(draw, shape, dtype, 0.3) if draw(st.integers(0, 3)) == 0 else None
     if entry in ("native", "reference", "auto") and draw(st.integers(0, 5)) == 0:

@@ -14,7 +14,7 @@ enum class Fault : int32_t {
   none = 0,
   skip_empty_dispatch_signal = 1,  // a source does not signal an expert it sends no rows
   stale_epoch = 2,                 // a source signals with the previous call's epoch
-  slow_gate = 3,   // rank 0's first member routes for 8 watchdog timeouts, beating: honest, must not fire
+  slow_gate = 3,   // rank 0's first member routes for 3 watchdog timeouts, beating: honest, must not fire
   stuck_gate = 4,  // rank 0's first member stops in its gate without beating: a hang, must fire
 };
 

@@ -65,6 +65,8 @@ struct alignas(64) Heartbeat {
   std::atomic<uint64_t> beats{0};
 };
 
+constexpr int64_t kMaxClusterThreads = 4096;
+
 // A row tile whose GEMM0 tasks wait for a free intermediate buffer.
 struct PendingRowTile {
   int32_t source;
@@ -168,15 +170,24 @@ class Member {
     beat();
     x_ = static_cast<const T*>(io.x);
     barrier("start of call");
-    if (member_ == 0) begin_call();
+    if (member_ == 0) {
+      begin_call();
+      beat();  // member 0's serial phases are work the team waits on
+    }
     barrier("after reset");
     if (!p_.routing_given) gate();  // routing from outside: topk_ids and topk_weights are inputs
     barrier("after gate");
-    if (member_ == 0) assign();
+    if (member_ == 0) {
+      assign();
+      beat();
+    }
     barrier("after slot assignment");
     dispatch_rows();
     barrier("after dispatch copies");
-    if (member_ == 0) publish_dispatch_signals();
+    if (member_ == 0) {
+      publish_dispatch_signals();
+      beat();
+    }
     dataflow();
   }
 
@@ -528,7 +539,7 @@ class Member {
   // goes, or stops there without beating until the watchdog of a waiting member fires.
   void slow_gate() {
     if (rank_ != 0 || member_ != 0) return;
-    const int64_t end = now_ns() + int64_t(c_.config.watchdog_seconds * 8e9);
+    const int64_t end = now_ns() + int64_t(c_.config.watchdog_seconds * 3e9);
     while (now_ns() < end) {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
       beat();
@@ -624,6 +635,9 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
   if (const char* error = validate(config.shape)) throw std::invalid_argument(error);
   if (config.max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
   if (config.threads_per_rank < 1) throw std::invalid_argument("threads_per_rank must be >= 1");
+  // One OS thread per member: a bound, so a typo cannot ask the system for millions of threads.
+  require_size(CheckedInt(config.world_size) * CheckedInt(config.threads_per_rank), "threads_per_rank",
+               config.threads_per_rank, "the cluster's threads (world_size * threads_per_rank)", kMaxClusterThreads);
   s.layout = HeapLayout{s.placement, config.max_tokens, config.shape.top_k, config.shape.hidden,
                         dtype_size(config.shape.dtype)};
   s.layout.check();  // SizeError naming max_tokens, hidden, ... before a byte is allocated

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from .ops import _DTYPE_CODES, _address, _empty_outputs, problem_shape
+from .ops import _address, _empty_outputs, problem_shape
 
 FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch", "slow_gate", "stuck_gate")
 
@@ -35,7 +35,7 @@ class SimulatedCluster:
         fault: a deliberate fault, for tests that prove faults are caught:
             ``"skip_empty_dispatch_signal"`` or ``"stale_epoch"`` (protocol), ``"stuck_gate"``
             (rank 0's first member stops in its gate), or ``"slow_gate"`` (it works there, beating,
-            for 8 watchdog timeouts: honest, so the watchdog must not fire).
+            for 3 watchdog timeouts: honest, so the watchdog must not fire).
         watchdog_seconds: a wait during which no member it waits on advanced its heartbeat for
             this long raises RuntimeError naming the rank, the role and what it waits for.
     """

@@ -580,7 +580,7 @@ void run_transport_case(const Case& c, bool shared_memory, ChaosOptions chaos, i
 
 // ---- The watchdog measures progress: a long honest phase, beating all along, never fires. ----
 
-// Rank 0's first member spends 8 watchdog timeouts in its gate (Fault::slow_gate) while its team
+// Rank 0's first member spends 3 watchdog timeouts in its gate (Fault::slow_gate) while its team
 // waits at the barrier and the other ranks wait for its flags; the call must succeed and match.
 void run_slow_gate(const Case& c, int threads_per_rank) {
   const std::string what = describe(c) + " slow_gate (honest long phase), " + std::to_string(threads_per_rank) +
@@ -593,7 +593,7 @@ void run_slow_gate(const Case& c, int threads_per_rank) {
   for (int64_t rank = 0; rank < c.world; ++rank) io.push_back(rank_io(c, d, rank, outputs[size_t(rank)]));
   std::string why;
   try {
-    Cluster cluster(cluster_config(c, threads_per_rank, ChaosOptions{false, 0, Fault::slow_gate}, 0.05));
+    Cluster cluster(cluster_config(c, threads_per_rank, ChaosOptions{false, 0, Fault::slow_gate}, 1.0));
     cluster.forward(weights_of(c, d), io, 1);
     for (int64_t rank = 0; rank < c.world && why.empty(); ++rank) {
       const std::string diff = difference(c, outputs[size_t(rank)], single_rank(c, d, rank));
