@@ -208,6 +208,15 @@ def destroy_all() -> None:
 atexit.register(destroy_all)
 
 
+def check_expert_parallel_activation(activation) -> None:
+    """The activations whose options (swiglu_limit, swiglu_alpha) expert parallelism does not carry
+    yet are a named error, never a silent default."""
+    if activation in reference.GATED_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported by flashmoe.distributed yet (its "
+                         f"swiglu_limit/swiglu_alpha are not carried across ranks); use flashmoe.moe or MoE "
+                         f"in one process, or one of {tuple(a for a in reference.ACTIVATIONS if a not in reference.GATED_ACTIVATIONS)}")
+
+
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
                  router_bias, b1, b2) -> LayerConfig:
     """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
@@ -243,18 +252,9 @@ def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normaliz
             raise TypeError(f"{name} must have dtype {x.dtype} (the dtype of x), got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on {x.device} (the device of x), got {tensor.device}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise TypeError(f"top_k must be an int in 1..{experts}, got {type(top_k).__name__}")
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k must be in 1..num_experts={experts}, got {top_k}")
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-    if scoring not in reference.SCORINGS:
-        raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
-    for name, flag in (("gated", gated), ("normalize", normalize)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    reference.expert_capacity(capacity_factor, 1, top_k, experts)  # validates capacity_factor
+    reference.validate_options(experts, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
+                               normalize=normalize, capacity_factor=capacity_factor)
+    check_expert_parallel_activation(activation)
     return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
                        None if capacity_factor is None else float(capacity_factor), router_bias is not None,
                        b1 is not None, b2 is not None)

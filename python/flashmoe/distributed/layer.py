@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..layer import MoE
-from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, _group_rank_and_size
+from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, _group_rank_and_size, check_expert_parallel_activation
 from .functional import moe
 
 
@@ -32,18 +32,11 @@ class ExpertParallelMoE(nn.Module):
                  expert_bias: bool = False, load_balancing_coef: float = 0.01, z_loss_coef: float = 0.0,
                  watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-        if scoring not in reference.SCORINGS:
-            raise ValueError(f"scoring must be one of {reference.SCORINGS}, got {scoring!r}")
-        reference.expert_capacity(capacity_factor, 1, top_k, num_experts)  # validates capacity_factor
+        check_expert_parallel_activation(activation)
+        reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
+                                 activation=activation, normalize=normalize, scoring=scoring,
+                                 capacity_factor=capacity_factor)
+        reference.check_choice("transport", transport, TRANSPORTS)
         self.rank, self.world_size = _group_rank_and_size(group)
         if num_experts % self.world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
