@@ -210,8 +210,8 @@ atexit.register(destroy_all)
 
 def check_expert_parallel_activation(activation) -> None:
     """The activations whose options (swiglu_limit, swiglu_alpha) expert parallelism does not carry
-    yet are a named error, never a silent default."""
-    if activation in reference.GATED_ACTIVATIONS:
+    yet are a named error, never a silent default. (A non-str activation is the validator's to name.)"""
+    if isinstance(activation, str) and activation in reference.GATED_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported by flashmoe.distributed yet (its "
                          f"swiglu_limit/swiglu_alpha are not carried across ranks); use flashmoe.moe or MoE "
                          f"in one process, or one of {tuple(a for a in reference.ACTIVATIONS if a not in reference.GATED_ACTIVATIONS)}")
