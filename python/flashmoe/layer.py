@@ -46,9 +46,14 @@ class MoE(nn.Module):
         expert_bias: add learnable b1 ``[E, 2I or I]`` and b2 ``[E, H]``.
         load_balancing_coef, z_loss_coef: weights of the auxiliary losses returned by
             ``forward(x, return_aux_loss=True)``.
+        shared_ffn_size: S, the intermediate size of a shared expert that runs on every token (the
+            routed experts' gated/activation, no biases); 0 (the default) for none.
+        shared_gate: scale the shared expert's output by ``σ(x·shared_gateᵀ)`` (Qwen2-MoE,
+            Qwen3-Next); needs ``shared_ffn_size > 0``.
         backend: ``"auto"``, ``"native"`` or ``"reference"`` (see :func:`flashmoe.moe`).
 
-    Parameters: ``router_weight [E, H]``, ``w1``, ``w2 [E, H, I]``, and the optional biases.
+    Parameters: ``router_weight [E, H]``, ``w1``, ``w2 [E, H, I]``, the optional biases, and with a
+    shared expert ``shared_w1 [2S or S, H]``, ``shared_w2 [H, S]`` and optionally ``shared_gate [1, H]``.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class MoE(nn.Module):
         expert_bias: bool = False,
         load_balancing_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        shared_ffn_size: int = 0,
+        shared_gate: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -82,6 +89,10 @@ class MoE(nn.Module):
         reference.check_bool("expert_bias", expert_bias)
         reference.check_real("load_balancing_coef", load_balancing_coef)
         reference.check_real("z_loss_coef", z_loss_coef)
+        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
+        reference.check_bool("shared_gate", shared_gate)
+        if shared_gate and not shared_ffn_size:
+            raise ValueError("shared_gate=True scales the shared expert's output, so it needs shared_ffn_size > 0")
         reference.check_choice("backend", backend, BACKENDS)
         factory = dict(device=device, dtype=dtype)
         rows = 2 * ffn_size if gated else ffn_size
@@ -97,6 +108,11 @@ class MoE(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(num_experts, **factory)) if router_bias else None
         self.b1 = nn.Parameter(torch.empty(num_experts, rows, **factory)) if expert_bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.shared_ffn_size = shared_ffn_size
+        shared_rows = 2 * shared_ffn_size if gated else shared_ffn_size
+        self.shared_w1 = nn.Parameter(torch.empty(shared_rows, hidden_size, **factory)) if shared_ffn_size else None
+        self.shared_w2 = nn.Parameter(torch.empty(hidden_size, shared_ffn_size, **factory)) if shared_ffn_size else None
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden_size, **factory)) if shared_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,7 +121,12 @@ class MoE(nn.Module):
             (self.router_weight, self.router_bias, self.hidden_size),
             (self.w1, self.b1, self.hidden_size),
             (self.w2, self.b2, self.ffn_size),
+            (self.shared_w1, None, self.hidden_size),
+            (self.shared_w2, None, self.shared_ffn_size),
+            (self.shared_gate, None, self.hidden_size),
         ):
+            if weight is None:
+                continue
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
@@ -120,7 +141,8 @@ class MoE(nn.Module):
             x, self.router_weight, self.w1, self.w2, top_k=self.top_k, gated=self.gated,
             activation=self.activation, normalize=self.normalize, scoring=self.scoring,
             capacity_factor=self.capacity_factor, router_bias=self.router_bias, b1=self.b1, b2=self.b2,
-            swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, return_routing=True, backend=self.backend,
+            swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, shared_w1=self.shared_w1,
+            shared_w2=self.shared_w2, shared_gate=self.shared_gate, return_routing=True, backend=self.backend,
         )
         if not (return_aux_loss or return_routing):
             return y
@@ -213,4 +235,6 @@ class MoE(nn.Module):
                 f"top_k={self.top_k}, gated={self.gated}, activation={self.activation!r}, "
                 f"normalize={self.normalize}, scoring={self.scoring!r}, capacity_factor={self.capacity_factor}"
                 + (f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit is not None else "")
-                + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else ""))
+                + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else "")
+                + (f", shared_ffn_size={self.shared_ffn_size}, shared_gate={self.shared_gate is not None}"
+                   if self.shared_ffn_size else ""))
