@@ -286,3 +286,166 @@ def test_cuda_kernel_refuses_shared_experts_by_name():
     with pytest.raises(NotImplementedError, match="the CUDA kernel has no shared-expert tasks"):
         ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
                            shared_w1=problem["shared_w1"])
+
+
+# --------------------------------------------------------------------------- the native CPU op
+
+NATIVE_CASES = [
+    # (tokens, hidden, ffn, experts, shared_ffn, top_k): one row tile; several row tiles, S tiles and
+    # hidden tiles with S > I (the intermediate buffers hold max(I, S)); S < I.
+    dict(tokens=37, hidden=24, ffn=16, experts=6, shared_ffn=10, top_k=2),
+    dict(tokens=150, hidden=530, ffn=40, experts=4, shared_ffn=270, top_k=2),
+    dict(tokens=70, hidden=32, ffn=300, experts=5, shared_ffn=8, top_k=3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("case", range(len(NATIVE_CASES)))
+def test_native_matches_reference(dtype, gate, capacity_factor, case):
+    shape = NATIVE_CASES[case]
+    problem = shared_problem(10 + case, dtype=dtype, gate=gate, **shape)
+    y, routing = flashmoe.moe(**problem, top_k=shape["top_k"], capacity_factor=capacity_factor, backend="native",
+                              return_routing=True)
+    ref, ref_routing = reference.moe(**double(problem), top_k=shape["top_k"], capacity_factor=capacity_factor,
+                                     return_routing=True)
+    assert torch.equal(routing.topk_ids, ref_routing.topk_ids)
+    if capacity_factor is not None:
+        assert int(routing.dropped) == int(ref_routing.dropped) > 0
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOLERANCE[dtype]
+    # The shared term is there: without it the error is large.
+    without = reference.moe(**{k: v for k, v in double(problem).items() if not k.startswith("shared")},
+                            top_k=shape["top_k"], capacity_factor=capacity_factor)
+    assert rel_err(y, without) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("gated, activation", [(True, "silu"), (False, "gelu_tanh"), (True, "swiglu_oai")])
+def test_native_activations(dtype, gated, activation):
+    problem = shared_problem(20, tokens=45, dtype=dtype, gate=True, gated=gated, shared_ffn=12)
+    y = flashmoe.moe(**problem, top_k=2, gated=gated, activation=activation, backend="native")
+    ref = reference.moe(**double(problem), top_k=2, gated=gated, activation=activation)
+    assert rel_err(y, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_native_writes_every_output_element(dtype):
+    """The raw entry into NaN-poisoned outputs: every element of y is written, and equals the op's."""
+    from conftest import empty_outputs, native_problem, raw_addresses
+    problem = shared_problem(21, tokens=70, dtype=dtype, gate=True)
+    shared = {name: problem.pop(name) for name in ("shared_w1", "shared_w2", "shared_gate")}
+    descriptor = native_problem(70, 24, 16, 6, dtype, top_k=2)
+    descriptor.shared_ffn, descriptor.has_shared_gate = 10, True
+    outputs = empty_outputs(problem, 2, poison=True)
+    flashmoe._C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=2,
+                                **{name: t.data_ptr() for name, t in shared.items()})
+    assert not torch.isnan(outputs["y"]).any()
+    expected = flashmoe.moe(**problem, **shared, top_k=2, backend="native")
+    assert same_bits(outputs["y"], expected)
+
+
+def test_native_raw_entry_checks_the_shared_pointers():
+    from conftest import empty_outputs, native_problem, raw_addresses
+    problem = shared_problem(22, tokens=5, gate=True)
+    shared = {name: problem.pop(name) for name in ("shared_w1", "shared_w2", "shared_gate")}
+    addresses = raw_addresses(problem, empty_outputs(problem, 2))
+    descriptor = native_problem(5, 24, 16, 6, torch.float32, top_k=2)
+    with pytest.raises(ValueError, match="shared_ffn disagrees with shared_w1/shared_w2"):
+        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+                                    shared_w1=shared["shared_w1"].data_ptr(), shared_w2=shared["shared_w2"].data_ptr())
+    descriptor.shared_ffn = 10
+    with pytest.raises(ValueError, match="shared_ffn disagrees"):
+        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
+    with pytest.raises(ValueError, match="has_shared_gate disagrees with shared_gate"):
+        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+                                    **{name: t.data_ptr() for name, t in shared.items()})
+    descriptor.shared_ffn, descriptor.has_shared_gate = 0, True
+    assert "has_shared_gate needs a shared expert" in descriptor.validate()
+    descriptor.shared_ffn, descriptor.has_shared_gate = -1, False
+    assert "shared_ffn must be >= 0" in descriptor.validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+def test_native_bitwise_across_thread_counts(dtype, num_threads):
+    problem = shared_problem(23, tokens=150, hidden=530, ffn=40, experts=4, shared_ffn=270, dtype=dtype, gate=True)
+    outputs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outputs.append(flashmoe.moe(**problem, top_k=2, capacity_factor=0.75, backend="native"))
+    assert all(same_bits(outputs[0], y) for y in outputs[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+def test_native_gate_less_form(dtype, gate):
+    """Routing from outside with a shared expert: against the reference, and bitwise equal to the
+    router form fed its own routing."""
+    problem = shared_problem(24, tokens=40, dtype=dtype, gate=gate)
+    y_full, routing = flashmoe.moe(**problem, top_k=2, capacity_factor=0.6, backend="native", return_routing=True)
+    router_weight = problem.pop("router_weight")
+    del router_weight
+    y = flashmoe.moe(**problem, topk_ids=routing.topk_ids, topk_weights=routing.topk_weights, capacity_factor=0.6,
+                     backend="native")
+    assert same_bits(y, y_full)
+    ref = reference.moe(**double(problem), topk_ids=routing.topk_ids, topk_weights=routing.topk_weights.double(),
+                        capacity_factor=0.6)
+    assert rel_err(y, ref) < TOLERANCE[dtype]
+
+
+def test_native_no_tokens():
+    problem = shared_problem(25, tokens=0, gate=True)
+    y = flashmoe.moe(**problem, top_k=2, backend="native")
+    assert y.shape == (0, 24)
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+def test_native_autograd_matches_reference(gate):
+    """flashmoe.moe's gradients (native forward, moe_backward) against the float64 reference's
+    autograd, for x, every weight and the shared expert's."""
+    problem = double(shared_problem(26, tokens=30, gate=gate))
+    names = list(problem)
+    expected, grad_y = _reference_grads(problem, names, top_k=2, capacity_factor=0.8)
+    leaves = {k: v.detach().requires_grad_() for k, v in problem.items()}
+    y = flashmoe.moe(**leaves, top_k=2, capacity_factor=0.8, backend="native")
+    (y * grad_y).sum().backward()
+    for name in names:
+        torch.testing.assert_close(leaves[name].grad, expected[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_native_autograd_gate_less_form():
+    problem = double(shared_problem(27, tokens=20, gate=True))
+    problem.pop("router_weight")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2, generator=g, dtype=torch.float64) + 0.1
+    tensors = {**problem, "topk_weights": weights}
+    grads = []
+    for backend in ("native", "reference"):
+        leaves = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+        y = flashmoe.moe(topk_ids=ids, **leaves, backend=backend)
+        y.sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for name in tensors:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_layer_native_forward_and_backward():
+    torch.manual_seed(1)
+    layer = flashmoe.MoE(16, 8, 4, 2, shared_ffn_size=6, shared_gate=True, backend="native", dtype=torch.float64)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y = layer(x)
+    ref = reference.moe(x, layer.router_weight, layer.w1, layer.w2, top_k=2, shared_w1=layer.shared_w1,
+                        shared_w2=layer.shared_w2, shared_gate=layer.shared_gate)
+    assert rel_err(y, ref) < 1e-12
+    y.square().sum().backward()
+    assert all(layer.get_parameter(name).grad is not None for name in ("shared_w1", "shared_w2", "shared_gate"))
+
+
+def test_opcheck():
+    problem = shared_problem(28, tokens=9, gate=True)
+    args = (problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None, 2, True, "silu",
+            True, "softmax", None, None, None, problem["shared_w1"], problem["shared_w2"], problem["shared_gate"])
+    torch.library.opcheck(torch.ops.flashmoe.moe_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

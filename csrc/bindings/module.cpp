@@ -34,11 +34,20 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw py::value_error(message);
 }
 
+// The shared expert's pointers agree with the problem: shared_w1 and shared_w2 iff shared_ffn > 0,
+// shared_gate iff has_shared_gate.
+void require_shared_expert(const Problem& problem, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+  require(problem.has_shared_expert() == (shared_w1 != 0) && problem.has_shared_expert() == (shared_w2 != 0),
+          "flashmoe: shared_ffn disagrees with shared_w1/shared_w2 (both given iff shared_ffn > 0)");
+  require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
+}
+
 void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                     int num_threads) {
+                     int num_threads, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
   if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
+  require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   require((router_weight || problem.routing_given) && w1 && w2 && expert_counts && dropped,
           "flashmoe: a required weight or output pointer is null");
   require(problem.tokens == 0 || (x && y && topk_ids && topk_weights && (router_logits || problem.routing_given)),
@@ -50,7 +59,8 @@ void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weigh
   require(problem.has_b2 == (b2 != 0), "flashmoe: has_b2 disagrees with b2");
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
-                                   as_ptr<const void>(b2)};
+                                   as_ptr<const void>(b2), 0, as_ptr<const void>(shared_w1),
+                                   as_ptr<const void>(shared_w2), as_ptr<const void>(shared_gate)};
   const cpu::RankIO io{as_ptr<const void>(x), problem.tokens, problem.expert_capacity, as_ptr<void>(y),
                        as_ptr<int32_t>(topk_ids), as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts),
                        as_ptr<void>(router_logits), as_ptr<int64_t>(dropped)};
@@ -79,8 +89,9 @@ std::vector<cpu::RankIO> rank_ios(const std::vector<RankTuple>& ranks) {
 // calls[c][r]: rank r's tensors in call c; every rank runs its calls back to back.
 void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
                      uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<std::vector<RankTuple>>& calls,
-                     int64_t first_expert) {
+                     int64_t first_expert, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
   const Problem& shape = cluster.config().shape;
+  require_shared_expert(shape, shared_w1, shared_w2, shared_gate);
   require(router_weight && w1 && w2, "flashmoe: a required weight pointer is null");
   require(shape.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
   require(shape.has_b1 == (b1 != 0) && shape.has_b2 == (b2 != 0), "flashmoe: has_b1/has_b2 disagree with b1/b2");
@@ -89,7 +100,8 @@ void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t r
   for (const auto& call : calls) io.push_back(rank_ios(call));
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
-                                   as_ptr<const void>(b2), first_expert};
+                                   as_ptr<const void>(b2), first_expert, as_ptr<const void>(shared_w1),
+                                   as_ptr<const void>(shared_w2), as_ptr<const void>(shared_gate)};
   require(first_expert == 0 || cluster.config().transport != nullptr,
           "flashmoe: first_expert != 0 (local experts only) needs a transport that runs one rank here");
   py::gil_scoped_release release;
@@ -210,6 +222,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("routing_given", &Problem::routing_given)
       .def_readwrite("swiglu_limit", &Problem::swiglu_limit)
       .def_readwrite("swiglu_alpha", &Problem::swiglu_alpha)
+      .def_readwrite("shared_ffn", &Problem::shared_ffn)
+      .def_readwrite("has_shared_gate", &Problem::has_shared_gate)
       .def("gemm0_cols", &Problem::gemm0_cols<int64_t>)
       .def("validate", [](const Problem& p) {
         const char* error = validate(p);
@@ -219,7 +233,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("moe_forward_cpu", &moe_forward_cpu, py::kw_only(), py::arg("problem"), py::arg("x"),
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
-        py::arg("router_logits"), py::arg("dropped"), py::arg("num_threads"),
+        py::arg("router_logits"), py::arg("dropped"), py::arg("num_threads"), py::arg("shared_w1") = 0,
+        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Runs the CPU MoE forward on contiguous buffers. See csrc/cpu/moe_forward.h for layouts.");
 
   py::enum_<cpu::Fault>(m, "Fault")
@@ -253,6 +268,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("watchdog_seconds") = 60.0, py::arg("transport") = nullptr)
       .def("forward", &cluster_forward, py::kw_only(), py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"),
            py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("calls"), py::arg("first_expert") = 0,
+           py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
+           "shared_w1/shared_w2/shared_gate: the shared expert, replicated (every rank runs it on its own tokens). "
            "calls: per call, one (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, "
            "router_logits, dropped) tuple of addresses per rank running here. Ranks run their calls back to back. "
            "first_expert: the expert w1[0] holds (a transport's rank q passes its local experts, q*L).")

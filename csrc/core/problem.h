@@ -56,11 +56,25 @@ struct Problem {
   bool routing_given = false;
   double swiglu_limit = 0;  // L of the clamped SwiGLUs
   double swiglu_alpha = 0;  // α of swiglu_oai
+  // The shared expert (0: none): a dense FFN of intermediate size S on every token, with the routed
+  // experts' gated/activation and no biases, added in the combine after the routed picks; scaled by
+  // σ(x·shared_gateᵀ) when has_shared_gate, else by 1.
+  int64_t shared_ffn = 0;
+  bool has_shared_gate = false;
 
   // Width of the first expert GEMM: gate and up projections side by side when gated.
   template <typename N = int64_t>
   FLASHMOE_HD N gemm0_cols() const { return gated ? N(2) * N(ffn) : N(ffn); }
   FLASHMOE_HD bool dropless() const { return expert_capacity == kDropless; }
+  FLASHMOE_HD bool has_shared_expert() const { return shared_ffn > 0; }
+  // The shared expert as a problem of its own: the same options with ffn = S and no biases, so the
+  // routed experts' tile arithmetic serves it unchanged.
+  FLASHMOE_HD Problem shared_expert() const {
+    Problem shared = *this;
+    shared.ffn = shared_ffn;
+    shared.has_b1 = shared.has_b2 = false;
+    return shared;
+  }
 };
 
 // Returns nullptr when the descriptor is coherent, else a message naming the field.
@@ -79,6 +93,11 @@ inline const char* validate(const Problem& p) {
   if (int32_t(p.scoring) < 0 || int32_t(p.scoring) > 1) return "scoring code out of range";
   if (int32_t(p.dtype) < 0 || int32_t(p.dtype) > 3) return "dtype code out of range";
   if (p.expert_capacity < kDropless) return "expert_capacity must be >= 0, or -1 for dropless";
+  if (p.shared_ffn < 0) return "shared_ffn must be >= 0 (0: no shared expert)";
+  if (p.has_shared_gate && p.shared_ffn == 0) return "has_shared_gate needs a shared expert (shared_ffn > 0)";
+  if ((CheckedInt(p.shared_ffn) * CheckedInt(2) * CheckedInt(p.hidden) * CheckedInt(8)).overflow) {
+    return "shared_ffn * hidden is too large: shared_w1's bytes overflow int64";
+  }
   // Row indices of the expert-sorted buffers are int32 on every backend.
   if (CheckedInt(p.tokens) * CheckedInt(p.top_k) > CheckedInt(INT32_MAX)) return "tokens * top_k must fit in int32";
   // Sizes the kernels index with int64: one expert's weights, and the router logits of a call.

@@ -27,6 +27,7 @@ struct TaskBound {
   int64_t max_cell_rows = 0;  // rows one source can send one expert: its token count at most
   int64_t ffn = 0;
   int64_t hidden = 0;
+  int64_t shared_ffn = 0;     // S of the shared expert, 0 for none
 
   template <typename N = int64_t>
   FLASHMOE_HD N cell_tasks(Number<N> rows) const { return tiling.cell_tasks<N>(rows, N(ffn), N(hidden)); }
@@ -36,11 +37,17 @@ struct TaskBound {
     const N tiles = tiling.token_tiles<N>(own_tokens);
     return tiles > N(0) ? tiles : N(1);
   }
+  // The shared expert's tile tasks on a rank's own tokens (its rows are known before any signal):
+  // GEMM0 over (row tile, S tile), then GEMM1 over (row tile, hidden tile); none without one.
+  template <typename N = int64_t>
+  FLASHMOE_HD N shared_tasks(Number<N> own_tokens) const {
+    return shared_ffn > 0 ? tiling.cell_tasks<N>(own_tokens, N(shared_ffn), N(hidden)) : N(0);
+  }
   // Upper bound for a rank that will combine `own_tokens` tokens.
   template <typename N = int64_t>
   FLASHMOE_HD N initial(Number<N> own_tokens) const {
     return N(placement.world_size) * N(placement.local_experts()) * cell_tasks<N>(N(max_cell_rows)) +
-           combine_tasks<N>(own_tokens);
+           shared_tasks<N>(own_tokens) + combine_tasks<N>(own_tokens);
   }
 
   // Host: throws SizeError when the bound of a rank with max_cell_rows tokens overflows.

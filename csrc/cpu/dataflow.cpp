@@ -67,6 +67,9 @@ struct alignas(64) Heartbeat {
 
 constexpr int64_t kMaxClusterThreads = 4096;
 
+// The local_expert of the shared expert's row tiles and tasks: rows are the rank's own tokens.
+constexpr int32_t kSharedExpert = -1;
+
 // A row tile whose GEMM0 tasks wait for a free intermediate buffer.
 struct PendingRowTile {
   int32_t source;
@@ -103,6 +106,10 @@ struct RankState {
   std::unique_ptr<std::atomic<int64_t>[]> gemm0_remaining, gemm1_remaining;
   std::mutex free_mutex;
   std::vector<int32_t> free_buffers;
+  // The shared expert's outputs of the rank's own tokens [max_tokens, H], and its row tiles still in
+  // GEMM1 (the combine waits for 0).
+  HeapBytes shared_out;
+  std::atomic<int64_t> shared_remaining{0};
   // The rank's team barrier.
   std::atomic<int64_t> barrier_arrived{0}, barrier_generation{0};
 };
@@ -114,6 +121,7 @@ struct Cluster::State {
   Tiling tiling;
   TaskBound task_bound;
   int64_t h_buffers = 0;
+  int64_t h_row_elements = 0;  // one row of an intermediate buffer: max(I, S)
   std::vector<std::unique_ptr<RankState>> ranks;
   std::vector<int64_t> local_ranks;  // the ranks this process runs: all W, or the transport's one
   // Failure handling and the watchdog.
@@ -156,13 +164,16 @@ class Member {
         router_weight_(static_cast<const T*>(weights.router_weight)),
         router_bias_(static_cast<const T*>(weights.router_bias)), w1_(static_cast<const T*>(weights.w1)),
         b1_(static_cast<const T*>(weights.b1)), w2_(static_cast<const T*>(weights.w2)),
-        b2_(static_cast<const T*>(weights.b2)), first_expert_(weights.first_expert) {
+        b2_(static_cast<const T*>(weights.b2)), first_expert_(weights.first_expert),
+        shared_w1_(static_cast<const T*>(weights.shared_w1)), shared_w2_(static_cast<const T*>(weights.shared_w2)),
+        shared_gate_(static_cast<const T*>(weights.shared_gate)), shared_p_(p_.shared_expert()) {
     const Tiling& tiling = c_.tiling;
     gate_.resize(size_t(tiling.row_tile * tiling.ffn_tile));
     up_.resize(gate_.size());
     out_.resize(size_t(tiling.row_tile * tiling.hidden_tile));
     scores_.resize(size_t(p_.experts));
     sum_.resize(size_t(p_.hidden));
+    shared_weights_.resize(size_t(tiling.token_tile));
   }
 
   void call(const RankIO& io) {
@@ -208,6 +219,12 @@ class Member {
     s_.bound.store(c_.task_bound.initial(io_->tokens), std::memory_order_relaxed);
     s_.free_buffers.clear();
     for (int32_t b = int32_t(c_.h_buffers) - 1; b >= 0; --b) s_.free_buffers.push_back(b);
+    // The shared expert's rows are this rank's own tokens: ready now, first in line for a buffer.
+    const int64_t shared_tiles = p_.has_shared_expert() ? c_.tiling.row_tiles(io_->tokens) : 0;
+    s_.shared_remaining.store(shared_tiles, std::memory_order_relaxed);
+    for (int64_t tile = 0; tile < shared_tiles; ++tile) {
+      s_.backlog.push_back(PendingRowTile{int32_t(rank_), kSharedExpert, int32_t(tile)});
+    }
   }
 
   // ---- Phase 1: gate. Router GEMM with fp32 accumulation, scores, top-k. ----
@@ -337,7 +354,8 @@ class Member {
       ++s_.returns_seen;
       arrived = true;
     }
-    if (s_.returns_seen == W * L && !s_.combine_released) {
+    if (s_.returns_seen == W * L && !s_.combine_released &&
+        s_.shared_remaining.load(std::memory_order_acquire) == 0) {
       s_.combine_released = true;
       std::vector<Task> combines;
       for (int64_t tile = 0; tile < c_.task_bound.combine_tasks(io_->tokens); ++tile) {
@@ -389,12 +407,16 @@ class Member {
       }
       const PendingRowTile pending = s_.backlog.front();
       s_.backlog.pop_front();
-      const int64_t cell = pending.source * c_.placement.local_experts() + pending.local_expert;
+      const bool shared = pending.local_expert == kSharedExpert;
+      const int64_t cell = shared ? 0 : pending.source * c_.placement.local_experts() + pending.local_expert;
       const int64_t row_begin = pending.row_tile * tiling.row_tile;
-      s_.gemm0_remaining[size_t(buffer)].store(tiling.ffn_tiles(p_.ffn), std::memory_order_relaxed);
+      const int64_t ffn = shared ? p_.shared_ffn : p_.ffn;
+      const int64_t first_row = shared ? row_begin : s_.cell_first_row[size_t(cell)] + row_begin;
+      const int64_t rows = std::min(tiling.row_tile, (shared ? io_->tokens : s_.cell_rows[size_t(cell)]) - row_begin);
+      s_.gemm0_remaining[size_t(buffer)].store(tiling.ffn_tiles(ffn), std::memory_order_relaxed);
       s_.gemm1_remaining[size_t(buffer)].store(tiling.hidden_tiles(p_.hidden), std::memory_order_relaxed);
       std::vector<Task> tasks;
-      for (int64_t column = 0; column < p_.ffn; column += tiling.ffn_tile) {
+      for (int64_t column = 0; column < ffn; column += tiling.ffn_tile) {
         Task task;
         task.kind = TaskKind::gemm0;
         task.epoch = s_.epoch;
@@ -402,10 +424,10 @@ class Member {
         task.local_expert = pending.local_expert;
         task.row_tile = pending.row_tile;
         task.buffer = buffer;
-        task.first_row = s_.cell_first_row[size_t(cell)] + row_begin;
-        task.rows = std::min(tiling.row_tile, s_.cell_rows[size_t(cell)] - row_begin);
+        task.first_row = first_row;  // the shared expert's: a token index
+        task.rows = rows;
         task.column_begin = column;
-        task.columns = std::min(tiling.ffn_tile, p_.ffn - column);
+        task.columns = std::min(tiling.ffn_tile, ffn - column);
         tasks.push_back(task);
       }
       push(tasks);
@@ -440,20 +462,30 @@ class Member {
   }
 
   T* h_row(int32_t buffer, int64_t row) const {
-    return reinterpret_cast<T*>(s_.h_storage.get()) + (int64_t(buffer) * c_.tiling.row_tile + row) * p_.ffn;
+    return reinterpret_cast<T*>(s_.h_storage.get()) + (int64_t(buffer) * c_.tiling.row_tile + row) * c_.h_row_elements;
   }
 
+  T* shared_out_row(int64_t token) const { return reinterpret_cast<T*>(s_.shared_out.get()) + token * p_.hidden; }
+
   void run_gemm0(const Task& task) {
-    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
-    const int64_t N0 = p_.gemm0_cols();
+    const bool shared = task.local_expert == kSharedExpert;
     std::vector<const T*> x_rows(static_cast<size_t>(task.rows));
     std::vector<T*> h_rows(static_cast<size_t>(task.rows));
     for (int64_t i = 0; i < task.rows; ++i) {
-      x_rows[size_t(i)] = reinterpret_cast<const T*>(s_.heap.get() + c_.layout.dispatch_row(task.source, task.first_row + i));
+      x_rows[size_t(i)] = shared ? x_ + (task.first_row + i) * p_.hidden
+                                 : reinterpret_cast<const T*>(s_.heap.get() +
+                                                              c_.layout.dispatch_row(task.source, task.first_row + i));
       h_rows[size_t(i)] = h_row(task.buffer, i);
     }
-    gemm0_tile<T>(p_, x_rows.data(), task.rows, w1_ + expert * N0 * p_.hidden, b1_ ? b1_ + expert * N0 : nullptr,
-                  task.column_begin, task.column_begin + task.columns, h_rows.data(), gate_.data(), up_.data());
+    if (shared) {
+      gemm0_tile<T>(shared_p_, x_rows.data(), task.rows, shared_w1_, nullptr, task.column_begin,
+                    task.column_begin + task.columns, h_rows.data(), gate_.data(), up_.data());
+    } else {
+      const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
+      const int64_t N0 = p_.gemm0_cols();
+      gemm0_tile<T>(p_, x_rows.data(), task.rows, w1_ + expert * N0 * p_.hidden, b1_ ? b1_ + expert * N0 : nullptr,
+                    task.column_begin, task.column_begin + task.columns, h_rows.data(), gate_.data(), up_.data());
+    }
     // The last GEMM0 tile of a row tile releases its GEMM1 tiles.
     if (s_.gemm0_remaining[size_t(task.buffer)].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     std::vector<Task> tasks;
@@ -468,20 +500,32 @@ class Member {
   }
 
   void run_gemm1(const Task& task) {
-    const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
-    std::byte* source_heap = c_.ranks[size_t(task.source)]->heap.get();
+    const bool shared = task.local_expert == kSharedExpert;
     std::vector<const T*> h_rows(static_cast<size_t>(task.rows));
     std::vector<T*> out_rows(static_cast<size_t>(task.rows));
-    for (int64_t i = 0; i < task.rows; ++i) {
-      h_rows[size_t(i)] = h_row(task.buffer, i);
-      out_rows[size_t(i)] = reinterpret_cast<T*>(source_heap + c_.layout.return_row(rank_, task.first_row + i));
+    for (int64_t i = 0; i < task.rows; ++i) h_rows[size_t(i)] = h_row(task.buffer, i);
+    if (shared) {
+      for (int64_t i = 0; i < task.rows; ++i) out_rows[size_t(i)] = shared_out_row(task.first_row + i);
+      gemm1_tile<T>(shared_p_, h_rows.data(), task.rows, shared_w2_, nullptr, task.column_begin,
+                    task.column_begin + task.columns, out_rows.data(), out_.data());
+    } else {
+      const int64_t expert = c_.placement.global_expert(rank_, task.local_expert) - first_expert_;
+      std::byte* source_heap = c_.ranks[size_t(task.source)]->heap.get();
+      for (int64_t i = 0; i < task.rows; ++i) {
+        out_rows[size_t(i)] = reinterpret_cast<T*>(source_heap + c_.layout.return_row(rank_, task.first_row + i));
+      }
+      gemm1_tile<T>(p_, h_rows.data(), task.rows, w2_ + expert * p_.hidden * p_.ffn,
+                    b2_ ? b2_ + expert * p_.hidden : nullptr, task.column_begin, task.column_begin + task.columns,
+                    out_rows.data(), out_.data());
     }
-    gemm1_tile<T>(p_, h_rows.data(), task.rows, w2_ + expert * p_.hidden * p_.ffn, b2_ ? b2_ + expert * p_.hidden : nullptr,
-                  task.column_begin, task.column_begin + task.columns, out_rows.data(), out_.data());
     if (s_.gemm1_remaining[size_t(task.buffer)].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     {
       std::lock_guard<std::mutex> lock(s_.free_mutex);
       s_.free_buffers.push_back(task.buffer);
+    }
+    if (shared) {  // the combine is released once every shared row tile is done (release: its rows)
+      s_.shared_remaining.fetch_sub(1, std::memory_order_acq_rel);
+      return;
     }
     // The last row tile of a cell tells the source its rows are home.
     const int64_t cell = task.source * c_.placement.local_experts() + task.local_expert;
@@ -489,10 +533,15 @@ class Member {
     publish_return(task.source, task.local_expert, s_.cell_rows[size_t(cell)], s_.cell_first_row[size_t(cell)]);
   }
 
-  // y[t] = sum over admitted picks j, in ascending j, of weight[t, j] * (row that came home).
+  // y[t] = sum over admitted picks j, in ascending j, of weight[t, j] * (row that came home), then
+  // + g[t] * (the shared expert's row).
   void run_combine(const Task& task) {
     const int64_t H = p_.hidden, k = p_.top_k;
     const Acc* weights = static_cast<const Acc*>(io_->topk_weights);
+    const bool shared = p_.has_shared_expert();
+    if (shared && task.columns > 0) {
+      shared_weights<T>(p_, x_, task.column_begin, task.columns, shared_gate_, shared_weights_.data());
+    }
     for (int64_t t = task.column_begin; t < task.column_begin + task.columns; ++t) {
       const int32_t* pick_row = s_.pick_row.data() + t * k;
       const auto output_row = [&](int64_t j) {
@@ -500,7 +549,9 @@ class Member {
         const int64_t owner_row = pick_row[j] - s_.expert_offsets[size_t(owner * c_.placement.local_experts())];
         return reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(owner, owner_row));
       };
-      combine_token<T>(H, k, pick_row, weights + t * k, output_row, sum_.data(), static_cast<T*>(io_->y) + t * H);
+      combine_token<T>(H, k, pick_row, weights + t * k, output_row, sum_.data(), static_cast<T*>(io_->y) + t * H,
+                       shared ? shared_out_row(t) : nullptr,
+                       shared ? shared_weights_[size_t(t - task.column_begin)] : Acc(1));
       beat();
     }
   }
@@ -602,8 +653,10 @@ class Member {
   Chaos chaos_;
   const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_;
   const int64_t first_expert_;  // the expert w1_[0] (and w2_, b1_, b2_) holds
+  const T *shared_w1_, *shared_w2_, *shared_gate_;
+  const Problem shared_p_;      // the shared expert's problem: ffn = S, no biases
   const T* x_ = nullptr;
-  std::vector<Acc> gate_, up_, out_, scores_, sum_;
+  std::vector<Acc> gate_, up_, out_, scores_, sum_, shared_weights_;
   uint64_t wait_beats_ = 0;     // the waited-on members' heartbeats when last seen to move
   int64_t wait_since_ns_ = 0;   // when they last moved, or the wait began
 };
@@ -641,14 +694,20 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
   s.layout = HeapLayout{s.placement, config.max_tokens, config.shape.top_k, config.shape.hidden,
                         dtype_size(config.shape.dtype)};
   s.layout.check();  // SizeError naming max_tokens, hidden, ... before a byte is allocated
-  s.task_bound = TaskBound{s.tiling, s.placement, config.max_tokens, config.shape.ffn, config.shape.hidden};
+  s.task_bound = TaskBound{s.tiling, s.placement, config.max_tokens, config.shape.ffn, config.shape.hidden,
+                           config.shape.shared_ffn};
   s.task_bound.check();
   s.h_buffers = std::max<int64_t>(4, 2 * int64_t(config.threads_per_rank));
-  const CheckedInt h_bytes = CheckedInt(s.h_buffers) * CheckedInt(s.tiling.row_tile) * CheckedInt(config.shape.ffn) *
+  s.h_row_elements = std::max(config.shape.ffn, config.shape.shared_ffn);
+  const CheckedInt h_bytes = CheckedInt(s.h_buffers) * CheckedInt(s.tiling.row_tile) * CheckedInt(s.h_row_elements) *
                              CheckedInt(dtype_size(config.shape.dtype));
   require_size(h_bytes, "ffn", config.shape.ffn, "the intermediate buffers' bytes");
-  require_size(CheckedInt(config.world_size) * (CheckedInt(s.layout.total_bytes()) + h_bytes), "world_size",
-               config.world_size, "the cluster's footprint");
+  const CheckedInt shared_bytes = config.shape.has_shared_expert()
+      ? CheckedInt(config.max_tokens) * CheckedInt(config.shape.hidden) * CheckedInt(dtype_size(config.shape.dtype))
+      : CheckedInt(0);
+  require_size(shared_bytes, "max_tokens", config.max_tokens, "the shared expert's output rows");
+  require_size(CheckedInt(config.world_size) * (CheckedInt(s.layout.total_bytes()) + h_bytes + shared_bytes),
+               "world_size", config.world_size, "the cluster's footprint");
   const int64_t cells = config.world_size * s.placement.local_experts();
   const HeapTransport* transport = config.transport.get();
   if (transport != nullptr) {
@@ -673,7 +732,8 @@ Cluster::Cluster(const ClusterConfig& config) : state_(std::make_unique<State>()
     rank->cell_rows.assign(size_t(cells), 0);
     rank->cell_first_row.assign(size_t(cells), 0);
     rank->cell_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(cells));
-    rank->h_storage = aligned_bytes(s.h_buffers * s.tiling.row_tile * config.shape.ffn * dtype_size(config.shape.dtype));
+    rank->h_storage = aligned_bytes(s.h_buffers * s.tiling.row_tile * s.h_row_elements * dtype_size(config.shape.dtype));
+    if (config.shape.has_shared_expert()) rank->shared_out = aligned_bytes(shared_bytes.value);
     rank->gemm0_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(s.h_buffers));
     rank->gemm1_remaining = std::make_unique<std::atomic<int64_t>[]>(size_t(s.h_buffers));
     s.ranks.push_back(std::move(rank));
@@ -687,8 +747,10 @@ const ClusterConfig& Cluster::config() const { return state_->config; }
 int64_t Cluster::heap_bytes() const { return state_->layout.total_bytes(); }
 int64_t Cluster::footprint_bytes() const {
   const State& s = *state_;
-  return s.config.world_size *
-         (s.layout.total_bytes() + s.h_buffers * s.tiling.row_tile * s.config.shape.ffn * dtype_size(s.config.shape.dtype));
+  const int64_t element = dtype_size(s.config.shape.dtype);
+  const int64_t shared = s.config.shape.has_shared_expert() ? s.config.max_tokens * s.config.shape.hidden * element : 0;
+  return s.config.world_size * (s.layout.total_bytes() + s.h_buffers * s.tiling.row_tile * s.h_row_elements * element +
+                                shared);
 }
 uint32_t Cluster::epoch(int64_t rank) const { return state_->ranks.at(size_t(rank))->epoch; }
 

@@ -9,7 +9,12 @@
 //             and release the combine once all have arrived
 //   process   GEMM0 tiles; the last GEMM0 tile of a row tile releases its GEMM1 tiles; GEMM1
 //             writes into the source's heap, and the last tile of a cell signals the source
-//   combine   y in fixed pick order from the rows that came home
+//   combine   y in fixed pick order from the rows that came home, then the shared expert's row
+//
+// The shared expert (shape.shared_ffn > 0) is an always-on local expert of the rank's own tokens:
+// its row tiles (local_expert kSharedExpert, rows = token indices, read straight from x) go through
+// the same GEMM0/GEMM1 tasks and intermediate buffers, their outputs land in a rank-local buffer, and
+// the combine waits for them as it waits for the return flags.
 //
 // A rank is done when its completed tasks reach its corrected task bound: no global barrier.
 // Flags are never cleared; each call has a new epoch. The single-rank native operator is W=1.
@@ -52,6 +57,11 @@ struct ExpertWeights {
   // The global index of the expert w1[0], w2[0], b1[0], b2[0] hold: 0 when they hold all E
   // experts, q·L when a process running rank q alone (a transport) holds only its own L.
   int64_t first_expert = 0;
+  // The shared expert, replicated on every rank (null when shape.shared_ffn == 0): each rank runs it
+  // on its own tokens as tile tasks of its own schedule, with no dispatch.
+  const void* shared_w1 = nullptr;    // [N0s, H], N0s = 2S when gated else S
+  const void* shared_w2 = nullptr;    // [H, S]
+  const void* shared_gate = nullptr;  // [1, H], optional (shape.has_shared_gate)
 };
 
 // One rank's tokens and outputs, contiguous. "acc" is float32, or float64 for f64 problems.

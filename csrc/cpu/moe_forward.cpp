@@ -27,7 +27,8 @@ bool same_shape(const Problem& a, const Problem& b) {
          a.gated == b.gated && a.activation == b.activation && a.scoring == b.scoring &&
          a.normalize == b.normalize && a.dtype == b.dtype && a.has_router_bias == b.has_router_bias &&
          a.has_b1 == b.has_b1 && a.has_b2 == b.has_b2 && a.routing_given == b.routing_given &&
-         a.swiglu_limit == b.swiglu_limit && a.swiglu_alpha == b.swiglu_alpha;
+         a.swiglu_limit == b.swiglu_limit && a.swiglu_alpha == b.swiglu_alpha && a.shared_ffn == b.shared_ffn &&
+         a.has_shared_gate == b.has_shared_gate;
 }
 
 class ClusterCache {

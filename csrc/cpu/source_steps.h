@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -35,10 +36,12 @@ void gate_tile(const Problem& p, const T* x, int64_t t0, int64_t m, const T* rou
   }
 }
 
-// y_row = Σ_{j : pick_row[j] >= 0} weights[j] · output_row(j), in ascending j; sum: H scratch.
+// y_row = Σ_{j : pick_row[j] >= 0} weights[j] · output_row(j), in ascending j, then + shared_weight ·
+// shared_row (the shared expert's output, when given), one fp32 sum rounded once; sum: H scratch.
 template <typename T, typename OutputRow>
 void combine_token(int64_t hidden, int64_t top_k, const int32_t* pick_row, const accum_t<T>* weights,
-                   OutputRow output_row, accum_t<T>* sum, T* y_row) {
+                   OutputRow output_row, accum_t<T>* sum, T* y_row, const T* shared_row = nullptr,
+                   accum_t<T> shared_weight = accum_t<T>(1)) {
   using Acc = accum_t<T>;
   std::fill(sum, sum + hidden, Acc(0));
   for (int64_t j = 0; j < top_k; ++j) {
@@ -47,7 +50,23 @@ void combine_token(int64_t hidden, int64_t top_k, const int32_t* pick_row, const
     const Acc weight = weights[j];
     for (int64_t n = 0; n < hidden; ++n) sum[n] += weight * load_value(src[n]);
   }
+  if (shared_row) for (int64_t n = 0; n < hidden; ++n) sum[n] += shared_weight * load_value(shared_row[n]);
   for (int64_t n = 0; n < hidden; ++n) y_row[n] = store_value<T>(sum[n]);
+}
+
+// The shared expert's weight of tokens [t0, t0 + m) of x [T, H]: σ(x·shared_gateᵀ) with the logit
+// accumulated in fp32 (fp64 for f64) by the router's GEMM, or 1 without a gate. weights: m values.
+template <typename T>
+void shared_weights(const Problem& p, const T* x, int64_t t0, int64_t m, const T* shared_gate, accum_t<T>* weights) {
+  using Acc = accum_t<T>;
+  if (!p.has_shared_gate) {
+    std::fill(weights, weights + m, Acc(1));
+    return;
+  }
+  std::vector<const T*> rows(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) rows[size_t(i)] = x + (t0 + i) * p.hidden;
+  tile_gemm_nt<T>(rows.data(), m, shared_gate, p.hidden, 1, p.hidden, weights, 1, false);
+  for (int64_t i = 0; i < m; ++i) weights[i] = Acc(1) / (Acc(1) + std::exp(-weights[i]));
 }
 
 }  // namespace flashmoe::cpu

@@ -125,6 +125,10 @@ void check_problem(const Problem& problem) {
   if (CheckedInt(problem.tokens) * CheckedInt(std::min(problem.top_k, problem.experts)) > CheckedInt(SignalWord::kMaxRows)) {
     throw std::invalid_argument("flashmoe: tokens * min(top_k, experts) must be < 2^24 rows per call");
   }
+  // The persistent kernel has no shared-expert tasks yet; flashmoe.ops raises NotImplementedError first.
+  if (problem.has_shared_expert()) {
+    throw std::invalid_argument("flashmoe: the CUDA kernel has no shared-expert tasks yet (shared_ffn must be 0)");
+  }
 }
 
 }  // namespace

@@ -219,10 +219,11 @@ def _empty_outputs(x, router_weight, top_k):
 
 
 def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, scoring, dtype, has_router_bias,
-                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False):
+                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False, shared_ffn=0,
+                  has_shared_gate=False):
     """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless).
     With ``routing_given`` (topk_ids and topk_weights come from outside) normalize and scoring
-    are unused."""
+    are unused. ``shared_ffn``: S of the shared expert, 0 for none."""
     problem = _C.Problem()
     problem.hidden, problem.ffn, problem.experts, problem.top_k = hidden, ffn, experts, top_k
     problem.gated, problem.normalize = gated, bool(normalize)
@@ -232,18 +233,20 @@ def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, 
     problem.has_router_bias, problem.has_b1, problem.has_b2 = has_router_bias, has_b1, has_b2
     problem.swiglu_limit, problem.swiglu_alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
     problem.routing_given = routing_given
+    problem.shared_ffn, problem.has_shared_gate = shared_ffn, has_shared_gate
     return problem
 
 
 def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor,
-             swiglu_limit=None, swiglu_alpha=None):
+             swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_gate=None):
     # E comes from the router when there is one: under expert parallelism w1 holds only the local experts.
     routing_given = router_weight is None
     experts = w1.shape[0] if routing_given else router_weight.shape[0]
     problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], experts, top_k,
                             gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
                             has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None,
-                            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given)
+                            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given,
+                            shared_ffn=shared_ffn(shared_w1, gated), has_shared_gate=shared_gate is not None)
     problem.tokens = x.shape[0]
     problem.expert_capacity = (
         -1 if capacity_factor is None
@@ -252,10 +255,16 @@ def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation
     return problem
 
 
-def _check_native_cpu_shared(shared_w1) -> None:
-    if shared_w1 is not None:
-        raise NotImplementedError("flashmoe: the native CPU kernel has no shared-expert tasks yet; use "
-                                  "flashmoe.moe(..., backend='reference') for shared_w1/shared_w2/shared_gate")
+def shared_ffn(shared_w1: Optional[Tensor], gated: bool) -> int:
+    """S of the shared expert whose ``shared_w1`` is ``[2S, H]`` (gated) or ``[S, H]``; 0 for none."""
+    if shared_w1 is None:
+        return 0
+    return shared_w1.shape[0] // 2 if gated else shared_w1.shape[0]
+
+
+def _shared_addresses(shared_w1, shared_w2, shared_gate) -> dict:
+    """The shared expert's keyword arguments of the raw _C entries: addresses, 0 where absent."""
+    return dict(shared_w1=_address(shared_w1), shared_w2=_address(shared_w2), shared_gate=_address(shared_gate))
 
 
 def _address(tensor: Optional[Tensor]) -> int:
@@ -295,16 +304,16 @@ def moe_forward(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
             f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
         )
-    _check_native_cpu_shared(shared_w1)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _C.moe_forward_cpu(
         problem=_problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                         capacity_factor, swiglu_limit, swiglu_alpha),
+                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate),
         x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
         w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
         topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
         router_logits=_address(router_logits), dropped=_address(dropped), num_threads=torch.get_num_threads(),
+        **_shared_addresses(shared_w1, shared_w2, shared_gate),
     )
     return outputs
 
@@ -667,15 +676,14 @@ def moe_experts_forward(
             f"flashmoe::moe_experts_forward has no native kernel for device {x.device.type!r} in this build "
             f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
         )
-    _check_native_cpu_shared(shared_w1)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _C.moe_forward_cpu(
         problem=_problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None,
-                         capacity_factor, swiglu_limit, swiglu_alpha),
+                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate),
         x=_address(x), router_weight=0, router_bias=0, w1=_address(w1), b1=_address(b1), w2=_address(w2),
         b2=_address(b2), y=_address(y), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
         expert_counts=_address(expert_counts), router_logits=0, dropped=_address(dropped),
-        num_threads=torch.get_num_threads(),
+        num_threads=torch.get_num_threads(), **_shared_addresses(shared_w1, shared_w2, shared_gate),
     )
     return y, expert_counts, dropped
 
