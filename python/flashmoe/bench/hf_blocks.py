@@ -52,10 +52,10 @@ def block_names(shape: LayerShape) -> Tuple[str, str, str]:
 
 def _check_supported(shape: LayerShape, problem: MoEProblem) -> None:
     _, _, block_class = block_names(shape)
-    unsupported = []
+    unsupported = list(shape.extra_features())
     if not shape.gated:
         unsupported.append("non-gated experts")
-    if shape.scoring != "softmax":
+    if shape.scoring == "sigmoid":
         unsupported.append(f"scoring={shape.scoring!r}")
     if shape.capacity_factor is not None:
         unsupported.append("a capacity factor (HF blocks are dropless)")
