@@ -35,6 +35,11 @@ def moe(
     topk_weights: Optional[Tensor] = None,
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
     return_routing: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
@@ -50,7 +55,8 @@ def moe(
 
     Args:
         x: ``[..., H]`` float32, bfloat16, float16 (or float64); leading dims are flattened to T tokens.
-        router_weight: ``[E, H]``, x's dtype (``nn.Linear`` layout). Router form only.
+        router_weight: ``[E, H]``, x's dtype (``nn.Linear`` layout), or float32 for bfloat16 / float16
+            x (DeepSeek's fp32 gate: the logits are computed in fp32 from upcast x). Router form only.
         w1: ``[E, 2I, H]`` when ``gated`` (rows ``0..I-1`` gate, ``I..2I-1`` up), else ``[E, I, H]``.
         w2: ``[E, H, I]`` down projection.
         top_k: experts per token, ``1 <= top_k <= E``. Router form only.
@@ -60,10 +66,13 @@ def moe(
             clamp(u, -L, L)``), ``"swiglu_clamp_post"`` (``min(silu(g), L) · clamp(u, -L, L)``),
             ``"swiglu_oai"`` (gpt-oss: ``(clamp(u, -L, L) + 1) · g' · σ(α·g')``, ``g' = min(g, L)``).
         normalize: divide the k pick weights by their sum (default True). Router form only.
-        scoring: ``"softmax"`` (default) or ``"sigmoid"`` over the router logits. Router form only.
+        scoring: ``"softmax"`` (default) or ``"sigmoid"`` over the router logits, or ``"softmax_topk"``
+            (gpt-oss: the top-k of the raw logits, router bias included, then a softmax over those k;
+            normalize has no effect). Router form only.
         capacity_factor: ``None`` for dropless, else each expert admits the first
             ``ceil(capacity_factor·T·k/E)`` of its picks in ascending token order.
-        router_bias: ``[E]`` (router form only); b1: ``[E, 2I]`` or ``[E, I]``; b2: ``[E, H]``. Optional.
+        router_bias: ``[E]``, router_weight's dtype (router form only); b1: ``[E, 2I]`` or ``[E, I]``;
+            b2: ``[E, H]``. Optional.
         topk_ids: ``[T, k]`` int32 or int64, routing from outside: the expert of each pick, in
             ``[0, E)``, no expert twice in a row, or ``E``: the sentinel HF's expert-parallel mode
             writes for an expert that is not local, which contributes zero and takes no capacity.
@@ -74,6 +83,17 @@ def moe(
         swiglu_limit: L of the clamped SwiGLUs: required for ``swiglu_clamp`` and
             ``swiglu_clamp_post``, default 7.0 for ``swiglu_oai``.
         swiglu_alpha: α of ``swiglu_oai``, default 1.702.
+        selection_bias: ``[E]``, any float dtype, or None: added to the scores only to choose the
+            experts; the weights come from the unbiased scores (DeepSeek-V3's
+            ``e_score_correction_bias``). No gradient. Router form only.
+        num_groups, topk_groups: group-limited choice (DeepSeek-V3): the experts form ``num_groups``
+            groups of consecutive ids, a group's score is the sum of its two best biased scores, and
+            only the experts of the ``topk_groups`` best groups can be picked. 1 / 1: no limit.
+            Router form only.
+        routed_scaling_factor: multiplies the pick weights after normalisation (> 0). Router form only.
+        weight_on: ``"output"`` (default: the pick weight scales the expert's output) or ``"input"``
+            (Llama 4: the expert gets the row ``x·w``, the product in fp32 rounded to x's dtype, and its
+            output is combined with weight 1).
         return_routing: also return a :class:`Routing` (topk_ids ``[T, k]`` int32, topk_weights
             ``[T, k]`` float32, expert_counts ``[E]`` int32, dropped 0-dim int64, router_logits
             ``[T, E]`` float32; float64 variants for float64 inputs). With routing from outside,
@@ -102,12 +122,15 @@ def moe(
             _warn_reference_fallback(x)
     options = dict(top_k=top_k, gated=gated, activation=activation, normalize=normalize, scoring=scoring,
                    capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
-                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, selection_bias=selection_bias,
+                   num_groups=num_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
+                   weight_on=weight_on)
     routing = dict(topk_ids=topk_ids, topk_weights=topk_weights) if gate_less else {}
     if backend == "reference":
         return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options, **routing)
     # Validated here, before the op's schema coerces Python values (True -> 1, "1.0" -> 1.0).
     reference.validate(x, router_weight, w1, w2, **options, **routing, check_values=_can_read_values(x))
+    _refuse_native_routing_options(x, router_weight, **{name: options[name] for name in _ROUTING_OPTIONS})
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
     if gate_less:
         # The op takes int32 ids. Saturate int64 ones first: a plain cast wraps, so 2^32 + 1 would
@@ -131,6 +154,27 @@ def moe(
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
+
+
+_ROUTING_OPTIONS = ("scoring", "selection_bias", "num_groups", "topk_groups", "routed_scaling_factor", "weight_on")
+
+
+def _refuse_native_routing_options(x, router_weight, *, scoring, selection_bias, num_groups, topk_groups,
+                                   routed_scaling_factor, weight_on) -> None:
+    """The routing options the native kernels do not compute yet: a named NotImplementedError,
+    never a silent default."""
+    missing = [name for name, unsupported in (
+        ("scoring='softmax_topk'", scoring == "softmax_topk"),
+        ("selection_bias", selection_bias is not None),
+        ("num_groups/topk_groups", num_groups != topk_groups),
+        ("routed_scaling_factor", routed_scaling_factor != 1.0),
+        ("weight_on='input'", weight_on == "input"),
+        ("a float32 router with bf16/fp16 x",
+         router_weight is not None and reference.router_f32(x.dtype, router_weight.dtype)),
+    ) if unsupported]
+    if missing:
+        raise NotImplementedError(f"flashmoe.moe(..., backend='native') does not compute {', '.join(missing)} "
+                                  f"yet; use backend='reference'")
 
 
 def _optional_floats(*values) -> tuple:

@@ -40,12 +40,19 @@ class MoE(nn.Module):
         swiglu_limit: L of the clamped SwiGLUs (required for the two clamp variants; swiglu_oai: 7.0).
         swiglu_alpha: α of swiglu_oai (default 1.702).
         normalize: divide each token's k weights by their sum.
-        scoring: ``"softmax"`` or ``"sigmoid"``.
+        scoring: ``"softmax"``, ``"sigmoid"`` or ``"softmax_topk"``.
         capacity_factor: None for dropless, else per-expert capacity ``ceil(cf·T·k/E)``.
         router_bias: add a learnable ``[E]`` router bias.
         expert_bias: add learnable b1 ``[E, 2I or I]`` and b2 ``[E, H]``.
         load_balancing_coef, z_loss_coef: weights of the auxiliary losses returned by
             ``forward(x, return_aux_loss=True)``.
+        selection_bias: hold a float32 buffer ``selection_bias [E]`` (zeros) that chooses experts
+            without weighing them (DeepSeek-V3's ``e_score_correction_bias``, updated outside autograd).
+        num_groups, topk_groups: group-limited choice (see :func:`flashmoe.moe`).
+        routed_scaling_factor: multiplies the pick weights after normalisation.
+        router_dtype: None (the layer's dtype) or torch.float32: an fp32 router (router_weight and
+            router_bias) for a bfloat16 / float16 layer.
+        weight_on: ``"output"`` or ``"input"`` (see :func:`flashmoe.moe`).
         backend: ``"auto"``, ``"native"`` or ``"reference"`` (see :func:`flashmoe.moe`).
 
     Parameters: ``router_weight [E, H]``, ``w1``, ``w2 [E, H, I]``, and the optional biases.
@@ -69,6 +76,12 @@ class MoE(nn.Module):
         expert_bias: bool = False,
         load_balancing_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        selection_bias: bool = False,
+        num_groups: int = 1,
+        topk_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        router_dtype: Optional[torch.dtype] = None,
+        weight_on: str = "output",
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -77,7 +90,15 @@ class MoE(nn.Module):
         reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
                                  activation=activation, normalize=normalize, scoring=scoring,
                                  capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
-                                 swiglu_alpha=swiglu_alpha)
+                                 swiglu_alpha=swiglu_alpha, num_groups=num_groups, topk_groups=topk_groups,
+                                 routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
+        reference.check_bool("selection_bias", selection_bias)
+        if router_dtype is not None:
+            reference.check_dtype("router_dtype", router_dtype)
+            layer_dtype = torch.get_default_dtype() if dtype is None else dtype
+            if router_dtype != layer_dtype and not reference.router_f32(layer_dtype, router_dtype):
+                raise TypeError(f"router_dtype must be None, the layer's dtype {layer_dtype}, or torch.float32 for a "
+                                f"bfloat16 / float16 layer, got {router_dtype}")
         reference.check_bool("router_bias", router_bias)
         reference.check_bool("expert_bias", expert_bias)
         reference.check_real("load_balancing_coef", load_balancing_coef)
@@ -89,12 +110,18 @@ class MoE(nn.Module):
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self.capacity_factor = capacity_factor
         self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.routed_scaling_factor, self.weight_on = routed_scaling_factor, weight_on
         self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.backend = backend
-        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        router_factory = dict(device=device, dtype=router_dtype or dtype)
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **router_factory))
         self.w1 = nn.Parameter(torch.empty(num_experts, rows, hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **factory))
-        self.router_bias = nn.Parameter(torch.empty(num_experts, **factory)) if router_bias else None
+        self.router_bias = nn.Parameter(torch.empty(num_experts, **router_factory)) if router_bias else None
+        # A buffer, not a Parameter: HF updates e_score_correction_bias outside autograd.
+        self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32)
+                             if selection_bias else None)
         self.b1 = nn.Parameter(torch.empty(num_experts, rows, **factory)) if expert_bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
         self.reset_parameters()
@@ -120,7 +147,10 @@ class MoE(nn.Module):
             x, self.router_weight, self.w1, self.w2, top_k=self.top_k, gated=self.gated,
             activation=self.activation, normalize=self.normalize, scoring=self.scoring,
             capacity_factor=self.capacity_factor, router_bias=self.router_bias, b1=self.b1, b2=self.b2,
-            swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, return_routing=True, backend=self.backend,
+            swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, selection_bias=self.selection_bias,
+            num_groups=self.num_groups, topk_groups=self.topk_groups,
+            routed_scaling_factor=self.routed_scaling_factor, weight_on=self.weight_on,
+            return_routing=True, backend=self.backend,
         )
         if not (return_aux_loss or return_routing):
             return y
@@ -219,4 +249,7 @@ class MoE(nn.Module):
                 f"top_k={self.top_k}, gated={self.gated}, activation={self.activation!r}, "
                 f"normalize={self.normalize}, scoring={self.scoring!r}, capacity_factor={self.capacity_factor}"
                 + (f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit is not None else "")
-                + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else ""))
+                + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else "")
+                + (f", num_groups={self.num_groups}, topk_groups={self.topk_groups}" if self.num_groups != 1 else "")
+                + (f", routed_scaling_factor={self.routed_scaling_factor}" if self.routed_scaling_factor != 1.0 else "")
+                + (f", weight_on={self.weight_on!r}" if self.weight_on != "output" else ""))

@@ -5,7 +5,11 @@ module computes; the tests compare each of them with :func:`moe` run on float64 
 The operator contract lives in ``DESIGN.md``; this file is its executable form:
 
 * routing: fp32 router logits, softmax (or sigmoid) scores, top-k with ties to the
-  lower expert index, weights optionally normalized over the k picks;
+  lower expert index, weights optionally normalized over the k picks; the routing options
+  (a selection bias that chooses but does not weigh, group-limited choice, a scale after
+  normalisation, softmax over the top-k logits) are specified by :func:`route`;
+* router precision: a float32 router with bfloat16 / float16 ``x`` computes its logits from upcast
+  ``x``;
 * capacity: ``C = ceil(capacity_factor * T * k / E)`` per expert, picks admitted in
   ascending token index, a pick not admitted contributes zero;
 * routing from outside (the gate-less form): ``topk_ids`` / ``topk_weights`` given instead of a
@@ -14,7 +18,9 @@ The operator contract lives in ``DESIGN.md``; this file is its executable form:
 * expert FFN: plain or gated (HF ``gate_up_proj`` layout), GEMMs in the input dtype, with the
   activations of :data:`ACTIVATIONS` (the clamped SwiGLUs take ``swiglu_limit``/``swiglu_alpha``);
 * combine: ``y[t] = sum_j weight[t, j] * f_{e_j}(x[t])`` in ascending j, accumulated in
-  fp32 (fp64 for fp64 inputs), stored in the dtype of ``x``.
+  fp32 (fp64 for fp64 inputs), stored in the dtype of ``x``; with ``weight_on="input"`` the
+  expert gets the row ``x[t] * weight[t, j]`` (product in fp32, rounded to x's dtype) and its
+  output is combined with weight 1.
 
 The code runs in float64 end to end and is differentiable (autograd flows into ``x``,
 every weight and every bias; routing decisions themselves are discrete).
@@ -34,6 +40,7 @@ __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "GATED_ACTIVATIONS",
     "SCORINGS",
+    "WEIGHT_ON",
     "FLOAT_DTYPES",
     "Routing",
     "validate",
@@ -61,7 +68,9 @@ ACTIVATIONS = ELEMENTWISE_ACTIVATIONS + GATED_ACTIVATIONS
 # gpt-oss's defaults for swiglu_oai; the two other clamped SwiGLUs have no default limit.
 SWIGLU_OAI_LIMIT = 7.0
 SWIGLU_OAI_ALPHA = 1.702
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+# Where a pick's weight applies: to the expert's output (the default) or to its input row (Llama 4).
+WEIGHT_ON = ("output", "input")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -267,6 +276,25 @@ def _check_capacity_factor(capacity_factor) -> None:
         check_real("capacity_factor", capacity_factor, positive=True)
 
 
+def _check_num_groups(num_groups, num_experts: int) -> None:
+    check_count("num_groups", num_groups)
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups must divide the number of experts E={num_experts} (each group holds "
+                         f"E/num_groups experts), got num_groups={num_groups}")
+
+
+def _check_groups(num_experts: int, top_k, num_groups, topk_groups) -> None:
+    """The cross-checks of group-limited choice (each value already checked on its own): at most
+    num_groups groups are kept, and they hold at least top_k experts."""
+    if topk_groups > num_groups:
+        raise ValueError(f"topk_groups must be in 1..num_groups={num_groups}, got {topk_groups}")
+    selectable = topk_groups * (num_experts // num_groups)
+    if _is_int(top_k) and top_k > selectable:
+        raise ValueError(f"top_k={top_k} exceeds the experts selectable under the group limit: topk_groups="
+                         f"{topk_groups} groups of E/num_groups={num_experts // num_groups} experts hold only "
+                         f"{selectable}")
+
+
 # The operator's options, one row each: name -> check(value, num_experts). Every entry point
 # (flashmoe.moe, MoE, from_hf, SimulatedCluster, simulate_expert_parallel, the raw ops) validates
 # its options through this table, in this order; a new option is a new row.
@@ -277,7 +305,13 @@ OPTION_CHECKS = {
     "scoring": lambda value, _: check_choice("scoring", value, SCORINGS),
     "normalize": lambda value, _: check_bool("normalize", value),
     "capacity_factor": lambda value, _: _check_capacity_factor(value),
+    "num_groups": _check_num_groups,
+    "topk_groups": lambda value, _: check_count("topk_groups", value),
+    "routed_scaling_factor": lambda value, _: check_real("routed_scaling_factor", value, positive=True),
+    "weight_on": lambda value, _: check_choice("weight_on", value, WEIGHT_ON),
 }
+# The router options of the table that routing from outside leaves at their defaults.
+ROUTER_OPTION_DEFAULTS = {"num_groups": 1, "topk_groups": 1, "routed_scaling_factor": 1.0}
 
 
 def validate_options(num_experts: int, **options) -> None:
@@ -288,6 +322,8 @@ def validate_options(num_experts: int, **options) -> None:
     for name, check in OPTION_CHECKS.items():
         if name in options:
             check(options[name], num_experts)
+    if "num_groups" in options or "topk_groups" in options:
+        _check_groups(num_experts, options.get("top_k"), options.get("num_groups", 1), options.get("topk_groups", 1))
 
 
 def validate_layer(hidden_size, ffn_size, num_experts, *, dtype=None, swiglu_limit=None, swiglu_alpha=None,
@@ -304,16 +340,53 @@ def validate_layer(hidden_size, ffn_size, num_experts, *, dtype=None, swiglu_lim
                               swiglu_alpha)
 
 
-def _check_tensor(name: str, tensor, shape: tuple, x: Tensor) -> None:
-    """``tensor`` is a Tensor of exactly ``shape`` with ``x``'s dtype and device."""
+def _check_tensor(name: str, tensor, shape: tuple, x: Tensor, dtype=None, dtype_rule: str = "the dtype of x") -> None:
+    """``tensor`` is a Tensor of exactly ``shape`` with ``x``'s device and ``dtype`` (default: x's)."""
+    dtype = x.dtype if dtype is None else dtype
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(tensor).__name__}")
-    if tensor.dtype != x.dtype:
-        raise TypeError(f"{name} must have dtype {x.dtype} (the dtype of x), got {tensor.dtype}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} ({dtype_rule}), got {tensor.dtype}")
     if tensor.device != x.device:
         raise ValueError(f"{name} must be on device {x.device} (the device of x), got {tensor.device}")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def router_f32(x_dtype: torch.dtype, router_dtype: torch.dtype) -> bool:
+    """Whether a router of ``router_dtype`` is the float32 router of a bfloat16 / float16 ``x``
+    (logits from upcast x), rather than a router in x's own dtype."""
+    return router_dtype == torch.float32 and x_dtype in (torch.bfloat16, torch.float16)
+
+
+def _check_router_dtype(router_weight: Tensor, x: Tensor) -> None:
+    if router_weight.dtype != x.dtype and not router_f32(x.dtype, router_weight.dtype):
+        allowed = f"{x.dtype} (the dtype of x)" + (" or torch.float32 (an fp32 router)"
+                                                   if x.dtype in (torch.bfloat16, torch.float16) else "")
+        raise TypeError(f"router_weight must have dtype {allowed}, got {router_weight.dtype}")
+
+
+def _check_selection_bias(selection_bias, x: Tensor, num_experts: int) -> None:
+    if not isinstance(selection_bias, Tensor):
+        raise TypeError(f"selection_bias must be None or a torch.Tensor of shape [E={num_experts}], "
+                        f"got {type(selection_bias).__name__}")
+    if selection_bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"selection_bias must have a float dtype, one of {FLOAT_DTYPES}, got {selection_bias.dtype}")
+    if selection_bias.device != x.device:
+        raise ValueError(f"selection_bias must be on device {x.device} (the device of x), got {selection_bias.device}")
+    if tuple(selection_bias.shape) != (num_experts,):
+        raise ValueError(f"selection_bias must have shape [E={num_experts}], got {list(selection_bias.shape)}")
+
+
+def _check_no_router_options(selection_bias, num_groups, topk_groups, routed_scaling_factor) -> None:
+    """The gate-less form: the routing options keep their defaults (weight_on stays an option)."""
+    given = {"selection_bias": selection_bias, "num_groups": num_groups, "topk_groups": topk_groups,
+             "routed_scaling_factor": routed_scaling_factor}
+    for name, value in given.items():
+        default = ROUTER_OPTION_DEFAULTS.get(name)
+        if (value is not None) if default is None else (isinstance(value, Tensor) or value != default):
+            raise ValueError(f"{name} is an option of the router; with topk_ids the routing comes from outside, "
+                             f"so leave {name} at its default ({default!r})")
 
 
 def validate(
@@ -335,6 +408,11 @@ def validate(
     topk_weights=None,
     swiglu_limit=None,
     swiglu_alpha=None,
+    selection_bias=None,
+    num_groups=1,
+    topk_groups=1,
+    routed_scaling_factor=1.0,
+    weight_on="output",
     check_values=True,
     x_name: str = "x",
 ) -> None:
@@ -346,7 +424,8 @@ def validate(
 
     Args:
         x: ``[..., H]``, float32 / bfloat16 / float16 / float64; at least 2 dims.
-        router_weight: ``[E, H]``, dtype and device of ``x``; None with ``topk_ids``.
+        router_weight: ``[E, H]``, device of ``x``, dtype of ``x`` or float32 when ``x`` is
+            bfloat16 / float16 (an fp32 router); None with ``topk_ids``.
         w1: ``[E, 2I, H]`` when ``gated`` else ``[E, I, H]``, dtype and device of ``x``.
         w2: ``[E, H, I]``, dtype and device of ``x``.
         top_k: int in ``1..E``; None with ``topk_ids``.
@@ -354,8 +433,14 @@ def validate(
         activation: one of :data:`ACTIVATIONS`; those of :data:`GATED_ACTIVATIONS` need ``gated``.
         scoring: one of :data:`SCORINGS`; None with ``topk_ids``.
         capacity_factor: None, or a finite number > 0.
-        router_bias: None or ``[E]``; b1: None or ``[E, 2I or I]``; b2: None or ``[E, H]``.
+        router_bias: None or ``[E]`` of router_weight's dtype; b1: None or ``[E, 2I or I]``; b2: None
+            or ``[E, H]``.
         normalize: bool; None with ``topk_ids``.
+        selection_bias: None or ``[E]``, any float dtype, device of ``x``.
+        num_groups: int >= 1 dividing E; topk_groups: int in ``1..num_groups``, the kept groups
+            holding at least top_k experts (``topk_groups * E / num_groups >= top_k``).
+        routed_scaling_factor: a finite number > 0.
+        weight_on: one of :data:`WEIGHT_ON`.
         topk_ids: routing from outside, ``[T, k]`` int32 / int64, ids in ``[0, E)`` or the
             sentinel ``E``, no expert twice in a row; with ``topk_weights`` ``[T, k]`` of x's
             dtype or float32.
@@ -391,7 +476,8 @@ def validate(
         if router_weight.dim() != 2 or router_weight.shape[0] < 1:
             raise ValueError(f"router_weight must have shape [E, H={hidden}] with E >= 1, got {list(router_weight.shape)}")
         num_experts = router_weight.shape[0]
-        _check_tensor("router_weight", router_weight, (num_experts, hidden), x)
+        _check_router_dtype(router_weight, x)
+        _check_tensor("router_weight", router_weight, (num_experts, hidden), x, router_weight.dtype)
 
     if not isinstance(w1, Tensor):
         raise TypeError(f"w1 must be a torch.Tensor of shape [E, {w1_rows_name}, H], got {type(w1).__name__}")
@@ -405,17 +491,23 @@ def validate(
     _check_tensor("w1", w1, (num_experts, w1_rows, hidden), x)
     _check_tensor("w2", w2, (num_experts, hidden, intermediate), x)
     if router_bias is not None:
-        _check_tensor("router_bias", router_bias, (num_experts,), x)
+        _check_tensor("router_bias", router_bias, (num_experts,), x, router_weight.dtype,
+                      "the dtype of router_weight")
+    if selection_bias is not None and not gate_less:
+        _check_selection_bias(selection_bias, x, num_experts)
     if b1 is not None:
         _check_tensor("b1", b1, (num_experts, w1_rows), x)
     if b2 is not None:
         _check_tensor("b2", b2, (num_experts, hidden), x)
 
     if gate_less:
-        validate_options(num_experts, gated=gated, activation=activation, capacity_factor=capacity_factor)
+        _check_no_router_options(selection_bias, num_groups, topk_groups, routed_scaling_factor)
+        validate_options(num_experts, gated=gated, activation=activation, capacity_factor=capacity_factor,
+                         weight_on=weight_on)
     else:
         validate_options(num_experts, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
-                         normalize=normalize, capacity_factor=capacity_factor)
+                         normalize=normalize, capacity_factor=capacity_factor, num_groups=num_groups,
+                         topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
     if gate_less:
         _check_routing(topk_ids, topk_weights, x, num_experts, check_values)
@@ -474,31 +566,85 @@ def router_logits(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor
 
 
 def route(
-    logits: Tensor, top_k: int, *, scoring: str = "softmax", normalize: bool = True
+    logits: Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    normalize: bool = True,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Top-k routing from router logits.
+
+    * scores: ``softmax(logits)``, ``sigmoid(logits)``, or (``"softmax_topk"``) the logits themselves;
+    * selection key: ``scores + selection_bias`` (the bias only chooses; HF's
+      ``e_score_correction_bias``);
+    * group limit (``topk_groups < num_groups``): the E experts form ``num_groups`` groups of
+      consecutive ids; a group's score is the sum of its two best keys (its one key for groups of
+      one); only the experts of the ``topk_groups`` best groups can be picked (the others' key is
+      -inf);
+    * picks: the ``top_k`` best keys. Ties go to the lower index, for groups and experts alike, and
+      NaN outranks every number (torch.sort's descending order);
+    * weights: the unbiased scores of the picks, divided by their sum when ``normalize``; with
+      ``"softmax_topk"`` the softmax over the k picked logits (normalize has no effect). Then
+      multiplied by ``routed_scaling_factor``.
 
     Args:
         logits: ``[T, E]`` float32 or float64; scores are computed in this dtype.
         top_k: int in ``1..E``.
-        scoring: ``"softmax"`` over E, or ``"sigmoid"`` per expert.
+        scoring: one of :data:`SCORINGS`.
         normalize: divide each token's k weights by their sum.
+        selection_bias: optional ``[E]``, any float dtype (computed in logits' dtype).
+        num_groups, topk_groups, routed_scaling_factor: see above.
 
     Returns:
-        ``(topk_ids, topk_weights)``: ``[T, k]`` int32 experts ordered by descending score,
+        ``(topk_ids, topk_weights)``: ``[T, k]`` int32 experts ordered by descending key,
         ties to the lower expert index; ``[T, k]`` weights in ``logits``' dtype.
     """
     check_choice("scoring", scoring, SCORINGS)
-    _check_top_k(top_k, logits.shape[-1])
-    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-    # A stable descending sort keeps equal scores in ascending expert order; torch.topk
+    num_experts = logits.shape[-1]
+    _check_top_k(top_k, num_experts)
+    validate_options(num_experts, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups,
+                     routed_scaling_factor=routed_scaling_factor)
+    if scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        scores = logits
+    keys = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
+    if topk_groups < num_groups:
+        keys = _limit_groups(keys, num_groups, topk_groups)
+    # A stable descending sort keeps equal keys in ascending expert order; torch.topk
     # promises no tie order.
-    sorted_scores, sorted_ids = torch.sort(scores, dim=-1, descending=True, stable=True)
-    topk_weights = sorted_scores[..., :top_k]
-    topk_ids = sorted_ids[..., :top_k].to(torch.int32)
-    if normalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    return topk_ids, topk_weights
+    topk_ids = _descending_order(keys)[..., :top_k]
+    picked = scores.gather(-1, topk_ids)
+    if scoring == "softmax_topk":
+        topk_weights = torch.softmax(picked, dim=-1)
+    elif normalize:
+        topk_weights = picked / picked.sum(dim=-1, keepdim=True)
+    else:
+        topk_weights = picked
+    return topk_ids.to(torch.int32), topk_weights * routed_scaling_factor
+
+
+def _descending_order(values: Tensor) -> Tensor:
+    """Indices of ``values`` along the last dim in descending order, NaN first, ties ascending."""
+    return torch.sort(values.detach(), dim=-1, descending=True, stable=True).indices
+
+
+def _limit_groups(keys: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """``keys [T, E]`` with every expert outside its token's ``topk_groups`` best groups set to -inf."""
+    num_tokens, num_experts = keys.shape
+    group_size = num_experts // num_groups
+    grouped = keys.detach().reshape(num_tokens, num_groups, group_size)
+    best = grouped.gather(-1, _descending_order(grouped)[..., :min(2, group_size)])
+    group_scores = best[..., 0] if group_size == 1 else best[..., 0] + best[..., 1]
+    kept_groups = _descending_order(group_scores)[..., :topk_groups]
+    kept = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=keys.device).scatter_(1, kept_groups, True)
+    return keys.masked_fill(~kept.repeat_interleave(group_size, dim=1), float("-inf"))
 
 
 def expert_capacity(capacity_factor, num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
@@ -641,6 +787,11 @@ def moe(
     topk_weights: Optional[Tensor] = None,
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
 ):
     """The MoE layer, as every backend must compute it.
 
@@ -650,24 +801,29 @@ def moe(
 
     Args:
         x: ``[..., H]`` float32 / bfloat16 / float16 / float64; leading dims are T tokens.
-        router_weight: ``[E, H]``, dtype of ``x`` (``nn.Linear`` layout).
+        router_weight: ``[E, H]``, dtype of ``x`` (``nn.Linear`` layout), or float32 for bfloat16 /
+            float16 ``x``: the logits are then computed in float32 from upcast ``x``.
         w1: ``[E, 2I, H]`` (gated: gate rows then up rows) or ``[E, I, H]``, dtype of ``x``.
         w2: ``[E, H, I]``, dtype of ``x``.
         top_k: experts per token, ``1..E``.
         gated: GLU expert (``act(gate) * up``) or plain two-layer FFN.
         activation: one of :data:`ACTIVATIONS` (see :func:`gated_activation`).
         normalize: divide each token's k weights by their sum (default True).
-        scoring: ``"softmax"`` (default) or ``"sigmoid"``.
+        scoring: ``"softmax"`` (default), ``"sigmoid"`` or ``"softmax_topk"`` (see :func:`route`).
         capacity_factor: None (dropless) or a finite number > 0; with routing from outside,
             ``C = ceil(capacity_factor * T * k / E)`` with ``k = topk_ids.shape[1]``.
-        router_bias: optional ``[E]``; b1: optional ``[E, 2I or I]``; b2: optional
-            ``[E, H]``; dtype of ``x``.
+        router_bias: optional ``[E]``, router_weight's dtype; b1: optional ``[E, 2I or I]``; b2:
+            optional ``[E, H]``; dtype of ``x``.
         return_routing: also return a :class:`Routing`.
         topk_ids: ``[T, k]`` int32 / int64, the expert of each pick, in ``[0, E)``, or ``E``:
             HF's expert-parallel sentinel for an expert that is not local, which contributes
             zero (and takes no capacity). No expert twice in a row.
         topk_weights: ``[T, k]``, x's dtype or float32, the weight of each pick (differentiable).
         swiglu_limit, swiglu_alpha: the clamped SwiGLUs' L and alpha.
+        selection_bias, num_groups, topk_groups, routed_scaling_factor: the routing options of
+            :func:`route` (router form only).
+        weight_on: ``"output"`` (the default: the pick weight scales the expert's output) or
+            ``"input"`` (it scales the expert's input row; see :func:`combine`).
 
     Returns:
         ``y`` with the shape and dtype of ``x``, or ``(y, Routing)``.
@@ -679,6 +835,8 @@ def moe(
         x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
         capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
         topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
+        selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+        routed_scaling_factor=routed_scaling_factor, weight_on=weight_on,
     )
     if x.device.type == "meta":
         raise ValueError("x is on the meta device, which holds no values for the reference to route; "
@@ -694,7 +852,9 @@ def moe(
         weights = topk_weights.to(accumulate_dtype(x.dtype))
     else:
         logits = router_logits(tokens, router_weight, router_bias)
-        topk_ids, weights = route(logits, top_k, scoring=scoring, normalize=normalize)
+        topk_ids, weights = route(logits, top_k, scoring=scoring, normalize=normalize, selection_bias=selection_bias,
+                                  num_groups=num_groups, topk_groups=topk_groups,
+                                  routed_scaling_factor=routed_scaling_factor)
         topk_weights = weights
     flat_ids = topk_ids.reshape(-1).long()
     local = flat_ids < num_experts
@@ -704,7 +864,7 @@ def moe(
     dropped = (local & ~admitted.reshape(-1)).sum(dtype=torch.int64)
 
     y = combine(tokens, w1, w2, topk_ids, weights, admitted, gated=gated, activation=activation,
-                b1=b1, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+                b1=b1, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, weight_on=weight_on)
     y = y.reshape(x.shape)
 
     if not return_routing:
@@ -745,12 +905,16 @@ def combine(
     b2: Optional[Tensor] = None,
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    weight_on: str = "output",
 ) -> Tensor:
     """Expert FFNs of the admitted picks and their weighted sum, for a fixed routing.
 
     ``y[t] = sum_j admitted[t, j] * topk_weights[t, j] * f_{topk_ids[t, j]}(tokens[t])`` in
-    ascending j, accumulated in float32 (float64 for float64 tokens). Differentiable in every
-    float argument, which is what the native op's backward recomputes through.
+    ascending j, accumulated in float32 (float64 for float64 tokens). With ``weight_on="input"``
+    the weight scales the expert's input instead: ``y[t] = sum_j admitted[t, j] *
+    f_{topk_ids[t, j]}(round(tokens[t] * topk_weights[t, j]))``, the product in float32 (float64)
+    rounded once to ``tokens``' dtype. Differentiable in every float argument, which is what the
+    native op's backward recomputes through.
 
     Args:
         tokens: ``[T, H]`` float dtype.
@@ -758,16 +922,21 @@ def combine(
         topk_ids: ``[T, k]`` integer, experts of the picks (``E``: the sentinel, never admitted).
         topk_weights: ``[T, k]`` float, weights of the picks.
         admitted: ``[T, k]`` bool, from :func:`admit`.
+        weight_on: one of :data:`WEIGHT_ON`.
 
     Returns:
         ``[T, H]`` in ``tokens``' dtype.
     """
+    check_choice("weight_on", weight_on, WEIGHT_ON)
     num_tokens, hidden = tokens.shape
     num_experts, top_k = w1.shape[0], topk_ids.shape[1]
     accumulate = accumulate_dtype(tokens.dtype)
     expert_outputs, admitted_picks = [], []
     for expert, expert_picks in picks_by_expert(topk_ids, admitted, num_experts):
         expert_tokens = tokens.index_select(0, torch.div(expert_picks, top_k, rounding_mode="floor"))
+        if weight_on == "input":
+            pick_weights = topk_weights.reshape(-1).index_select(0, expert_picks).to(accumulate)
+            expert_tokens = (expert_tokens.to(accumulate) * pick_weights[:, None]).to(tokens.dtype)
         out = expert_ffn(
             expert_tokens, w1[expert], w2[expert], gated=gated, activation=activation,
             b1=None if b1 is None else b1[expert], b2=None if b2 is None else b2[expert],
@@ -781,7 +950,10 @@ def combine(
     if expert_outputs:
         pick_outputs = pick_outputs.index_copy(0, torch.cat(admitted_picks), torch.cat(expert_outputs))
     pick_outputs = pick_outputs.reshape(num_tokens, top_k, hidden)
-    combine_weights = torch.where(admitted, topk_weights, torch.zeros_like(topk_weights))
+    if weight_on == "input":  # the weight went into the expert's input: combine with 1
+        combine_weights = admitted.to(accumulate)
+    else:
+        combine_weights = torch.where(admitted, topk_weights, torch.zeros_like(topk_weights))
 
     y = combine_weights[:, 0, None] * pick_outputs[:, 0]
     for slot in range(1, top_k):
