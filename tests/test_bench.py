@@ -400,3 +400,28 @@ def test_experts_override_is_named_and_peers_are_skipped(tmp_path, capsys):
 def test_experts_override_must_fit_the_groups(capsys, experts):
     assert cli.main(["--config", "deepseek-v3", "--experts", experts, "--tokens", "1"]) == 2
     assert "--experts" in capsys.readouterr().err
+
+
+FAMILY_BLOCKS = [("gpt-oss-20b", "GptOssMLP")]  # with the shared experts: deepseek-v3, qwen3-next-80b, llama4-scout
+
+
+@pytest.mark.parametrize("config, block_class", FAMILY_BLOCKS)
+def test_hf_family_blocks_run_their_own_routing_on_the_problems_weights(config, block_class):
+    pytest.importorskip("transformers")
+    from flashmoe.bench import hf_blocks, problem
+
+    shape = configs.NAMED_CONFIGS[config].override(hidden_size=32, ffn_size=16, num_experts=16)
+    weights = problem.make_weights(shape, torch.float32, torch.device("cpu"), seed=0)
+    inputs = problem.make_inputs(shape, 7, torch.float32, torch.device("cpu"), seed=1, count=2)
+    the_problem = problem.MoEProblem(shape, weights, None, inputs)
+    block = hf_blocks.build_block(the_problem, "eager")
+    assert type(block).__name__ == block_class
+    output = hf_blocks.runner("hf-eager")(the_problem)(1)
+    assert output.shape == inputs[1].shape
+    expected = reference.moe(inputs[1], weights.router_weight, weights.w1, weights.w2, **the_problem.moe_options())
+    assert ((output - expected).norm() / expected.norm()).item() <= 1e-5
+    skewed = problem.MoEProblem(shape, weights, torch.ones(16), inputs)
+    with pytest.raises(hf_blocks.HFBlockUnavailable, match="router bias"):
+        hf_blocks.build_block(skewed, "eager")
+    with pytest.raises(hf_blocks.HFBlockUnavailable, match="scoring"):
+        hf_blocks.build_block(problem.MoEProblem(shape.override(scoring="softmax"), weights, None, inputs), "eager")

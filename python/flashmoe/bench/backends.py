@@ -101,7 +101,8 @@ BACKEND_HELP = {
     "expert-loop": "a Python loop over the hit experts, written in bench/baselines.py (not HF's code)",
     GROUPED_MM_BACKEND: "sort by expert + torch._grouped_mm (where torch has it)",
     "hf-eager": "transformers' own block of the shape (OlmoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, "
-                "MixtralSparseMoeBlock) on flashmoe's weights, experts_implementation='eager'",
+                "MixtralSparseMoeBlock, DeepseekV3MoE, GptOssMLP, Qwen3NextSparseMoeBlock, Llama4TextMoe) on "
+                "flashmoe's weights, experts_implementation='eager'",
     "hf-grouped-mm": "the same HF block, experts_implementation='grouped_mm'",
     "hf-sonicmoe": "the same HF block, experts_implementation='sonicmoe' (CUDA, where installed)",
     "hf-deepgemm": "the same HF block, experts_implementation='deepgemm' (CUDA, where installed)",
