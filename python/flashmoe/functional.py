@@ -40,6 +40,9 @@ def moe(
     topk_groups: int = 1,
     routed_scaling_factor: float = 1.0,
     weight_on: str = "output",
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
     return_routing: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
@@ -94,6 +97,14 @@ def moe(
         weight_on: ``"output"`` (default: the pick weight scales the expert's output) or ``"input"``
             (Llama 4: the expert gets the row ``x·w``, the product in fp32 rounded to x's dtype, and its
             output is combined with weight 1).
+        shared_w1: the shared expert's ``[2S, H]`` when ``gated`` (gate rows, then up rows), else
+            ``[S, H]``, x's dtype; S may differ from I. A dense FFN that runs on every token, with the
+            routed experts' ``gated``/``activation`` (and swiglu options) and no biases, added to the
+            routed output inside the op: ``y = round(Σ_j w_j·f_j(x) + g·s(x))``, one rounding, the
+            picks first (capacity drops only them). Both forms take it.
+        shared_w2: ``[H, S]``, with shared_w1.
+        shared_gate: optional ``[1, H]`` (Qwen2-MoE, Qwen3-Next): ``g = σ(x·shared_gateᵀ)`` (fp32
+            logits) scales the shared output; without it g = 1.
         return_routing: also return a :class:`Routing` (topk_ids ``[T, k]`` int32, topk_weights
             ``[T, k]`` float32, expert_counts ``[E]`` int32, dropped 0-dim int64, router_logits
             ``[T, E]`` float32; float64 variants for float64 inputs). With routing from outside,
@@ -124,7 +135,7 @@ def moe(
                    capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
                    swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, selection_bias=selection_bias,
                    num_groups=num_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
-                   weight_on=weight_on)
+                   weight_on=weight_on, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate)
     routing = dict(topk_ids=topk_ids, topk_weights=topk_weights) if gate_less else {}
     if backend == "reference":
         return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options, **routing)
@@ -140,7 +151,7 @@ def moe(
         weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
         y, expert_counts, dropped = ops.moe_experts_forward(
             tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
-            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
+            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), shared_w1, shared_w2, shared_gate,
         )
         y = y.reshape(x.shape)
         if return_routing:
@@ -148,7 +159,7 @@ def moe(
         return y
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha),
+        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), shared_w1, shared_w2, shared_gate,
     )
     y = y.reshape(x.shape)
     if return_routing:

@@ -53,9 +53,14 @@ class MoE(nn.Module):
         router_dtype: None (the layer's dtype) or torch.float32: an fp32 router (router_weight and
             router_bias) for a bfloat16 / float16 layer.
         weight_on: ``"output"`` or ``"input"`` (see :func:`flashmoe.moe`).
+        shared_ffn_size: S, the intermediate size of a shared expert that runs on every token (the
+            routed experts' gated/activation, no biases); 0 (the default) for none.
+        shared_gate: scale the shared expert's output by ``σ(x·shared_gateᵀ)`` (Qwen2-MoE,
+            Qwen3-Next); needs ``shared_ffn_size > 0``.
         backend: ``"auto"``, ``"native"`` or ``"reference"`` (see :func:`flashmoe.moe`).
 
-    Parameters: ``router_weight [E, H]``, ``w1``, ``w2 [E, H, I]``, and the optional biases.
+    Parameters: ``router_weight [E, H]``, ``w1``, ``w2 [E, H, I]``, the optional biases, and with a
+    shared expert ``shared_w1 [2S or S, H]``, ``shared_w2 [H, S]`` and optionally ``shared_gate [1, H]``.
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class MoE(nn.Module):
         routed_scaling_factor: float = 1.0,
         router_dtype: Optional[torch.dtype] = None,
         weight_on: str = "output",
+        shared_ffn_size: int = 0,
+        shared_gate: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -103,6 +110,10 @@ class MoE(nn.Module):
         reference.check_bool("expert_bias", expert_bias)
         reference.check_real("load_balancing_coef", load_balancing_coef)
         reference.check_real("z_loss_coef", z_loss_coef)
+        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
+        reference.check_bool("shared_gate", shared_gate)
+        if shared_gate and not shared_ffn_size:
+            raise ValueError("shared_gate=True scales the shared expert's output, so it needs shared_ffn_size > 0")
         reference.check_choice("backend", backend, BACKENDS)
         factory = dict(device=device, dtype=dtype)
         rows = 2 * ffn_size if gated else ffn_size
@@ -124,6 +135,11 @@ class MoE(nn.Module):
                              if selection_bias else None)
         self.b1 = nn.Parameter(torch.empty(num_experts, rows, **factory)) if expert_bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.shared_ffn_size = shared_ffn_size
+        shared_rows = 2 * shared_ffn_size if gated else shared_ffn_size
+        self.shared_w1 = nn.Parameter(torch.empty(shared_rows, hidden_size, **factory)) if shared_ffn_size else None
+        self.shared_w2 = nn.Parameter(torch.empty(hidden_size, shared_ffn_size, **factory)) if shared_ffn_size else None
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden_size, **factory)) if shared_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -132,7 +148,12 @@ class MoE(nn.Module):
             (self.router_weight, self.router_bias, self.hidden_size),
             (self.w1, self.b1, self.hidden_size),
             (self.w2, self.b2, self.ffn_size),
+            (self.shared_w1, None, self.hidden_size),
+            (self.shared_w2, None, self.shared_ffn_size),
+            (self.shared_gate, None, self.hidden_size),
         ):
+            if weight is None:
+                continue
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
@@ -150,6 +171,7 @@ class MoE(nn.Module):
             swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha, selection_bias=self.selection_bias,
             num_groups=self.num_groups, topk_groups=self.topk_groups,
             routed_scaling_factor=self.routed_scaling_factor, weight_on=self.weight_on,
+            shared_w1=self.shared_w1, shared_w2=self.shared_w2, shared_gate=self.shared_gate,
             return_routing=True, backend=self.backend,
         )
         if not (return_aux_loss or return_routing):
@@ -252,4 +274,6 @@ class MoE(nn.Module):
                 + (f", swiglu_alpha={self.swiglu_alpha}" if self.swiglu_alpha is not None else "")
                 + (f", num_groups={self.num_groups}, topk_groups={self.topk_groups}" if self.num_groups != 1 else "")
                 + (f", routed_scaling_factor={self.routed_scaling_factor}" if self.routed_scaling_factor != 1.0 else "")
-                + (f", weight_on={self.weight_on!r}" if self.weight_on != "output" else ""))
+                + (f", weight_on={self.weight_on!r}" if self.weight_on != "output" else "")
+                + (f", shared_ffn_size={self.shared_ffn_size}, shared_gate={self.shared_gate is not None}"
+                   if self.shared_ffn_size else ""))

@@ -27,6 +27,7 @@ _DTYPE_CODES = {
 # float64 is a verification dtype: only the CPU kernel computes in it.
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TENSOR_ARGUMENTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
+_SHARED_ARGUMENTS = ("shared_w1", "shared_w2", "shared_gate")  # every op's last three inputs
 _EXPERTS_TENSOR_ARGUMENTS = ("x", "w1", "w2", "b1", "b2", "topk_ids", "topk_weights")  # moe_experts_forward's
 
 
@@ -81,18 +82,19 @@ def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None)
 
 
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+              capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
                        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
-                       swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+                       swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, shared_w1=shared_w1, shared_w2=shared_w2,
+                       shared_gate=shared_gate)
     _validate_native(x, top_k, dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
-                                    b1=b1, b2=b2))
+                                    b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate))
 
 
 def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values):
+                      swiglu_alpha, check_values, shared_w1=None, shared_w2=None, shared_gate=None):
     """moe_experts_forward's arguments: the gate-less form of reference.validate, plus what the op
     itself takes: int32 topk_ids and topk_weights in the accumulation dtype (flashmoe.moe converts)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -100,7 +102,8 @@ def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activati
     reference.validate(x, None, w1, w2, top_k=None, gated=gated, activation=activation, scoring=None,
                        capacity_factor=capacity_factor, router_bias=None, b1=b1, b2=b2, normalize=None,
                        topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit,
-                       swiglu_alpha=swiglu_alpha, check_values=check_values)
+                       swiglu_alpha=swiglu_alpha, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate,
+                       check_values=check_values)
     if topk_ids.dtype != torch.int32:
         raise TypeError(f"topk_ids must have dtype torch.int32 for flashmoe::moe_experts_forward, got {topk_ids.dtype} "
                         f"(flashmoe.moe converts)")
@@ -108,7 +111,8 @@ def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activati
         raise TypeError(f"topk_weights must have dtype {accumulate_dtype(x.dtype)} for flashmoe::moe_experts_forward, "
                         f"got {topk_weights.dtype} (flashmoe.moe converts)")
     _validate_native(x, topk_ids.shape[1], dict(x=x, w1=w1, w2=w2, b1=b1, b2=b2, topk_ids=topk_ids,
-                                                 topk_weights=topk_weights))
+                                                 topk_weights=topk_weights, shared_w1=shared_w1, shared_w2=shared_w2,
+                                                 shared_gate=shared_gate))
 
 
 def _validate_native(x, top_k, named):
@@ -123,24 +127,32 @@ def _validate_native(x, top_k, named):
                              f"got stride {tuple(tensor.stride())}; call .contiguous() once, outside the hot loop")
 
 
-_GRAD_INPUTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
+_GRAD_INPUTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2") + _SHARED_ARGUMENTS
+
+
+def _check_needs_grad(needs_grad, inputs: tuple, shared_w1) -> None:
+    """needs_grad holds one bool per input of ``inputs``; without a shared expert the list may
+    stop before the shared expert's three entries (they are then False)."""
+    lengths = (len(inputs), len(inputs) - len(_SHARED_ARGUMENTS)) if shared_w1 is None else (len(inputs),)
+    if not isinstance(needs_grad, (list, tuple)) or len(needs_grad) not in lengths:
+        raise ValueError(f"needs_grad must be a list of {len(inputs)} bools, one per input {inputs} (or "
+                         f"{len(inputs) - len(_SHARED_ARGUMENTS)}, without the shared expert's, when there is none), "
+                         f"got {needs_grad!r}")
+    for name, need in zip(inputs, needs_grad):
+        if not isinstance(need, bool):
+            raise TypeError(f"needs_grad must hold bools; its entry for {name} is {type(need).__name__} {need!r}")
 
 
 def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None):
+                       swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
     """flashmoe::moe_backward's arguments: the forward's (the shared validator), then the
     gradients, the routing and needs_grad against them. Values of topk_ids are checked where
     that costs no device sync (CPU tensors, or CUDA outside graph capture)."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
     tokens, experts = x.shape[0], router_weight.shape[0]
-    if not isinstance(needs_grad, (list, tuple)) or len(needs_grad) != len(_GRAD_INPUTS):
-        raise ValueError(f"needs_grad must be a list of {len(_GRAD_INPUTS)} bools, one per input {_GRAD_INPUTS}, "
-                         f"got {needs_grad!r}")
-    for name, need in zip(_GRAD_INPUTS, needs_grad):
-        if not isinstance(need, bool):
-            raise TypeError(f"needs_grad must hold bools; its entry for {name} is {type(need).__name__} {need!r}")
+    _check_needs_grad(needs_grad, _GRAD_INPUTS, shared_w1)
     for name, tensor, shape, float_only in (
             ("grad_y", grad_y, (tokens, x.shape[1]), True),
             ("grad_topk_weights", grad_topk_weights, (tokens, top_k), True),
@@ -166,9 +178,13 @@ def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_
             raise ValueError(f"topk_ids must lie in [0, E={experts}), got values in [{low}, {high}]")
 
 
-def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS):
+def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS, shared_w1=None):
     """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
-    and contiguity): a dtype it computes in."""
+    and contiguity): a dtype it computes in, and no shared expert (it has no shared-expert tasks yet)."""
+    if shared_w1 is not None:
+        raise NotImplementedError(
+            "flashmoe: the CUDA kernel has no shared-expert tasks yet, so it cannot take shared_w1/shared_w2/"
+            "shared_gate; run the layer on the CPU, or use flashmoe.moe(..., backend='reference') on the GPU")
     if x.dtype not in _CUDA_DTYPES:
         raise TypeError(
             f"x has dtype {x.dtype}; the CUDA kernel of flashmoe::moe_forward takes "
@@ -236,6 +252,12 @@ def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation
     return problem
 
 
+def _check_native_cpu_shared(shared_w1) -> None:
+    if shared_w1 is not None:
+        raise NotImplementedError("flashmoe: the native CPU kernel has no shared-expert tasks yet; use "
+                                  "flashmoe.moe(..., backend='reference') for shared_w1/shared_w2/shared_gate")
+
+
 def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
@@ -257,18 +279,23 @@ def moe_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
-    expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest.
+    expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest
+    (the shared expert included).
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_forward_cuda`."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
             f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
         )
+    _check_native_cpu_shared(shared_w1)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _C.moe_forward_cpu(
@@ -284,13 +311,14 @@ def moe_forward(
 
 @moe_forward.register_kernel("cuda")
 def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None,
+                      shared_gate=None):
     """The persistent CUDA kernel. Enqueued on the current stream of x's device with no host sync and
     no allocation inside _C (outputs and workspace come from torch's caching allocator here), so a
     CUDA graph can capture it."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
-    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
                        capacity_factor, swiglu_limit, swiglu_alpha)
     outputs = _empty_outputs(x, router_weight, top_k)
@@ -340,11 +368,12 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
 
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None,
+                      shared_gate=None):
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
     if x.device.type == "cuda":
-        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
+        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
     return _empty_outputs(x, router_weight, top_k)
 
 
@@ -370,19 +399,23 @@ def moe_backward(
     needs_grad: list[bool],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ) -> list[Tensor]:
-    """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``.
+    """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2,
+    shared_gate]``.
 
-    ``needs_grad`` has one flag per input; an input that needs none (or is absent) gets an empty
-    tensor. The routing (topk_ids) and admission are the forward's own: the selection is piecewise
+    ``needs_grad`` has one flag per input (without a shared expert it may stop after b2); an input
+    that needs none (or is absent) gets an empty tensor, and the result has one entry per flag. The routing (topk_ids) and admission are the forward's own: the selection is piecewise
     constant, so only the weights and the expert math carry gradient. Computed in fp32 (fp64 for
     fp64), one expert's weights upcast at a time, with explicit formulas: an op body runs below
     autograd."""
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha)
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
     accumulate = accumulate_dtype(x.dtype)
-    need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad
+    need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad[:7]
     xa = x.to(accumulate)
     router_weight_a = router_weight.to(accumulate)
     num_experts = router_weight.shape[0]
@@ -399,6 +432,8 @@ def moe_backward(
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit, swiglu_alpha,
         (need_x, need_w1, need_w2, need_b1, need_b2))
+    shared_grads = _shared_backward(grad_y, xa, grad_x, shared_w1, shared_w2, shared_gate, gated, activation,
+                                    swiglu_limit, swiglu_alpha, needs_grad[7:])
 
     # Router: weights -> picked scores -> all scores -> logits.
     if grad_topk_weights is not None:
@@ -419,19 +454,20 @@ def moe_backward(
     grad_router_weight = grad_logits.T @ xa if need_router_weight else None
     grad_router_bias = grad_logits.sum(dim=0) if need_router_bias and router_bias is not None else None
 
-    grads = (grad_x if need_x else None, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2)
-    inputs = (x, router_weight, w1, w2, router_bias, b1, b2)
-    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+    grads = (grad_x if need_x else None, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2,
+             *shared_grads)
+    inputs = (x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate)
+    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads[:len(needs_grad)], inputs)]
 
 
 @moe_backward.register_fake
 def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None):
+                       swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha)
-    inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+    inputs = [x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate][:len(needs_grad)]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
 
@@ -487,6 +523,41 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
     return grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights
 
 
+def _shared_backward(grad_y, xa, grad_x, shared_w1, shared_w2, shared_gate, gated, activation, swiglu_limit,
+                     swiglu_alpha, needs_grad):
+    """The shared expert's part of the backward: ``y += g · s(x)``, ``s(x) = glu(x·W1ᵀ)·W2ᵀ`` (or
+    act), ``g = σ(x·gateᵀ)`` or 1. Adds its share into ``grad_x`` (accumulation dtype, in place)
+    and returns the gradients of ``(shared_w1, shared_w2, shared_gate)`` (None where not needed or
+    absent; needs_grad may be empty: then none is)."""
+    if shared_w1 is None:
+        return None, None, None
+    need_w1, need_w2, need_gate = (tuple(needs_grad) + (False,) * 3)[:3]
+    accumulate = xa.dtype
+    grad_y = grad_y.to(accumulate)
+    w1_a, w2_a = shared_w1.to(accumulate), shared_w2.to(accumulate)
+    limit, alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
+    z = xa @ w1_a.T
+    if gated:
+        gate, up = z.chunk(2, dim=-1)
+        h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, limit, alpha)
+    else:
+        h, grad_z_factor = _activation_with_grad(z, activation)
+    grad_out = grad_y
+    grad_shared_gate = None
+    if shared_gate is not None:
+        gate_a = shared_gate.to(accumulate)
+        weight = torch.sigmoid(xa @ gate_a.T)  # [T, 1]
+        grad_out = weight * grad_y
+        grad_logit = (grad_y * (h @ w2_a.T)).sum(dim=-1, keepdim=True) * weight * (1 - weight)
+        grad_x += grad_logit @ gate_a
+        grad_shared_gate = grad_logit.T @ xa if need_gate else None
+    grad_h = grad_out @ w2_a
+    grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
+        else grad_h * grad_z_factor
+    grad_x += grad_z @ w1_a
+    return (grad_z.T @ xa if need_w1 else None, grad_out.T @ h if need_w2 else None, grad_shared_gate)
+
+
 def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:
     """act(v) and act'(v), elementwise."""
     if activation == "silu":
@@ -534,26 +605,30 @@ def _glu_with_grad(gate: Tensor, up: Tensor, activation: str, limit: float, alph
 
 _OPTIONS = ("top_k", "gated", "activation", "normalize", "scoring", "capacity_factor")
 _ACTIVATION_OPTIONS = ("swiglu_limit", "swiglu_alpha")
+# moe_forward's inputs by name, in schema order: the backward finds each by its name.
+_FORWARD_INPUTS = _TENSOR_ARGUMENTS + _OPTIONS + _ACTIVATION_OPTIONS + _SHARED_ARGUMENTS
 
 
 def _setup_context(ctx, inputs, output):
-    x, router_weight, w1, w2, router_bias, b1, b2, *options = inputs
-    options = options + [None] * (len(_OPTIONS) + len(_ACTIVATION_OPTIONS) - len(options))
-    ctx.options = dict(zip(_OPTIONS + _ACTIVATION_OPTIONS, options))
-    ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, output[1])
+    named = dict(zip(_FORWARD_INPUTS, tuple(inputs) + (None,) * (len(_FORWARD_INPUTS) - len(inputs))))
+    ctx.options = {name: named[name] for name in _OPTIONS + _ACTIVATION_OPTIONS}
+    ctx.save_for_backward(*(named[name] for name in _TENSOR_ARGUMENTS + _SHARED_ARGUMENTS), output[1])
 
 
 def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_router_logits, _grad_dropped):
-    x, router_weight, w1, w2, router_bias, b1, b2, topk_ids = ctx.saved_tensors
-    needs_grad = list(ctx.needs_input_grad[:7])
+    *tensors, topk_ids = ctx.saved_tensors
+    named = dict(zip(_TENSOR_ARGUMENTS + _SHARED_ARGUMENTS, tensors))
+    needs_by_name = dict(zip(_FORWARD_INPUTS, ctx.needs_input_grad))
+    needs_grad = [bool(needs_by_name.get(name, False)) for name in _GRAD_INPUTS]
     if grad_y is None:
-        grad_y = torch.zeros_like(x)
+        grad_y = torch.zeros_like(named["x"])
     options = [ctx.options[name] for name in _OPTIONS]
-    grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
-                                            router_bias, b1, b2, topk_ids, *options, needs_grad,
-                                            ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"])
-    return tuple(grad if need else None for grad, need in zip(grads, needs_grad)) + \
-        (None,) * (len(ctx.needs_input_grad) - 7)
+    grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits,
+                                            *(named[name] for name in _TENSOR_ARGUMENTS), topk_ids, *options,
+                                            needs_grad, ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"],
+                                            *(named[name] for name in _SHARED_ARGUMENTS))
+    by_name = {name: grad if need else None for name, grad, need in zip(_GRAD_INPUTS, grads, needs_grad)}
+    return tuple(by_name.get(name) for name in _FORWARD_INPUTS[:len(ctx.needs_input_grad)])
 
 
 moe_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -575,20 +650,24 @@ def moe_experts_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gate-less MoE forward: dispatch, experts and combine of ``x [T, H]`` for the routing
     ``topk_ids [T, k]`` int32 / ``topk_weights [T, k]`` (float32; float64 for float64 x) given from
     outside. Returns ``(y [T, H], expert_counts [E] int32, dropped [] int64)``. An id ``E`` (HF's
-    expert-parallel sentinel) contributes zero. See flashmoe.moe for the rest.
+    expert-parallel sentinel) contributes zero. See flashmoe.moe for the rest (the shared expert included).
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_experts_forward_cuda`."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=True)
+                      swiglu_alpha, True, shared_w1, shared_w2, shared_gate)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_experts_forward has no native kernel for device {x.device.type!r} in this build "
             f"(compiled: {', '.join(_native_devices())}); use flashmoe.moe(..., backend='reference')"
         )
+    _check_native_cpu_shared(shared_w1)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _C.moe_forward_cpu(
         problem=_problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None,
@@ -608,13 +687,13 @@ def _empty_experts_outputs(x, w1):
 
 @moe_experts_forward.register_kernel("cuda")
 def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha):
+                              swiglu_limit, swiglu_alpha, shared_w1=None, shared_w2=None, shared_gate=None):
     """The persistent CUDA kernel with its gate stage skipped. No host sync: topk_ids' values are not
     read here (flashmoe.moe checks them before, outside graph capture and torch.compile); the kernel
     lets an id outside [0, E), or a repeat within a row, contribute zero."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=False)
-    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
+                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate)
+    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS, shared_w1=shared_w1)
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
                        swiglu_limit, swiglu_alpha)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
@@ -624,11 +703,12 @@ def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
 
 @moe_experts_forward.register_fake
 def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha):
+                              swiglu_limit, swiglu_alpha, shared_w1=None, shared_w2=None, shared_gate=None):
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=False)
+                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate)
     if x.device.type == "cuda":
-        _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
+        _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS,
+                       shared_w1=shared_w1)
     return _empty_experts_outputs(x, w1)
 
 
@@ -648,10 +728,15 @@ def moe_experts_backward(
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
     needs_grad: list[bool],
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ) -> list[Tensor]:
-    """Gradients of moe_experts_forward for ``[x, w1, w2, b1, b2, topk_weights]`` (one flag per input
-    in ``needs_grad``; an input that needs none, or is absent, gets an empty tensor). The routing is
+    """Gradients of moe_experts_forward for ``[x, w1, w2, b1, b2, topk_weights, shared_w1, shared_w2,
+    shared_gate]`` (one flag per input in ``needs_grad``, which may stop after topk_weights without a
+    shared expert; an input that needs none, or is absent, gets an empty tensor). The routing is
     the caller's; a pick that contributes nothing (dropped, the sentinel) gets zero gradient."""
+    _check_needs_grad(needs_grad, _EXPERTS_GRAD_INPUTS, shared_w1)
     accumulate = accumulate_dtype(x.dtype)
     num_experts = w1.shape[0]
     ids = _routed_ids(topk_ids, num_experts)
@@ -660,16 +745,19 @@ def moe_experts_backward(
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, x.to(accumulate), w1, w2, b1, b2, ids, topk_weights.to(accumulate), admitted, gated, activation,
         swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]))
+    shared_grads = _shared_backward(grad_y, x.to(accumulate), grad_x, shared_w1, shared_w2, shared_gate, gated,
+                                    activation, swiglu_limit, swiglu_alpha, needs_grad[6:])
     grads = (grad_x if needs_grad[0] else None, grad_w1, grad_w2, grad_b1, grad_b2,
-             grad_weights if needs_grad[5] else None)
-    inputs = (x, w1, w2, b1, b2, topk_weights)
-    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+             grad_weights if needs_grad[5] else None, *shared_grads)
+    inputs = (x, w1, w2, b1, b2, topk_weights, shared_w1, shared_w2, shared_gate)
+    return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads[:len(needs_grad)], inputs)]
 
 
 @moe_experts_backward.register_fake
 def _moe_experts_backward_fake(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                               swiglu_limit, swiglu_alpha, needs_grad):
-    inputs = [x, w1, w2, b1, b2, topk_weights]
+                               swiglu_limit, swiglu_alpha, needs_grad, shared_w1=None, shared_w2=None, shared_gate=None):
+    _check_needs_grad(needs_grad, _EXPERTS_GRAD_INPUTS, shared_w1)
+    inputs = [x, w1, w2, b1, b2, topk_weights, shared_w1, shared_w2, shared_gate][:len(needs_grad)]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
 
@@ -685,24 +773,28 @@ def _routed_ids(topk_ids: Tensor, num_experts: int) -> Tensor:
 
 
 _EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha")
+# moe_experts_forward's inputs by name, in schema order, and the ones moe_experts_backward differentiates.
+_EXPERTS_INPUTS = _EXPERTS_TENSOR_ARGUMENTS + _EXPERTS_OPTIONS + _SHARED_ARGUMENTS
+_EXPERTS_GRAD_INPUTS = ("x", "w1", "w2", "b1", "b2", "topk_weights") + _SHARED_ARGUMENTS
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, w1, w2, b1, b2, topk_ids, topk_weights, *options = inputs
-    ctx.options = options
-    ctx.save_for_backward(x, w1, w2, b1, b2, topk_ids, topk_weights)
+    named = dict(zip(_EXPERTS_INPUTS, tuple(inputs) + (None,) * (len(_EXPERTS_INPUTS) - len(inputs))))
+    ctx.options = [named[name] for name in _EXPERTS_OPTIONS]
+    ctx.save_for_backward(*(named[name] for name in _EXPERTS_TENSOR_ARGUMENTS + _SHARED_ARGUMENTS))
 
 
 def _experts_backward_autograd(ctx, grad_y, _grad_counts, _grad_dropped):
-    x, w1, w2, b1, b2, topk_ids, topk_weights = ctx.saved_tensors
-    needs_grad = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+    named = dict(zip(_EXPERTS_TENSOR_ARGUMENTS + _SHARED_ARGUMENTS, ctx.saved_tensors))
+    needs_by_name = dict(zip(_EXPERTS_INPUTS, ctx.needs_input_grad))
+    needs_grad = [bool(needs_by_name.get(name, False)) for name in _EXPERTS_GRAD_INPUTS]
     if grad_y is None:
-        grad_y = torch.zeros_like(x)
-    grads = torch.ops.flashmoe.moe_experts_backward(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, *ctx.options,
-                                                    needs_grad)
-    grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = (
-        grad if need else None for grad, need in zip(grads, needs_grad))
-    return (grad_x, grad_w1, grad_w2, grad_b1, grad_b2, None, grad_weights) + (None,) * len(_EXPERTS_OPTIONS)
+        grad_y = torch.zeros_like(named["x"])
+    grads = torch.ops.flashmoe.moe_experts_backward(grad_y, *(named[name] for name in _EXPERTS_TENSOR_ARGUMENTS),
+                                                    *ctx.options, needs_grad,
+                                                    *(named[name] for name in _SHARED_ARGUMENTS))
+    by_name = {name: grad if need else None for name, grad, need in zip(_EXPERTS_GRAD_INPUTS, grads, needs_grad)}
+    return tuple(by_name.get(name) for name in _EXPERTS_INPUTS[:len(ctx.needs_input_grad)])
 
 
 moe_experts_forward.register_autograd(_experts_backward_autograd, setup_context=_experts_setup_context)

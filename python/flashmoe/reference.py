@@ -17,10 +17,13 @@ The operator contract lives in ``DESIGN.md``; this file is its executable form:
   not local) and contributes zero;
 * expert FFN: plain or gated (HF ``gate_up_proj`` layout), GEMMs in the input dtype, with the
   activations of :data:`ACTIVATIONS` (the clamped SwiGLUs take ``swiglu_limit``/``swiglu_alpha``);
-* combine: ``y[t] = sum_j weight[t, j] * f_{e_j}(x[t])`` in ascending j, accumulated in
-  fp32 (fp64 for fp64 inputs), stored in the dtype of ``x``; with ``weight_on="input"`` the
-  expert gets the row ``x[t] * weight[t, j]`` (product in fp32, rounded to x's dtype) and its
-  output is combined with weight 1.
+* shared expert (optional): a dense FFN ``s(x)`` on every token with the routed experts'
+  activation (``shared_w1``/``shared_w2``, no biases), scaled by ``g = sigmoid(x . shared_gate^T)``
+  when a ``shared_gate`` is given, else by 1;
+* combine: ``y[t] = sum_j weight[t, j] * f_{e_j}(x[t]) + g[t] * s(x[t])``, the picks in ascending
+  j, then the shared expert, accumulated in fp32 (fp64 for fp64 inputs), rounded once to the
+  dtype of ``x``; with ``weight_on="input"`` the expert gets the row ``x[t] * weight[t, j]``
+  (product in fp32, rounded to x's dtype) and its output is combined with weight 1.
 
 The code runs in float64 end to end and is differentiable (autograd flows into ``x``,
 every weight and every bias; routing decisions themselves are discrete).
@@ -29,6 +32,7 @@ every weight and every bias; routing decisions themselves are discrete).
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,6 +57,7 @@ __all__ = [
     "expert_capacity",
     "admit",
     "expert_ffn",
+    "shared_expert",
     "picks_by_expert",
     "combine",
     "moe",
@@ -141,16 +146,18 @@ def check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be below 2**63, got {value!r}")
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def check_real(name: str, value, *, positive: bool = False) -> None:
     """``value`` is a finite real number (> 0 with ``positive``); huge ints are out of range, not an
     OverflowError."""
     expected = "a finite number" + (" > 0" if positive else "")
     if not _is_real(value):
         raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int beyond float's range
-        finite = False
+    # Comparisons, not math.isfinite: exact for ints of any size (one beyond float's range is out of
+    # range), False for NaN, and traceable by torch.compile when it traces a float symbolically.
+    finite = -_FLOAT_MAX <= value <= _FLOAT_MAX
     if not finite or (positive and not value > 0):
         shown = value if not isinstance(value, int) or abs(value) < 10**20 else f"an int of {len(str(abs(value)))} digits"
         raise ValueError(f"{name} must be {expected}, got {shown}")
@@ -413,6 +420,9 @@ def validate(
     topk_groups=1,
     routed_scaling_factor=1.0,
     weight_on="output",
+    shared_w1=None,
+    shared_w2=None,
+    shared_gate=None,
     check_values=True,
     x_name: str = "x",
 ) -> None:
@@ -446,6 +456,9 @@ def validate(
             dtype or float32.
         swiglu_limit: the clamp L of the clamped SwiGLUs, a finite number > 0 (required for
             swiglu_clamp / swiglu_clamp_post); swiglu_alpha: swiglu_oai's alpha.
+        shared_w1: None or the shared expert's ``[2S, H]`` (gated) / ``[S, H]``, with ``shared_w2``
+            ``[H, S]`` (both or neither) and an optional ``shared_gate`` ``[1, H]`` (only with them);
+            dtype and device of ``x``. S may differ from I.
         check_values: read ``topk_ids``' values (range, repeats); False where reading them is not
             possible (fake tensors, CUDA graph capture).
         x_name: how messages name ``x`` (``"xs[2]"`` for one rank's tokens).
@@ -509,8 +522,39 @@ def validate(
                          normalize=normalize, capacity_factor=capacity_factor, num_groups=num_groups,
                          topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
+    check_shared_expert(x, shared_w1, shared_w2, shared_gate, gated=gated)
     if gate_less:
         _check_routing(topk_ids, topk_weights, x, num_experts, check_values)
+
+
+def check_shared_expert(x: Tensor, shared_w1, shared_w2, shared_gate, *, gated: bool) -> None:
+    """The shared expert's weights: ``shared_w1 [2S, H]`` (gated: gate rows then up rows) or
+    ``[S, H]`` and ``shared_w2 [H, S]`` together, ``shared_gate [1, H]`` only with them; x's dtype
+    and device. Raises naming the argument."""
+    hidden = x.shape[-1]
+    w1_rows_name = "2S" if gated else "S"
+    if shared_w1 is None:
+        if shared_w2 is not None:
+            raise ValueError("shared_w2 was given without shared_w1: the shared expert takes shared_w1 "
+                             f"[{w1_rows_name}, H] and shared_w2 [H, S] together")
+        if shared_gate is not None:
+            raise ValueError("shared_gate was given without shared_w1: it scales the shared expert's output, so it "
+                             f"needs shared_w1 [{w1_rows_name}, H] and shared_w2 [H, S]")
+        return
+    if not isinstance(shared_w1, Tensor):
+        raise TypeError(f"shared_w1 must be a torch.Tensor of shape [{w1_rows_name}, H], got {_type_name(shared_w1)}")
+    if shared_w2 is None:
+        raise ValueError("shared_w1 was given without shared_w2: the shared expert takes shared_w1 "
+                         f"[{w1_rows_name}, H] and shared_w2 [H, S] together")
+    if shared_w1.dim() != 2 or shared_w1.shape[0] < 1 or (gated and shared_w1.shape[0] % 2 != 0):
+        raise ValueError(
+            f"shared_w1 must have shape [{w1_rows_name}, H={hidden}] with S >= 1"
+            f"{' (gated: an even row count, gate rows then up rows)' if gated else ''}, got {list(shared_w1.shape)}")
+    rows = shared_w1.shape[0]
+    _check_tensor("shared_w1", shared_w1, (rows, hidden), x)
+    _check_tensor("shared_w2", shared_w2, (hidden, rows // 2 if gated else rows), x)
+    if shared_gate is not None:
+        _check_tensor("shared_gate", shared_gate, (1, hidden), x)
 
 
 class _Default:
@@ -767,6 +811,28 @@ def expert_ffn(
     return F.linear(h, w2, b2)
 
 
+def shared_expert(
+    tokens: Tensor,
+    shared_w1: Tensor,
+    shared_w2: Tensor,
+    shared_gate: Optional[Tensor] = None,
+    *,
+    gated: bool,
+    activation: str,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The shared expert of every token: ``(s, g)`` with ``s = expert_ffn(tokens, shared_w1,
+    shared_w2)`` (the routed experts' gated/activation, no biases) in ``tokens``' dtype, and
+    ``g = sigmoid(tokens . shared_gate^T)`` ``[T, 1]`` in the accumulation dtype (logits with
+    fp32 accumulation, as the router's), or None without a ``shared_gate`` (weight 1)."""
+    out = expert_ffn(tokens, shared_w1, shared_w2, gated=gated, activation=activation,
+                     swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    if shared_gate is None:
+        return out, None
+    return out, torch.sigmoid(router_logits(tokens, shared_gate))
+
+
 def moe(
     x: Tensor,
     router_weight: Optional[Tensor] = None,
@@ -792,6 +858,9 @@ def moe(
     topk_groups: int = 1,
     routed_scaling_factor: float = 1.0,
     weight_on: str = "output",
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ):
     """The MoE layer, as every backend must compute it.
 
@@ -824,6 +893,10 @@ def moe(
             :func:`route` (router form only).
         weight_on: ``"output"`` (the default: the pick weight scales the expert's output) or
             ``"input"`` (it scales the expert's input row; see :func:`combine`).
+        shared_w1, shared_w2: the shared expert, ``[2S, H]`` (gated) or ``[S, H]`` and ``[H, S]``,
+            dtype of ``x``: a dense FFN on every token (the routed experts' activation, no biases)
+            added to the routed output (see :func:`combine`). shared_gate: optional ``[1, H]``,
+            scales the shared output by ``sigmoid(x . shared_gate^T)``.
 
     Returns:
         ``y`` with the shape and dtype of ``x``, or ``(y, Routing)``.
@@ -837,6 +910,7 @@ def moe(
         topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
         selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
         routed_scaling_factor=routed_scaling_factor, weight_on=weight_on,
+        shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate,
     )
     if x.device.type == "meta":
         raise ValueError("x is on the meta device, which holds no values for the reference to route; "
@@ -864,7 +938,8 @@ def moe(
     dropped = (local & ~admitted.reshape(-1)).sum(dtype=torch.int64)
 
     y = combine(tokens, w1, w2, topk_ids, weights, admitted, gated=gated, activation=activation,
-                b1=b1, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, weight_on=weight_on)
+                b1=b1, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, weight_on=weight_on,
+                shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate)
     y = y.reshape(x.shape)
 
     if not return_routing:
@@ -906,15 +981,20 @@ def combine(
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
     weight_on: str = "output",
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
 ) -> Tensor:
     """Expert FFNs of the admitted picks and their weighted sum, for a fixed routing.
 
-    ``y[t] = sum_j admitted[t, j] * topk_weights[t, j] * f_{topk_ids[t, j]}(tokens[t])`` in
-    ascending j, accumulated in float32 (float64 for float64 tokens). With ``weight_on="input"``
+    ``y[t] = sum_j admitted[t, j] * topk_weights[t, j] * f_{topk_ids[t, j]}(tokens[t]) + g[t] * s(tokens[t])``:
+    the picks in ascending j, then the shared expert ``(s, g)`` of :func:`shared_expert` (when
+    ``shared_w1`` is given; g = 1 without ``shared_gate``), accumulated in float32 (float64 for
+    float64 tokens) and rounded once. Capacity drops only routed picks. With ``weight_on="input"``
     the weight scales the expert's input instead: ``y[t] = sum_j admitted[t, j] *
-    f_{topk_ids[t, j]}(round(tokens[t] * topk_weights[t, j]))``, the product in float32 (float64)
-    rounded once to ``tokens``' dtype. Differentiable in every float argument, which is what the
-    native op's backward recomputes through.
+    f_{topk_ids[t, j]}(round(tokens[t] * topk_weights[t, j])) + g[t] * s(tokens[t])``, the product
+    in float32 (float64) rounded once to ``tokens``' dtype. Differentiable in every float argument,
+    which is what the native op's backward recomputes through.
 
     Args:
         tokens: ``[T, H]`` float dtype.
@@ -958,6 +1038,12 @@ def combine(
     y = combine_weights[:, 0, None] * pick_outputs[:, 0]
     for slot in range(1, top_k):
         y = y + combine_weights[:, slot, None] * pick_outputs[:, slot]
+    if shared_w1 is not None:
+        shared_out, shared_weight = shared_expert(tokens, shared_w1, shared_w2, shared_gate, gated=gated,
+                                                  activation=activation, swiglu_limit=swiglu_limit,
+                                                  swiglu_alpha=swiglu_alpha)
+        shared_out = shared_out.to(accumulate)
+        y = y + (shared_out if shared_weight is None else shared_weight * shared_out)
     return y.to(tokens.dtype)
 
 

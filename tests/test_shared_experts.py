@@ -1,0 +1,288 @@
+"""Shared experts: shared_w1 [2S or S, H], shared_w2 [H, S] and the optional shared_gate [1, H].
+
+The float64 reference against hand-computed values (with and without the gate), every guard, the
+module's parameters, the backward ops against the reference's autograd, and the native CPU op
+against the reference (every dtype, capacity, the gate, poisoned outputs, bitwise across thread
+counts, both forms of the op).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashmoe
+from conftest import DTYPES, TOLERANCE, dtype_id, make_problem, rel_err, same_bits
+from flashmoe import ops, reference
+
+
+def shared_weights(seed, *, hidden, shared_ffn, gated=True, gate=False, dtype=torch.float32):
+    """Random shared expert weights, std 1/sqrt(fan_in) (the gate's logits std ~1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+    rows = 2 * shared_ffn if gated else shared_ffn
+    weights = dict(shared_w1=randn(rows, hidden, std=1 / math.sqrt(hidden)),
+                   shared_w2=randn(hidden, shared_ffn, std=1 / math.sqrt(shared_ffn)))
+    if gate:
+        weights["shared_gate"] = randn(1, hidden, std=1 / math.sqrt(hidden))
+    return weights
+
+
+def shared_problem(seed, *, tokens=37, hidden=24, ffn=16, experts=6, shared_ffn=10, gated=True, gate=False,
+                   dtype=torch.float32, top_k=2):
+    problem = make_problem(seed, tokens=tokens, hidden=hidden, ffn=ffn, experts=experts, gated=gated, dtype=dtype,
+                           top_k=top_k)
+    problem.update(shared_weights(seed + 1000, hidden=hidden, shared_ffn=shared_ffn, gated=gated, gate=gate,
+                                  dtype=dtype))
+    return problem
+
+
+def double(problem: dict) -> dict:
+    return {name: t.double() for name, t in problem.items()}
+
+
+# --------------------------------------------------------------------------- the specification
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+def test_reference_matches_hand_computation(gate):
+    """H=1, plain relu experts of I=1 and a plain relu shared expert of S=2: each term by hand.
+
+    Routing from outside fixes the picks; token 1's second pick is the sentinel (zero), token 2 picks
+    nothing but still gets the shared expert."""
+    x = torch.tensor([[1.0], [-2.0], [3.0]], dtype=torch.float64)
+    w1 = torch.tensor([[[1.0]], [[-1.0]]], dtype=torch.float64)  # f_e(x) = relu(w1_e x) * w2_e
+    w2 = torch.tensor([[[10.0]], [[100.0]]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 2]])
+    weights = torch.tensor([[0.25, 0.5], [2.0, 7.0], [5.0, 5.0]], dtype=torch.float64)
+    shared_w1 = torch.tensor([[1.0], [-0.5]], dtype=torch.float64)  # s(x) = 3·relu(x) + 7·relu(-x/2)
+    shared_w2 = torch.tensor([[3.0, 7.0]], dtype=torch.float64)
+    shared_gate = torch.tensor([[0.5]], dtype=torch.float64) if gate else None
+    y = reference.moe(x, w1, w2, topk_ids=ids, topk_weights=weights, gated=False, activation="relu",
+                      shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate)
+    routed = [0.25 * 10 * 1, 2.0 * 100 * 2, 0.0]
+    shared = [3.0 * 1, 7.0 * 1, 3.0 * 3]
+    scale = [1 / (1 + math.exp(-0.5 * v)) if gate else 1.0 for v in (1.0, -2.0, 3.0)]
+    expected = torch.tensor([[r + g * s] for r, s, g in zip(routed, shared, scale)], dtype=torch.float64)
+    torch.testing.assert_close(y, expected, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+def test_reference_gated_shared_expert_is_a_dense_swiglu_mlp(gate):
+    """With the router: y = the routed output + g · (silu(x·Gᵀ) ⊙ x·Uᵀ)·W2ᵀ, S != I."""
+    problem = double(shared_problem(1, tokens=9, gate=gate))
+    y = reference.moe(**problem, top_k=2)
+    routed = reference.moe(**{k: v for k, v in problem.items() if not k.startswith("shared")}, top_k=2)
+    x = problem["x"]
+    gate_rows, up_rows = problem["shared_w1"].chunk(2)
+    shared = (F.silu(x @ gate_rows.T) * (x @ up_rows.T)) @ problem["shared_w2"].T
+    scale = torch.sigmoid(x @ problem["shared_gate"].T) if gate else 1.0
+    torch.testing.assert_close(y, routed + scale * shared, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_capacity_drops_only_routed_work():
+    """A tiny capacity drops picks, never the shared expert: y - routed(y) is the shared output."""
+    problem = double(shared_problem(2, tokens=20))
+    routed_only = {k: v for k, v in problem.items() if not k.startswith("shared")}
+    y, routing = reference.moe(**problem, top_k=2, capacity_factor=0.25, return_routing=True)
+    assert int(routing.dropped) > 0
+    routed = reference.moe(**routed_only, top_k=2, capacity_factor=0.25)
+    shared, _ = reference.shared_expert(problem["x"], problem["shared_w1"], problem["shared_w2"], gated=True,
+                                        activation="silu")
+    torch.testing.assert_close(y, routed + shared, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_shared_expert_uses_the_routed_activation_and_swiglu_options():
+    problem = double(shared_problem(3, tokens=7, gated=True))
+    x = problem["x"]
+    y = reference.moe(**problem, top_k=2, activation="swiglu_oai", swiglu_limit=0.5, swiglu_alpha=1.5)
+    routed = reference.moe(**{k: v for k, v in problem.items() if not k.startswith("shared")}, top_k=2,
+                           activation="swiglu_oai", swiglu_limit=0.5, swiglu_alpha=1.5)
+    gate_h, up_h = (x @ problem["shared_w1"].T).chunk(2, dim=-1)
+    gate_h = gate_h.clamp(max=0.5)
+    h = (up_h.clamp(-0.5, 0.5) + 1) * gate_h * torch.sigmoid(1.5 * gate_h)
+    torch.testing.assert_close(y, routed + h @ problem["shared_w2"].T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_reference_rounds_once(dtype):
+    """In low precision each expert output (routed or shared) is rounded to x's dtype, the weighted
+    picks (ascending j) and then g · shared are summed in fp32, and the sum is rounded once. (Each
+    pick is recomputed alone here, which bf16/fp16 rounding hides and fp32's GEMMs may not.)"""
+    problem = shared_problem(4, tokens=11, dtype=dtype, gate=True)
+    y = reference.moe(**problem, top_k=2)
+    x = problem["x"]
+    ids, weights = reference.route(reference.router_logits(x, problem["router_weight"]), 2)
+    total = torch.zeros(x.shape, dtype=torch.float32)
+    for j in range(2):
+        out = torch.stack([reference.expert_ffn(x[t:t + 1], problem["w1"][int(ids[t, j])],
+                                                problem["w2"][int(ids[t, j])], gated=True, activation="silu")[0]
+                           for t in range(x.shape[0])])
+        assert out.dtype == dtype
+        total = total + weights[:, j, None] * out.float()
+    shared, scale = reference.shared_expert(x, problem["shared_w1"], problem["shared_w2"], problem["shared_gate"],
+                                            gated=True, activation="silu")
+    assert shared.dtype == dtype and scale.dtype == torch.float32 and scale.shape == (11, 1)
+    assert same_bits(y, (total + scale * shared.float()).to(dtype))
+    assert rel_err(y, reference.moe(**double(problem), top_k=2)) < TOLERANCE[dtype]
+
+
+# --------------------------------------------------------------------------- guards
+
+def _guard_args(**changes):
+    problem = shared_problem(5, tokens=4, hidden=8, ffn=4, experts=4, shared_ffn=3, gate=True)
+    problem.update(changes)
+    return {k: v for k, v in problem.items() if v is not None}
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(shared_w2=None, shared_gate=None), ValueError, "shared_w1 was given without shared_w2"),
+    (dict(shared_w1=None, shared_gate=None), ValueError, "shared_w2 was given without shared_w1"),
+    (dict(shared_w1=None, shared_w2=None), ValueError, "shared_gate was given without shared_w1"),
+    (dict(shared_w1=torch.randn(5, 8)), ValueError, r"shared_w1 must have shape \[2S, H=8\].*even"),
+    (dict(shared_w1=torch.randn(6, 7)), ValueError, r"shared_w1 must have shape \[6, 8\]"),
+    (dict(shared_w1=torch.randn(6)), ValueError, r"shared_w1 must have shape \[2S, H=8\]"),
+    (dict(shared_w1=[[1.0]]), TypeError, "shared_w1 must be a torch.Tensor"),
+    (dict(shared_w2=torch.randn(8, 4)), ValueError, r"shared_w2 must have shape \[8, 3\]"),
+    (dict(shared_w2=torch.randn(3, 8)), ValueError, r"shared_w2 must have shape \[8, 3\]"),
+    (dict(shared_gate=torch.randn(8)), ValueError, r"shared_gate must have shape \[1, 8\]"),
+    (dict(shared_gate=torch.randn(2, 8)), ValueError, r"shared_gate must have shape \[1, 8\]"),
+    (dict(shared_w1=torch.randn(6, 8, dtype=torch.float64)), TypeError, "shared_w1 must have dtype torch.float32"),
+    (dict(shared_w2=torch.randn(8, 3, dtype=torch.bfloat16)), TypeError, "shared_w2 must have dtype torch.float32"),
+    (dict(shared_gate=torch.randn(1, 8, dtype=torch.float16)), TypeError, "shared_gate must have dtype"),
+    (dict(shared_w1=torch.randn(6, 8, device="meta")), ValueError, "shared_w1 must be on device cpu"),
+    (dict(shared_gate=torch.randn(1, 8, device="meta")), ValueError, "shared_gate must be on device cpu"),
+])
+def test_guards(backend, changes, error, match):
+    with pytest.raises(error, match=match):
+        flashmoe.moe(**_guard_args(**changes), top_k=2, backend=backend)
+
+
+def test_guard_plain_experts_take_s_rows():
+    """Plain experts: shared_w1 [S, H] (any S >= 1, odd included) with shared_w2 [H, S]."""
+    x = torch.randn(4, 8)
+    reference.check_shared_expert(x, torch.randn(5, 8), torch.randn(8, 5), None, gated=False)
+    with pytest.raises(ValueError, match=r"shared_w2 must have shape \[8, 5\]"):
+        reference.check_shared_expert(x, torch.randn(5, 8), torch.randn(8, 2), None, gated=False)
+    with pytest.raises(ValueError, match=r"shared_w1 must have shape \[S, H=8\] with S >= 1, got \[0, 8\]"):
+        reference.check_shared_expert(x, torch.randn(0, 8), torch.randn(8, 0), None, gated=False)
+
+
+def test_guard_gate_less_form():
+    problem = _guard_args(shared_w2=None, shared_gate=None)
+    problem.pop("router_weight")
+    ids = torch.tensor([[0, 1]] * 4)
+    with pytest.raises(ValueError, match="shared_w1 was given without shared_w2"):
+        flashmoe.moe(**problem, topk_ids=ids, topk_weights=torch.ones(4, 2), backend="native")
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(shared_ffn_size=-1), ValueError, "shared_ffn_size must be an int >= 0"),
+    (dict(shared_ffn_size=2.0), TypeError, "shared_ffn_size must be an int"),
+    (dict(shared_ffn_size=True), TypeError, "shared_ffn_size must be an int"),
+    (dict(shared_gate=1), TypeError, "shared_gate must be a bool"),
+    (dict(shared_gate=True), ValueError, "shared_gate=True .* needs shared_ffn_size > 0"),
+])
+def test_layer_guards(changes, error, match):
+    with pytest.raises(error, match=match):
+        flashmoe.MoE(8, 4, 4, 2, **changes)
+
+
+# --------------------------------------------------------------------------- the module
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_layer_parameters_and_forward(gated):
+    torch.manual_seed(0)
+    layer = flashmoe.MoE(16, 8, 4, 2, gated=gated, activation="silu" if gated else "relu", shared_ffn_size=5,
+                         shared_gate=True, backend="reference")
+    names = dict(layer.named_parameters())
+    assert names["shared_w1"].shape == (10 if gated else 5, 16)
+    assert names["shared_w2"].shape == (16, 5) and names["shared_gate"].shape == (1, 16)
+    assert all(float(p.detach().abs().max()) > 0 for p in names.values())
+    x = torch.randn(3, 5, 16)
+    expected = reference.moe(x, layer.router_weight, layer.w1, layer.w2, top_k=2, gated=gated,
+                             activation=layer.activation, shared_w1=layer.shared_w1, shared_w2=layer.shared_w2,
+                             shared_gate=layer.shared_gate)
+    assert same_bits(layer(x), expected)
+    assert "shared_ffn_size=5, shared_gate=True" in repr(layer)
+    plain = flashmoe.MoE(16, 8, 4, 2)
+    assert plain.shared_w1 is None and plain.shared_w2 is None and plain.shared_gate is None
+    assert "shared" not in repr(plain)
+
+
+# --------------------------------------------------------------------------- gradients
+
+def _reference_grads(problem, names, **options):
+    leaves = {k: v.double().detach().requires_grad_(k in names) for k, v in problem.items()}
+    y = reference.moe(**leaves, **options)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    (y * grad_y).sum().backward()
+    return {k: leaves[k].grad for k in names}, grad_y
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_backward_op_matches_reference_autograd(gate, capacity_factor):
+    """moe_backward (the native op's backward) against autograd through the float64 reference."""
+    problem = double(shared_problem(6, tokens=13, gate=gate, top_k=2))
+    names = [k for k in problem if k != "router_bias"]
+    expected, grad_y = _reference_grads(problem, names, top_k=2, capacity_factor=capacity_factor)
+    _, routing = reference.moe(**problem, top_k=2, capacity_factor=capacity_factor, return_routing=True)
+    grads = torch.ops.flashmoe.moe_backward(
+        grad_y, None, None, problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
+        routing.topk_ids, 2, True, "silu", True, "softmax", capacity_factor, [True] * 10, None, None,
+        problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+    assert len(grads) == 10
+    for name, grad in zip(ops._GRAD_INPUTS, grads):
+        if name in expected:
+            torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-10, msg=name)
+        else:
+            assert grad.numel() == 0
+
+
+def test_backward_op_takes_seven_flags_without_a_shared_expert():
+    problem = double(shared_problem(7, tokens=5))
+    for name in ("shared_w1", "shared_w2", "shared_gate"):
+        problem.pop(name, None)
+    _, routing = reference.moe(**problem, top_k=2, return_routing=True)
+    args = (torch.ones_like(problem["x"]), None, None, problem["x"], problem["router_weight"], problem["w1"],
+            problem["w2"], None, None, None, routing.topk_ids, 2, True, "silu", True, "softmax", None)
+    assert len(torch.ops.flashmoe.moe_backward(*args, [True] * 7)) == 7
+    with pytest.raises(ValueError, match="needs_grad must be a list of 10 bools"):
+        torch.ops.flashmoe.moe_backward(*args, [True] * 7, None, None, torch.ones(4, 24, dtype=torch.float64),
+                                        torch.ones(24, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+def test_experts_backward_op_matches_reference_autograd(gate):
+    problem = double(shared_problem(8, tokens=11, gate=gate))
+    problem.pop("router_weight")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(11)])
+    weights = torch.rand(11, 2, generator=g, dtype=torch.float64) + 0.1
+    names = list(problem) + ["topk_weights"]
+    leaves = {k: v.detach().requires_grad_() for k, v in {**problem, "topk_weights": weights}.items()}
+    y = reference.moe(topk_ids=ids, **leaves)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (y * grad_y).sum().backward()
+    grads = torch.ops.flashmoe.moe_experts_backward(
+        grad_y, problem["x"], problem["w1"], problem["w2"], None, None, ids.int(), weights, True, "silu", None, None,
+        None, [True] * 9, problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+    for name, grad in zip(ops._EXPERTS_GRAD_INPUTS, grads):
+        if name in names:
+            torch.testing.assert_close(grad, leaves[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+        else:
+            assert grad.numel() == 0
+
+
+def test_cuda_kernel_refuses_shared_experts_by_name():
+    """The CUDA kernel has no shared-expert tasks yet: its checks raise a named NotImplementedError
+    (run here on the CPU through the same check the CUDA kernel and its fake call)."""
+    problem = shared_problem(9, tokens=3)
+    with pytest.raises(NotImplementedError, match="the CUDA kernel has no shared-expert tasks"):
+        ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
+                           shared_w1=problem["shared_w1"])
