@@ -402,7 +402,8 @@ def test_experts_override_must_fit_the_groups(capsys, experts):
     assert "--experts" in capsys.readouterr().err
 
 
-FAMILY_BLOCKS = [("gpt-oss-20b", "GptOssMLP")]  # with the shared experts: deepseek-v3, qwen3-next-80b, llama4-scout
+FAMILY_BLOCKS = [("deepseek-v3", "DeepseekV3MoE"), ("kimi-k2", "DeepseekV3MoE"), ("gpt-oss-20b", "GptOssMLP"),
+                 ("qwen3-next-80b", "Qwen3NextSparseMoeBlock"), ("llama4-scout", "Llama4TextMoe")]
 
 
 @pytest.mark.parametrize("config, block_class", FAMILY_BLOCKS)
@@ -424,4 +425,5 @@ def test_hf_family_blocks_run_their_own_routing_on_the_problems_weights(config, 
     with pytest.raises(hf_blocks.HFBlockUnavailable, match="router bias"):
         hf_blocks.build_block(skewed, "eager")
     with pytest.raises(hf_blocks.HFBlockUnavailable, match="scoring"):
-        hf_blocks.build_block(problem.MoEProblem(shape.override(scoring="softmax"), weights, None, inputs), "eager")
+        other = shape.override(scoring="sigmoid" if shape.scoring == "softmax" else "softmax")
+        hf_blocks.build_block(problem.MoEProblem(other, weights, None, inputs), "eager")

@@ -170,8 +170,7 @@ def test_options_the_block_defines_cannot_be_passed():
 # The native kernels of the routing options and shared experts land with their own branches; until then the
 # functional op runs them in its reference backend.
 BACKENDS = ("reference",)
-# The families whose every option flashmoe.MoE takes on this branch (the shared experts are not merged yet).
-PARITY_FAMILIES = ("gpt-oss",)
+PARITY_FAMILIES = FAMILIES
 TOKENS = (2, 9)  # 18 tokens: every tiny family hits most of its 16 experts
 
 
@@ -282,7 +281,6 @@ def test_bf16_matches_the_block_with_gradients(kind, backend):
         assert _rel(grads[name], hf_grad) <= 2 * BF16_TOLERANCE, name
 
 
-@pytest.mark.skip(reason="needs the shared experts (MoE(shared_ffn_size=...)), not merged yet")
 @pytest.mark.parametrize("kind", ("deepseek-v3", "qwen3-next"))
 def test_shares_the_blocks_parameters(kind):
     block = make_block(kind, seed=7)
@@ -299,7 +297,7 @@ def test_shares_the_blocks_parameters(kind):
     assert copy.w1 is not block.experts.gate_up_proj and torch.equal(copy.w1, block.experts.gate_up_proj)
 
 
-@pytest.mark.parametrize("kind", ("gpt-oss",))
+@pytest.mark.parametrize("kind", ("gpt-oss", "llama4", "qwen2-moe"))
 def test_copies_are_announced(kind):
     block = make_block(kind)
     with pytest.warns(UserWarning, match="copied once"):
