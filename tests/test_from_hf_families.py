@@ -128,6 +128,12 @@ def test_unknown_block_is_a_type_error_naming_it():
         hf_families.read(SomeOtherMoE())
     with pytest.raises(TypeError, match="block"):
         flashmoe.MoE.from_hf(SomeOtherMoE())
+    # A block of an unknown family that looks like a sparse-MoE block but has a shared expert:
+    renamed = type("DeepseekV2Moe", (nn.Module,), {})()
+    for name, module in make_block("deepseek-v3").named_children():
+        renamed.add_module(name, module)
+    with pytest.raises(ValueError, match="DeepseekV2Moe has shared_experts"):
+        flashmoe.MoE.from_hf(renamed)
 
 
 @pytest.mark.parametrize("kind, change, error, match", [

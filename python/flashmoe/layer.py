@@ -220,7 +220,8 @@ class MoE(nn.Module):
                             f"{type(block).__name__} lacks {', '.join(missing)}")
         for unsupported in ("shared_expert", "shared_experts"):
             if getattr(block, unsupported, None) is not None:
-                raise ValueError(f"block has {unsupported}, which flashmoe.MoE does not model")
+                raise ValueError(f"{type(block).__name__} has {unsupported}; MoE.from_hf reads shared experts only "
+                                 f"from the blocks of {sorted(hf_families.FAMILIES)}")
         if getattr(gate, "bias", None) is not None or getattr(experts, "gate_up_proj_bias", None) is not None:
             raise ValueError("block has router or expert biases in a layout from_hf does not read")
         act_name = type(getattr(experts, "act_fn", None)).__name__
