@@ -17,7 +17,7 @@
 #   FLASHMOE_SUITE_ROUTING      uniform, skewed or uniform,skewed (default uniform)
 #   FLASHMOE_SUITE_BUDGET       seconds per bench row (default 2)
 #   FLASHMOE_SUITE_BASELINE_MAX_TOKENS  skip reference and expert-loop above this T (default: run them all)
-#   FLASHMOE_SUITE_BENCH_ARGS   extra flashmoe-bench arguments (e.g. "--iters 20"; "--experts 4
+#   FLASHMOE_SUITE_BENCH_ARGS   extra flashmoe-bench arguments (e.g. "--iters 20"; "--experts 16
 #                               --hidden 64 --ffn 32 --device cpu" makes a quick smoke run anywhere)
 #   FLASHMOE_SUITE_PYTEST_ARGS  extra pytest arguments, e.g. "-m 'gpu and not slow'" or "-x"
 #   FLASHMOE_SUITE_STEP_TIMEOUT seconds each step may run (default: no limit)

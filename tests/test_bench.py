@@ -303,3 +303,127 @@ def test_hf_backends_skip_what_the_hf_block_cannot_run(tmp_path, capsys):
     skipped = [row for row in results["rows"] if row["backend"] == "hf-eager"]
     assert skipped and all(row["status"] == "skipped" for row in skipped)
     assert "non-gated experts" in skipped[0]["skip_reason"] and "router bias" in skipped[0]["skip_reason"]
+
+
+# ---- issue 12: today's families ----
+
+def _hf_config_numbers():
+    """Each new named config next to the transformers config class its model loads with (defaults are the
+    flagship checkpoint's numbers; the variants set theirs explicitly here, from their hub config.json)."""
+    transformers = pytest.importorskip("transformers")
+    deepseek = transformers.DeepseekV3Config()
+    kimi = transformers.DeepseekV3Config(n_routed_experts=384, n_group=1, topk_group=1, routed_scaling_factor=2.827)
+    gpt_oss = transformers.GptOssConfig()
+    qwen3_next = transformers.Qwen3NextConfig()
+    scout = transformers.Llama4TextConfig()
+
+    def deepseek_like(config):
+        return dict(hidden_size=config.hidden_size, ffn_size=config.moe_intermediate_size,
+                    num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok, num_groups=config.n_group,
+                    topk_groups=config.topk_group, routed_scaling_factor=config.routed_scaling_factor,
+                    shared_ffn_size=config.n_shared_experts * config.moe_intermediate_size,
+                    normalize=config.norm_topk_prob, scoring="sigmoid", selection_bias=True, router_fp32=True)
+
+    def gpt_oss_like(experts):
+        return dict(hidden_size=gpt_oss.hidden_size, ffn_size=gpt_oss.intermediate_size, num_experts=experts,
+                    top_k=gpt_oss.num_experts_per_tok, activation="swiglu_oai", scoring="softmax_topk",
+                    expert_bias=True)
+
+    return {
+        "deepseek-v3": deepseek_like(deepseek),
+        "kimi-k2": deepseek_like(kimi),
+        "gpt-oss-120b": gpt_oss_like(gpt_oss.num_local_experts),
+        "gpt-oss-20b": gpt_oss_like(32),
+        "qwen3-next-80b": dict(hidden_size=qwen3_next.hidden_size, ffn_size=qwen3_next.moe_intermediate_size,
+                               num_experts=qwen3_next.num_experts, top_k=qwen3_next.num_experts_per_tok,
+                               shared_ffn_size=qwen3_next.shared_expert_intermediate_size, shared_gate=True,
+                               normalize=qwen3_next.norm_topk_prob),
+        "llama4-scout": dict(hidden_size=scout.hidden_size, ffn_size=scout.intermediate_size,
+                             num_experts=scout.num_local_experts, top_k=scout.num_experts_per_tok, scoring="sigmoid",
+                             normalize=False, weight_on="input", shared_ffn_size=scout.intermediate_size),
+    }
+
+
+def test_issue12_configs_match_the_hf_configs():
+    expected = _hf_config_numbers()
+    for name, numbers in expected.items():
+        shape = configs.NAMED_CONFIGS[name]
+        assert shape.source, name
+        for key, value in numbers.items():
+            assert getattr(shape, key) == value, (name, key, getattr(shape, key), value)
+    assert configs.NAMED_CONFIGS["deepseek-v3"].num_groups == 8 and configs.NAMED_CONFIGS["kimi-k2"].num_groups == 1
+
+
+def test_weight_floor_counts_the_shared_expert_and_the_fp32_router():
+    shape = configs.LayerShape("t", 32, 16, 8, 2, shared_ffn_size=24, shared_gate=True, router_fp32=True,
+                               selection_bias=True, expert_bias=True)
+    per_expert = (2 * 16 * 32 + 32 * 16 + 2 * 16 + 32) * 2
+    shared = (2 * 24 * 32 + 32 * 24 + 32) * 2
+    router = 8 * 32 * 4 + 8 * 4
+    assert configs.expert_weight_bytes(shape, torch.bfloat16) == per_expert
+    assert configs.touched_weight_bytes(shape, torch.bfloat16, 3) == router + shared + 3 * per_expert
+    assert configs.weight_bytes(shape, torch.bfloat16) == router + shared + 8 * per_expert
+    plain = configs.custom_shape(32, 16, 8, 2)
+    assert configs.useful_flops(shape, 5) - configs.useful_flops(plain, 5) == 2 * 5 * (2 * 24 * 32 + 32 * 24 + 32)
+
+
+def test_group_limited_pick_ids_stay_in_the_top_groups():
+    shape = configs.LayerShape("g", 8, 4, 16, 4, scoring="sigmoid", num_groups=4, topk_groups=2)
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(4)) * 0.5
+    ids = routing.pick_ids(shape, logits, bias)
+    biased = logits.sigmoid() + bias
+    group_scores = biased.view(64, 4, 4).topk(2, dim=-1).values.sum(-1)
+    top_groups = group_scores.topk(2, dim=-1).indices
+    assert ((ids // 4).unsqueeze(-1) == top_groups.unsqueeze(1)).any(-1).all()
+    assert ids.unique().numel() > 4  # not a degenerate routing
+
+
+def test_experts_override_is_named_and_peers_are_skipped(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    exit_code = cli.main(["--config", "deepseek-v3", "--experts", "16", "--hidden", "64", "--ffn", "32", *FAST,
+                          "--backend", "expert-loop", "--floors", "--json", str(json_path)])
+    captured = capsys.readouterr()
+    assert exit_code == 0, captured.err
+    rows = json.loads(json_path.read_text())["rows"]
+    assert all(row["config"] == "deepseek-v3[H=64,I=32,E=16]" for row in rows)
+    assert "deepseek-v3[H=64,I=32,E=16]" in captured.out and "groups=4/8" in captured.out
+    loop = [row for row in rows if row["backend"] == "expert-loop"]
+    assert all(row["status"] == "skipped" and "group-limited routing" in row["skip_reason"] for row in loop)
+    shape = configs.NAMED_CONFIGS["deepseek-v3"].override(hidden_size=64, ffn_size=32, num_experts=16)
+    for row in rows:
+        assert row["flops"] == configs.useful_flops(shape, row["tokens"])
+        assert row["weight_bytes_touched"] > configs.always_read_bytes(shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("experts", ["12", "8"])
+def test_experts_override_must_fit_the_groups(capsys, experts):
+    assert cli.main(["--config", "deepseek-v3", "--experts", experts, "--tokens", "1"]) == 2
+    assert "--experts" in capsys.readouterr().err
+
+
+FAMILY_BLOCKS = [("deepseek-v3", "DeepseekV3MoE"), ("kimi-k2", "DeepseekV3MoE"), ("gpt-oss-20b", "GptOssMLP"),
+                 ("qwen3-next-80b", "Qwen3NextSparseMoeBlock"), ("llama4-scout", "Llama4TextMoe")]
+
+
+@pytest.mark.parametrize("config, block_class", FAMILY_BLOCKS)
+def test_hf_family_blocks_run_their_own_routing_on_the_problems_weights(config, block_class):
+    pytest.importorskip("transformers")
+    from flashmoe.bench import hf_blocks, problem
+
+    shape = configs.NAMED_CONFIGS[config].override(hidden_size=32, ffn_size=16, num_experts=16)
+    weights = problem.make_weights(shape, torch.float32, torch.device("cpu"), seed=0)
+    inputs = problem.make_inputs(shape, 7, torch.float32, torch.device("cpu"), seed=1, count=2)
+    the_problem = problem.MoEProblem(shape, weights, None, inputs)
+    block = hf_blocks.build_block(the_problem, "eager")
+    assert type(block).__name__ == block_class
+    output = hf_blocks.runner("hf-eager")(the_problem)(1)
+    assert output.shape == inputs[1].shape
+    expected = reference.moe(inputs[1], weights.router_weight, weights.w1, weights.w2, **the_problem.moe_options())
+    assert ((output - expected).norm() / expected.norm()).item() <= 1e-5
+    skewed = problem.MoEProblem(shape, weights, torch.ones(16), inputs)
+    with pytest.raises(hf_blocks.HFBlockUnavailable, match="router bias"):
+        hf_blocks.build_block(skewed, "eager")
+    with pytest.raises(hf_blocks.HFBlockUnavailable, match="scoring"):
+        other = shape.override(scoring="sigmoid" if shape.scoring == "softmax" else "softmax")
+        hf_blocks.build_block(problem.MoEProblem(other, weights, None, inputs), "eager")

@@ -195,7 +195,9 @@ class MoE(nn.Module):
 
     @classmethod
     def from_hf(cls, block: nn.Module, *, share_parameters: bool = True, **options) -> "MoE":
-        """Builds an MoE from an HF transformers (v5) sparse-MoE block: Mixtral, Qwen3-MoE or OLMoE.
+        """Builds an MoE from an HF transformers (v5) sparse-MoE block: Mixtral, Qwen3-MoE or OLMoE here;
+        DeepSeek-V3 / Kimi-K2, GLM-4.5, dots.llm1, GPT-OSS, Qwen3-Next, Qwen2-MoE and Llama 4 in
+        :mod:`flashmoe.hf_families` (which copies, once and with a warning, the layouts the op cannot share).
 
         Reads ``block.gate.weight [E, H]``, ``block.experts.gate_up_proj [E, 2I, H]`` and
         ``block.experts.down_proj [E, H, I]``, the top-k, ``norm_topk_prob`` (Mixtral always
@@ -204,6 +206,10 @@ class MoE(nn.Module):
         one trains both; otherwise the weights are cloned. ``options`` pass on to the constructor
         (e.g. ``capacity_factor``, ``backend``, loss coefficients).
         """
+        from . import hf_families
+
+        if hf_families.reads(block):
+            return hf_families.from_hf(cls, block, share_parameters=share_parameters, **options)
         gate = getattr(block, "gate", None)
         experts = getattr(block, "experts", None)
         missing = [name for name, owner, attr in (
@@ -214,7 +220,8 @@ class MoE(nn.Module):
                             f"{type(block).__name__} lacks {', '.join(missing)}")
         for unsupported in ("shared_expert", "shared_experts"):
             if getattr(block, unsupported, None) is not None:
-                raise ValueError(f"block has {unsupported}, which flashmoe.MoE does not model")
+                raise ValueError(f"{type(block).__name__} has {unsupported}; MoE.from_hf reads shared experts only "
+                                 f"from the blocks of {sorted(hf_families.FAMILIES)}")
         if getattr(gate, "bias", None) is not None or getattr(experts, "gate_up_proj_bias", None) is not None:
             raise ValueError("block has router or expert biases in a layout from_hf does not read")
         act_name = type(getattr(experts, "act_fn", None)).__name__

@@ -28,6 +28,17 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run in this installation (not built, too old a torch)."""
 
 
+class Unsupported(RuntimeError):
+    """The backend cannot run this shape's options (its row says 'skipped' and why)."""
+
+
+def require_plain_layer(problem: MoEProblem, who: str) -> None:
+    """Peers written for a plain top-k router and elementwise activations refuse the rest by name."""
+    features = problem.shape.extra_features()
+    if features:
+        raise Unsupported(f"{who} cannot run {problem.shape.name}: {', '.join(features)}")
+
+
 def _flashmoe_native(problem: MoEProblem) -> Runner:
     from flashmoe import moe
 
@@ -46,8 +57,9 @@ def _flashmoe_reference(problem: MoEProblem) -> Runner:
                                        weights.w2, **options)
 
 
-def _baseline(function) -> Callable[[MoEProblem], Runner]:
+def _baseline(function, who: str) -> Callable[[MoEProblem], Runner]:
     def build(problem: MoEProblem) -> Runner:
+        require_plain_layer(problem, who)
         weights, options = problem.weights, problem.moe_options()
         return lambda index: function(problem.inputs[index], weights.router_weight, weights.w1,
                                       weights.w2, **options)
@@ -57,7 +69,7 @@ def _baseline(function) -> Callable[[MoEProblem], Runner]:
 def _grouped_mm(problem: MoEProblem) -> Runner:
     if not baselines.grouped_mm_available():
         raise BackendUnavailable(f"grouped-mm unavailable: torch {torch.__version__} has no torch._grouped_mm")
-    return _baseline(baselines.grouped_mm_moe)(problem)
+    return _baseline(baselines.grouped_mm_moe, GROUPED_MM_BACKEND)(problem)
 
 
 def _copy_floor(problem: MoEProblem) -> Runner:
@@ -69,13 +81,15 @@ def _copy_floor(problem: MoEProblem) -> Runner:
 def _dense_matmul_floor(problem: MoEProblem) -> Runner:
     shape, weights = problem.shape, problem.weights
     return baselines.DenseMatmulFloor(problem.inputs, weights.router_weight, weights.w1, weights.w2,
-                                      top_k=shape.top_k, gated=shape.gated, activation=shape.activation)
+                                      top_k=shape.top_k, gated=shape.gated, activation=shape.activation,
+                                      shared_w1=weights.shared_w1, shared_w2=weights.shared_w2,
+                                      shared_gate=weights.shared_gate)
 
 
 BACKENDS: Dict[str, Callable[[MoEProblem], Runner]] = {
     "native": _flashmoe_native,
     REFERENCE_BACKEND: _flashmoe_reference,
-    "expert-loop": _baseline(baselines.expert_loop_moe),
+    "expert-loop": _baseline(baselines.expert_loop_moe, "expert-loop"),
     GROUPED_MM_BACKEND: _grouped_mm,
     **{name: hf_blocks.runner(name) for name in hf_blocks.HF_BACKENDS},
 }
@@ -87,7 +101,8 @@ BACKEND_HELP = {
     "expert-loop": "a Python loop over the hit experts, written in bench/baselines.py (not HF's code)",
     GROUPED_MM_BACKEND: "sort by expert + torch._grouped_mm (where torch has it)",
     "hf-eager": "transformers' own block of the shape (OlmoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, "
-                "MixtralSparseMoeBlock) on flashmoe's weights, experts_implementation='eager'",
+                "MixtralSparseMoeBlock, DeepseekV3MoE, GptOssMLP, Qwen3NextSparseMoeBlock, Llama4TextMoe) on "
+                "flashmoe's weights, experts_implementation='eager'",
     "hf-grouped-mm": "the same HF block, experts_implementation='grouped_mm'",
     "hf-sonicmoe": "the same HF block, experts_implementation='sonicmoe' (CUDA, where installed)",
     "hf-deepgemm": "the same HF block, experts_implementation='deepgemm' (CUDA, where installed)",

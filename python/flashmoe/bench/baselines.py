@@ -130,23 +130,31 @@ class DenseMatmulFloor:
     """Dense matmuls with exactly the layer's useful FLOPs (configs.useful_flops).
 
     router: x[T,H] @ router_weightᵀ; experts: x repeated k times [T·k,H] through
-    expert 0's w1, the activation, and w2. It reads one expert's weights where
-    the MoE reads up to min(E, T·k), so at small T it is a compute floor, not a
-    bandwidth floor.
+    expert 0's w1, the activation, and w2; the shared expert (and its gate) on x. It reads one
+    expert's weights where the MoE reads up to min(E, T·k), so at small T it is a compute floor,
+    not a bandwidth floor. The matmuls run in x's dtype (an fp32 router is cast once, untimed),
+    and a clamped SwiGLU stands in as silu: the floor times the GEMMs.
     """
 
     def __init__(self, inputs, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *,
-                 top_k: int, gated: bool, activation: str):
-        self.router_weight = router_weight
+                 top_k: int, gated: bool, activation: str, shared_w1: Optional[torch.Tensor] = None,
+                 shared_w2: Optional[torch.Tensor] = None, shared_gate: Optional[torch.Tensor] = None):
+        self.router_weight = router_weight.to(w1.dtype)
         self.w1, self.w2 = w1[0], w2[0]
+        self.shared_w1, self.shared_w2, self.shared_gate = shared_w1, shared_w2, shared_gate
         self.gated = gated
-        self.act = activation_fn(activation)
+        self.act = activation_fn("silu" if activation.startswith("swiglu") else activation)
         self.inputs = list(inputs)
         # Repeated outside the timed region: the floor times matmuls, not copies.
         self.repeated = [x.repeat_interleave(top_k, dim=0) for x in self.inputs]
 
     def __call__(self, index: int) -> torch.Tensor:
-        F.linear(self.inputs[index], self.router_weight)
+        x = self.inputs[index]
+        F.linear(x, self.router_weight)
+        if self.shared_w1 is not None:
+            _expert_ffn(x, self.shared_w1, self.shared_w2, self.gated, self.act)
+            if self.shared_gate is not None:
+                F.linear(x, self.shared_gate)
         return _expert_ffn(self.repeated[index], self.w1, self.w2, self.gated, self.act)
 
 

@@ -89,7 +89,7 @@ def _config_help() -> str:
         lines.append(f"  {name:14s} {text}")
     lines.append(f"  {backends.FLOOR_BACKEND}  (with --floors) dense torch matmuls of the layer's FLOPs")
     lines.append(f"  {backends.COPY_FLOOR_BACKEND}      (with --floors) a device-to-device copy of the weight bytes "
-                 "the layer reads (router + hit experts): the memory-bandwidth floor")
+                 "the layer reads (router, shared expert and hit experts): the memory-bandwidth floor")
     lines.append("routing (--routing): uniform = random router, no bias; skewed = Zipf router bias "
                  "calibrated so ~half the picks land on the hottest max(ceil(E/10), k) experts.")
     lines.append("Times are the median and p10-p90 of the timed calls (n, at most --iters, fewer when "
@@ -104,15 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     shape = parser.add_argument_group("layer shape")
     shape.add_argument("--config", type=_list_of(_choice(list(NAMED_CONFIGS), "config"), "config names"),
                        help=f"named shapes, comma-separated (default {DEFAULT_CONFIG} unless a custom "
-                            "shape is given); deepseek-v3 has no group-limited routing yet")
+                            "shape is given)")
     shape.add_argument("--hidden", type=_positive_int, help="H; overrides a named config, or defines a custom shape")
     shape.add_argument("--ffn", type=_positive_int, help="I, the FFN size of one expert")
-    shape.add_argument("--experts", type=_positive_int, help="E")
+    shape.add_argument("--experts", type=_positive_int,
+                       help="E; on a named config this overrides its expert count (the config's name then "
+                            "says so, e.g. deepseek-v3[E=32]), so a model whose experts do not fit in memory "
+                            "runs with fewer; a group-limited router keeps its group count")
     shape.add_argument("--top-k", type=_positive_int, help="k")
     shape.add_argument("--plain", action="store_true", help="non-gated expert FFN (w1 is [E,I,H])")
     shape.add_argument("--activation", type=_choice(ACTIVATIONS, "activation"),
                        help=f"one of {', '.join(ACTIVATIONS)}")
-    shape.add_argument("--scoring", type=_choice(SCORINGS, "scoring"), help="softmax or sigmoid")
+    shape.add_argument("--scoring", type=_choice(SCORINGS, "scoring"), help=f"one of {', '.join(SCORINGS)}")
     shape.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                        help="divide the top-k weights by their sum")
     shape.add_argument("--capacity-factor", type=_positive_float,
@@ -180,6 +183,15 @@ def resolve_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     for shape in shapes:
         if shape.top_k > shape.num_experts:
             parser.error(f"--top-k {shape.top_k} exceeds --experts {shape.num_experts} for {shape.name}")
+        if shape.num_groups > 1:
+            per_group = shape.num_experts // shape.num_groups
+            if shape.num_experts % shape.num_groups or per_group < 2:
+                parser.error(f"--experts {shape.num_experts}: {shape.name} routes within {shape.num_groups} "
+                             f"groups, so E must be a multiple of {shape.num_groups} with at least 2 experts a group")
+            if shape.topk_groups * per_group < shape.top_k:
+                parser.error(f"--experts {shape.num_experts}: {shape.name}'s top {shape.topk_groups} of "
+                             f"{shape.num_groups} groups hold {shape.topk_groups * per_group} experts, fewer than "
+                             f"k={shape.top_k}")
     return shapes
 
 
@@ -209,10 +221,13 @@ def check_memory(shapes, dtype_names, args, device) -> List[str]:
             message = (f"{shape.name} {dtype_name} at T={max_tokens} needs ~{memory.gib(needed(shape, dtype))} "
                        f"(weights {memory.gib(weight_bytes(shape, dtype))}) but {device} has "
                        f"{memory.gib(available)} available")
+            # A group-limited router needs E a multiple of its groups and enough experts in its top groups.
+            least = max(shape.top_k, shape.num_groups * max(2, -(-shape.top_k // shape.topk_groups))
+                        if shape.num_groups > 1 else 0)
             smaller = dataclasses.replace(shape, num_experts=shape.num_experts // 2)
-            while smaller.num_experts >= shape.top_k and not memory.fits(needed(smaller, dtype), available):
+            while smaller.num_experts >= least and not memory.fits(needed(smaller, dtype), available):
                 smaller = dataclasses.replace(smaller, num_experts=smaller.num_experts // 2)
-            if smaller.num_experts >= shape.top_k:
+            if smaller.num_experts >= least and smaller.num_experts % max(1, shape.num_groups) == 0:
                 message += f"; --experts {smaller.num_experts} would fit"
             problems.append(message)
     return problems
@@ -239,7 +254,7 @@ def measure(backend: str, problem: MoEProblem, args, device) -> dict:
                 "skip_reason": f"T > --baseline-max-tokens {args.baseline_max_tokens}"}
     try:
         runner = backends.build_runner(backend, problem)
-    except hf_blocks.HFBlockUnavailable as error:
+    except (hf_blocks.HFBlockUnavailable, backends.Unsupported) as error:
         return {"status": "skipped", "error": None, "skip_reason": str(error)}
     except Exception as error:
         return {"status": "error", "error": f"{type(error).__name__}: {error}"}
@@ -315,15 +330,16 @@ def run_sweep(shapes, args, device) -> List[dict]:
             for routing in args.routing:
                 skew = (skewed_router_bias(shape, weights.router_weight, torch.Generator().manual_seed(args.seed + 1))
                         if routing == "skewed" else None)
-                router_bias = skew.router_bias.to(dtype) if skew else None
+                router_bias = skew.router_bias.to(weights.router_weight.dtype) if skew else None
                 for tokens in args.tokens:
                     count = rotating_input_count(tokens, shape.hidden_size, dtype, args.iters)
                     inputs = make_inputs(shape, tokens, dtype, device, seed=args.seed + 2 + tokens, count=count)
-                    experts_hit = mean_experts_hit(shape, inputs, weights.router_weight, router_bias)
+                    experts_hit = mean_experts_hit(shape, inputs, weights.router_weight, router_bias,
+                                                   weights.selection_bias)
                     touched = touched_weight_bytes(shape, dtype, experts_hit)
                     problem = MoEProblem(shape, weights, router_bias, inputs, weight_bytes_touched=touched)
                     stats = routing_stats(shape, inputs[0], weights.router_weight, router_bias,
-                                          skew.hot_experts if skew else None)
+                                          skew.hot_experts if skew else None, weights.selection_bias)
                     stats["experts_hit_mean"] = round(experts_hit, 3)
                     group = []
                     for backend in backend_names:

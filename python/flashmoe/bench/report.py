@@ -128,7 +128,8 @@ def header_lines(env: dict, shapes, timing_note: str) -> List[str]:
                      f"{env.get('device_multiprocessors')} SMs  cuda_build_info "
                      f"{flashmoe_info.get('cuda_build_info', 'not compiled')}")
     for shape in shapes:
-        note = f"  ({shape.note})" if shape.note else ""
+        note = "; ".join(part for part in (shape.note, shape.source and f"HF config {shape.source}") if part)
+        note = f"  ({note})" if note else ""
         lines.append(f"# {shape.name}: {shape.describe()}{note}")
     lines.append(f"# {timing_note}")
     warning = busy_machine_warning(env)

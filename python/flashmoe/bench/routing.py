@@ -27,13 +27,27 @@ def hot_expert_count(shape: LayerShape) -> int:
     return max(math.ceil(shape.num_experts / 10), shape.top_k)
 
 
-def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+def pick_ids(shape: LayerShape, logits: torch.Tensor,
+             selection_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The experts ``[T, k]`` each token picks (for the statistics; the layer itself routes in the
+    op): the top-k of the scores plus the selection bias, within the ``topk_groups`` groups whose
+    two best biased scores sum highest. softmax_topk picks the top-k logits."""
+    scores = logits if shape.scoring == "softmax_topk" else (
+        logits.softmax(dim=-1) if shape.scoring == "softmax" else logits.sigmoid())
+    if selection_bias is not None:
+        scores = scores + selection_bias.float()
+    if shape.num_groups > 1:
+        tokens, per_group = scores.shape[0], shape.num_experts // shape.num_groups
+        grouped = scores.view(tokens, shape.num_groups, per_group)
+        group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+        chosen = group_scores.topk(shape.topk_groups, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)
+        scores = scores.masked_fill(~allowed.repeat_interleave(per_group, dim=1), float("-inf"))
+    return scores.topk(shape.top_k, dim=-1).indices
 
 
 def _hot_pick_fraction(logits: torch.Tensor, hot: torch.Tensor, shape: LayerShape) -> float:
-    topk_ids = _scores(logits, shape.scoring).topk(shape.top_k, dim=-1).indices
-    return hot[topk_ids].float().mean().item()
+    return hot[pick_ids(shape, logits)].float().mean().item()
 
 
 @dataclass(frozen=True)
@@ -69,12 +83,12 @@ def skewed_router_bias(shape: LayerShape, router_weight: torch.Tensor,
 
 def routing_stats(shape: LayerShape, x: torch.Tensor, router_weight: torch.Tensor,
                   router_bias: Optional[torch.Tensor],
-                  hot_experts: Optional[torch.Tensor]) -> dict:
+                  hot_experts: Optional[torch.Tensor], selection_bias: Optional[torch.Tensor] = None) -> dict:
     """How the picks of the timed inputs spread over experts (fp32 router)."""
     logits = x.float() @ router_weight.float().t()
     if router_bias is not None:
         logits = logits + router_bias
-    topk_ids = _scores(logits, shape.scoring).topk(shape.top_k, dim=-1).indices
+    topk_ids = pick_ids(shape, logits, selection_bias)
     tokens_per_expert = torch.bincount(topk_ids.flatten(), minlength=shape.num_experts)
     mean_load = topk_ids.numel() / shape.num_experts
     stats = {
@@ -87,13 +101,13 @@ def routing_stats(shape: LayerShape, x: torch.Tensor, router_weight: torch.Tenso
 
 
 def mean_experts_hit(shape: LayerShape, inputs, router_weight: torch.Tensor,
-                     router_bias: Optional[torch.Tensor]) -> float:
+                     router_bias: Optional[torch.Tensor], selection_bias: Optional[torch.Tensor] = None) -> float:
     """Experts that receive at least one pick, averaged over the rotating inputs (fp32 router)."""
     hits = []
     for x in inputs:
         logits = x.float() @ router_weight.float().t()
         if router_bias is not None:
             logits = logits + router_bias.float()
-        topk_ids = _scores(logits, shape.scoring).topk(shape.top_k, dim=-1).indices
+        topk_ids = pick_ids(shape, logits, selection_bias)
         hits.append(int((torch.bincount(topk_ids.flatten(), minlength=shape.num_experts) > 0).sum()))
     return sum(hits) / len(hits)
