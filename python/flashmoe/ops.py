@@ -80,19 +80,24 @@ def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None)
     return dtype is None or device.type != "cuda" or dtype in _CUDA_DTYPES
 
 
+# The routing options of moe_forward / moe_backward, in schema order, with their defaults.
+ROUTING_OPTIONS = {"selection_bias": None, "num_groups": 1, "topk_groups": 1, "routed_scaling_factor": 1.0,
+                   "weight_on": "output"}
+
+
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+              capacity_factor, swiglu_limit=None, swiglu_alpha=None, **routing):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
                        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
-                       swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+                       swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **routing)
     _validate_native(x, top_k, dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
                                     b1=b1, b2=b2))
 
 
 def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values):
+                      swiglu_alpha, check_values, weight_on="output"):
     """moe_experts_forward's arguments: the gate-less form of reference.validate, plus what the op
     itself takes: int32 topk_ids and topk_weights in the accumulation dtype (flashmoe.moe converts)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -100,7 +105,7 @@ def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activati
     reference.validate(x, None, w1, w2, top_k=None, gated=gated, activation=activation, scoring=None,
                        capacity_factor=capacity_factor, router_bias=None, b1=b1, b2=b2, normalize=None,
                        topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit,
-                       swiglu_alpha=swiglu_alpha, check_values=check_values)
+                       swiglu_alpha=swiglu_alpha, weight_on=weight_on, check_values=check_values)
     if topk_ids.dtype != torch.int32:
         raise TypeError(f"topk_ids must have dtype torch.int32 for flashmoe::moe_experts_forward, got {topk_ids.dtype} "
                         f"(flashmoe.moe converts)")
@@ -128,12 +133,12 @@ _GRAD_INPUTS = ("x", "router_weight", "w1", "w2", "router_bias", "b1", "b2")
 
 def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None):
+                       swiglu_limit=None, swiglu_alpha=None, **routing):
     """flashmoe::moe_backward's arguments: the forward's (the shared validator), then the
     gradients, the routing and needs_grad against them. Values of topk_ids are checked where
     that costs no device sync (CPU tensors, or CUDA outside graph capture)."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, **routing)
     tokens, experts = x.shape[0], router_weight.shape[0]
     if not isinstance(needs_grad, (list, tuple)) or len(needs_grad) != len(_GRAD_INPUTS):
         raise ValueError(f"needs_grad must be a list of {len(_GRAD_INPUTS)} bools, one per input {_GRAD_INPUTS}, "
@@ -203,7 +208,8 @@ def _empty_outputs(x, router_weight, top_k):
 
 
 def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, scoring, dtype, has_router_bias,
-                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False):
+                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False, has_selection_bias=False,
+                  num_groups=1, topk_groups=1, routed_scaling_factor=1.0, weight_on="output", router_f32=False):
     """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless).
     With ``routing_given`` (topk_ids and topk_weights come from outside) normalize and scoring
     are unused."""
@@ -216,18 +222,26 @@ def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, 
     problem.has_router_bias, problem.has_b1, problem.has_b2 = has_router_bias, has_b1, has_b2
     problem.swiglu_limit, problem.swiglu_alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
     problem.routing_given = routing_given
+    problem.has_selection_bias, problem.router_f32 = has_selection_bias, router_f32
+    problem.num_groups, problem.topk_groups = num_groups, topk_groups
+    problem.routed_scaling_factor = float(routed_scaling_factor)
+    problem.weight_on_input = weight_on == "input"
     return problem
 
 
 def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor,
-             swiglu_limit=None, swiglu_alpha=None):
+             swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1, topk_groups=1,
+             routed_scaling_factor=1.0, weight_on="output"):
     # E comes from the router when there is one: under expert parallelism w1 holds only the local experts.
     routing_given = router_weight is None
     experts = w1.shape[0] if routing_given else router_weight.shape[0]
     problem = problem_shape(x.shape[1], w1.shape[1] // 2 if gated else w1.shape[1], experts, top_k,
                             gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
                             has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None,
-                            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given)
+                            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given,
+                            has_selection_bias=selection_bias is not None, num_groups=num_groups,
+                            topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on,
+                            router_f32=router_weight is not None and reference.router_f32(x.dtype, router_weight.dtype))
     problem.tokens = x.shape[0]
     problem.expert_capacity = (
         -1 if capacity_factor is None
@@ -238,6 +252,11 @@ def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation
 
 def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
+
+
+def selection_bias_values(selection_bias: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The selection bias as the native kernels read it: contiguous, in x's accumulation dtype."""
+    return None if selection_bias is None else selection_bias.to(accumulate_dtype(x.dtype)).contiguous()
 
 
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
@@ -257,13 +276,20 @@ def moe_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """MoE forward on ``x [T, H]``. Returns ``(y [T, H], topk_ids [T, k] int32, topk_weights [T, k],
     expert_counts [E] int32, router_logits [T, E], dropped [] int64)``; see flashmoe.moe for the rest.
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_forward_cuda`."""
+    routing = dict(selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+                   routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, **routing)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
@@ -271,28 +297,34 @@ def moe_forward(
         )
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    bias_values = selection_bias_values(selection_bias, x)  # held until the kernel returns
     _C.moe_forward_cpu(
         problem=_problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                         capacity_factor, swiglu_limit, swiglu_alpha),
+                         capacity_factor, swiglu_limit, swiglu_alpha, **routing),
         x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
         w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
         topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
         router_logits=_address(router_logits), dropped=_address(dropped), num_threads=torch.get_num_threads(),
+        selection_bias=_address(bias_values),
     )
     return outputs
 
 
 @moe_forward.register_kernel("cuda")
 def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1,
+                      topk_groups=1, routed_scaling_factor=1.0, weight_on="output"):
     """The persistent CUDA kernel. Enqueued on the current stream of x's device with no host sync and
     no allocation inside _C (outputs and workspace come from torch's caching allocator here), so a
     CUDA graph can capture it."""
+    routing = dict(selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+                   routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, **routing)
     _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                       capacity_factor, swiglu_limit, swiglu_alpha)
+                       capacity_factor, swiglu_limit, swiglu_alpha, **routing)
+    _refuse_cuda_routing_options(problem)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
@@ -338,11 +370,23 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
         )
 
 
+def _refuse_cuda_routing_options(problem) -> None:
+    """The CUDA kernel does not compute the routing options of issue 12 yet: a named error, never a
+    silent default (the native CPU op and the reference do)."""
+    if _C.cuda_lacks_routing_options(problem):
+        raise NotImplementedError(
+            "flashmoe::moe_forward's CUDA kernel does not compute scoring='softmax_topk', selection_bias, "
+            "num_groups/topk_groups, routed_scaling_factor, weight_on='input' or a float32 router with bf16/fp16 x "
+            "yet; run on the CPU or use flashmoe.moe(..., backend='reference')")
+
+
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None):
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1,
+                      topk_groups=1, routed_scaling_factor=1.0, weight_on="output"):
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha)
+              capacity_factor, swiglu_limit, swiglu_alpha, selection_bias=selection_bias, num_groups=num_groups,
+              topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     if x.device.type == "cuda":
         _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2)
     return _empty_outputs(x, router_weight, top_k)
@@ -370,6 +414,11 @@ def moe_backward(
     needs_grad: list[bool],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
 ) -> list[Tensor]:
     """Gradients of moe_forward for ``[x, router_weight, w1, w2, router_bias, b1, b2]``.
 
@@ -377,10 +426,14 @@ def moe_backward(
     tensor. The routing (topk_ids) and admission are the forward's own: the selection is piecewise
     constant, so only the weights and the expert math carry gradient. Computed in fp32 (fp64 for
     fp64), one expert's weights upcast at a time, with explicit formulas: an op body runs below
-    autograd."""
+    autograd. The selection bias and the group limit only choose the picks, so they add no term;
+    the scale multiplies the weights' gradient; with softmax_topk the gradient goes through the
+    softmax over the k picked logits; with weight_on="input" a pick weight's gradient is
+    ``<dL/d(row), x>`` (the rounding of the row passes gradients straight through)."""
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha)
+                       swiglu_limit, swiglu_alpha, selection_bias=selection_bias, num_groups=num_groups,
+                       topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     accumulate = accumulate_dtype(x.dtype)
     need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad
     xa = x.to(accumulate)
@@ -390,28 +443,39 @@ def moe_backward(
 
     # Forward quantities of the router.
     logits = reference.router_logits(xa, router_weight_a, router_bias)
-    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-    picked_scores = scores.gather(1, ids)
-    picked_sum = picked_scores.sum(dim=-1, keepdim=True)
-    weights = picked_scores / picked_sum if normalize else picked_scores
+    topk_softmax = scoring == "softmax_topk"
+    if topk_softmax:
+        scores = logits
+        unscaled = torch.softmax(logits.gather(1, ids), dim=-1)
+    else:
+        scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+        picked_scores = scores.gather(1, ids)
+        picked_sum = picked_scores.sum(dim=-1, keepdim=True)
+        unscaled = picked_scores / picked_sum if normalize else picked_scores
+    weights = unscaled * routed_scaling_factor
     capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, num_experts)
     admitted = reference.admit(topk_ids, num_experts, capacity)
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit, swiglu_alpha,
-        (need_x, need_w1, need_w2, need_b1, need_b2))
+        (need_x, need_w1, need_w2, need_b1, need_b2), weight_on=weight_on, row_dtype=x.dtype)
 
-    # Router: weights -> picked scores -> all scores -> logits.
+    # Router: weights -> unscaled weights -> picked scores (or logits) -> all scores -> logits.
     if grad_topk_weights is not None:
         grad_weights = grad_weights + grad_topk_weights.to(accumulate)
-    if normalize:
-        grad_picked = (grad_weights - (grad_weights * weights).sum(dim=-1, keepdim=True)) / picked_sum
+    grad_unscaled = grad_weights * routed_scaling_factor
+    if topk_softmax:
+        grad_picked = unscaled * (grad_unscaled - (grad_unscaled * unscaled).sum(dim=-1, keepdim=True))
+        grad_logits = torch.zeros_like(logits).scatter_add_(1, ids, grad_picked)
     else:
-        grad_picked = grad_weights
-    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
-    if scoring == "softmax":
-        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
-    else:
-        grad_logits = grad_scores * scores * (1 - scores)
+        if normalize:
+            grad_picked = (grad_unscaled - (grad_unscaled * unscaled).sum(dim=-1, keepdim=True)) / picked_sum
+        else:
+            grad_picked = grad_unscaled
+        grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
+        if scoring == "softmax":
+            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+        else:
+            grad_logits = grad_scores * scores * (1 - scores)
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     if need_x:
@@ -427,23 +491,26 @@ def moe_backward(
 @moe_backward.register_fake
 def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None):
+                       swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1, topk_groups=1,
+                       routed_scaling_factor=1.0, weight_on="output"):
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha)
+                       swiglu_limit, swiglu_alpha, selection_bias=selection_bias, num_groups=num_groups,
+                       topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     inputs = [x, router_weight, w1, w2, router_bias, b1, b2]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
 
 def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit,
-                      swiglu_alpha, needs_grad):
+                      swiglu_alpha, needs_grad, *, weight_on="output", row_dtype=None):
     """The expert part of the backward, shared by both ops, for a fixed routing.
 
     ``xa`` is x in the accumulation dtype, ``weights [T, k]`` the pick weights in it, ``admitted``
     from reference.admit. Returns ``(grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights)``:
     grad_x and grad_weights in the accumulation dtype (grad_weights is zero at picks not admitted),
     the parameter gradients in the parameters' dtype or None where ``needs_grad`` (x, w1, w2, b1, b2)
-    says so."""
+    says so. With ``weight_on="input"`` the expert's input is the row ``round(x · w)`` (rounded to
+    ``row_dtype``, x's dtype) and its output is combined with 1."""
     accumulate = xa.dtype
     need_x, need_w1, need_w2, need_b1, need_b2 = needs_grad
     num_experts, top_k = w1.shape[0], topk_ids.shape[1]
@@ -458,9 +525,13 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
     grad_w2 = torch.zeros_like(w2) if need_w2 else None
     grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
     grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
+    weight_on_input = weight_on == "input"
     for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
         token, slot = picks // top_k, picks % top_k
         expert_x, w1_e, w2_e = xa[token], w1[expert].to(accumulate), w2[expert].to(accumulate)
+        pick_weights = weights[token, slot].unsqueeze(1)
+        if weight_on_input:
+            token_x, expert_x = expert_x, (expert_x * pick_weights).to(row_dtype or accumulate).to(accumulate)
         z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
         if gated:
             gate, up = z.chunk(2, dim=-1)
@@ -469,8 +540,11 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
             h, grad_z_factor = _activation_with_grad(z, activation)
         out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
         grad_token = grad_y[token]
-        grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
-        grad_out = weights[token, slot].unsqueeze(1) * grad_token
+        if weight_on_input:
+            grad_out = grad_token
+        else:
+            grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
+            grad_out = pick_weights * grad_token
         if grad_w2 is not None:
             grad_w2[expert] = grad_out.T @ h
         if grad_b2 is not None:
@@ -482,7 +556,12 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
             grad_w1[expert] = grad_z.T @ expert_x
         if grad_b1 is not None:
             grad_b1[expert] = grad_z.sum(dim=0)
-        if need_x:
+        if weight_on_input:
+            grad_row = grad_z @ w1_e
+            grad_weights[token, slot] = (grad_row * token_x).sum(dim=-1)
+            if need_x:
+                grad_x.index_add_(0, token, pick_weights * grad_row)
+        elif need_x:
             grad_x.index_add_(0, token, grad_z @ w1_e)
     return grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights
 
@@ -538,8 +617,10 @@ _ACTIVATION_OPTIONS = ("swiglu_limit", "swiglu_alpha")
 
 def _setup_context(ctx, inputs, output):
     x, router_weight, w1, w2, router_bias, b1, b2, *options = inputs
-    options = options + [None] * (len(_OPTIONS) + len(_ACTIVATION_OPTIONS) - len(options))
-    ctx.options = dict(zip(_OPTIONS + _ACTIVATION_OPTIONS, options))
+    names = _OPTIONS + _ACTIVATION_OPTIONS + tuple(ROUTING_OPTIONS)
+    defaults = (None,) * len(_ACTIVATION_OPTIONS) + tuple(ROUTING_OPTIONS.values())
+    options = list(options) + list(defaults[len(options) - len(_OPTIONS):])
+    ctx.options = dict(zip(names, options))
     ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, output[1])
 
 
@@ -551,7 +632,8 @@ def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_rout
     options = [ctx.options[name] for name in _OPTIONS]
     grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
                                             router_bias, b1, b2, topk_ids, *options, needs_grad,
-                                            ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"])
+                                            ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"],
+                                            *(ctx.options[name] for name in ROUTING_OPTIONS))
     return tuple(grad if need else None for grad, need in zip(grads, needs_grad)) + \
         (None,) * (len(ctx.needs_input_grad) - 7)
 
@@ -575,6 +657,7 @@ def moe_experts_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
+    weight_on: str = "output",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gate-less MoE forward: dispatch, experts and combine of ``x [T, H]`` for the routing
     ``topk_ids [T, k]`` int32 / ``topk_weights [T, k]`` (float32; float64 for float64 x) given from
@@ -583,7 +666,7 @@ def moe_experts_forward(
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_experts_forward_cuda`."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=True)
+                      swiglu_alpha, check_values=True, weight_on=weight_on)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_experts_forward has no native kernel for device {x.device.type!r} in this build "
@@ -592,7 +675,7 @@ def moe_experts_forward(
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _C.moe_forward_cpu(
         problem=_problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None,
-                         capacity_factor, swiglu_limit, swiglu_alpha),
+                         capacity_factor, swiglu_limit, swiglu_alpha, weight_on=weight_on),
         x=_address(x), router_weight=0, router_bias=0, w1=_address(w1), b1=_address(b1), w2=_address(w2),
         b2=_address(b2), y=_address(y), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
         expert_counts=_address(expert_counts), router_logits=0, dropped=_address(dropped),
@@ -608,15 +691,16 @@ def _empty_experts_outputs(x, w1):
 
 @moe_experts_forward.register_kernel("cuda")
 def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha):
+                              swiglu_limit, swiglu_alpha, weight_on="output"):
     """The persistent CUDA kernel with its gate stage skipped. No host sync: topk_ids' values are not
     read here (flashmoe.moe checks them before, outside graph capture and torch.compile); the kernel
     lets an id outside [0, E), or a repeat within a row, contribute zero."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=False)
+                      swiglu_alpha, check_values=False, weight_on=weight_on)
     _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
-                       swiglu_limit, swiglu_alpha)
+                       swiglu_limit, swiglu_alpha, weight_on=weight_on)
+    _refuse_cuda_routing_options(problem)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped)
     return y, expert_counts, dropped
@@ -624,9 +708,9 @@ def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
 
 @moe_experts_forward.register_fake
 def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha):
+                              swiglu_limit, swiglu_alpha, weight_on="output"):
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values=False)
+                      swiglu_alpha, check_values=False, weight_on=weight_on)
     if x.device.type == "cuda":
         _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS)
     return _empty_experts_outputs(x, w1)
@@ -648,6 +732,7 @@ def moe_experts_backward(
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
     needs_grad: list[bool],
+    weight_on: str = "output",
 ) -> list[Tensor]:
     """Gradients of moe_experts_forward for ``[x, w1, w2, b1, b2, topk_weights]`` (one flag per input
     in ``needs_grad``; an input that needs none, or is absent, gets an empty tensor). The routing is
@@ -659,7 +744,7 @@ def moe_experts_backward(
     admitted = reference.admit(ids, num_experts, capacity)
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, x.to(accumulate), w1, w2, b1, b2, ids, topk_weights.to(accumulate), admitted, gated, activation,
-        swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]))
+        swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]), weight_on=weight_on, row_dtype=x.dtype)
     grads = (grad_x if needs_grad[0] else None, grad_w1, grad_w2, grad_b1, grad_b2,
              grad_weights if needs_grad[5] else None)
     inputs = (x, w1, w2, b1, b2, topk_weights)
@@ -668,7 +753,7 @@ def moe_experts_backward(
 
 @moe_experts_backward.register_fake
 def _moe_experts_backward_fake(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                               swiglu_limit, swiglu_alpha, needs_grad):
+                               swiglu_limit, swiglu_alpha, needs_grad, weight_on="output"):
     inputs = [x, w1, w2, b1, b2, topk_weights]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
@@ -684,12 +769,12 @@ def _routed_ids(topk_ids: Tensor, num_experts: int) -> Tensor:
     return torch.where(routed, ids, torch.full_like(ids, num_experts))
 
 
-_EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha")
+_EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha", "weight_on")
 
 
 def _experts_setup_context(ctx, inputs, output):
     x, w1, w2, b1, b2, topk_ids, topk_weights, *options = inputs
-    ctx.options = options
+    ctx.options = list(options) + ["output"] * (len(_EXPERTS_OPTIONS) - len(options))
     ctx.save_for_backward(x, w1, w2, b1, b2, topk_ids, topk_weights)
 
 
@@ -698,8 +783,8 @@ def _experts_backward_autograd(ctx, grad_y, _grad_counts, _grad_dropped):
     needs_grad = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
     if grad_y is None:
         grad_y = torch.zeros_like(x)
-    grads = torch.ops.flashmoe.moe_experts_backward(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, *ctx.options,
-                                                    needs_grad)
+    grads = torch.ops.flashmoe.moe_experts_backward(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights,
+                                                    *ctx.options[:-1], needs_grad, ctx.options[-1])
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = (
         grad if need else None for grad, need in zip(grads, needs_grad))
     return (grad_x, grad_w1, grad_w2, grad_b1, grad_b2, None, grad_weights) + (None,) * len(_EXPERTS_OPTIONS)

@@ -147,10 +147,9 @@ def check_real(name: str, value, *, positive: bool = False) -> None:
     expected = "a finite number" + (" > 0" if positive else "")
     if not _is_real(value):
         raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int beyond float's range
-        finite = False
+    # A comparison, not math.isfinite: torch.compile traces it, and an int beyond float's range
+    # compares as finite instead of raising OverflowError (its size is checked by the caller).
+    finite = -math.inf < value < math.inf and not (isinstance(value, int) and abs(value) >= 2**1024)
     if not finite or (positive and not value > 0):
         shown = value if not isinstance(value, int) or abs(value) < 10**20 else f"an int of {len(str(abs(value)))} digits"
         raise ValueError(f"{name} must be {expected}, got {shown}")
