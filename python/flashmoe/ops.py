@@ -442,40 +442,17 @@ def moe_backward(
     ids = topk_ids.long()
 
     # Forward quantities of the router.
-    logits = reference.router_logits(xa, router_weight_a, router_bias)
-    topk_softmax = scoring == "softmax_topk"
-    if topk_softmax:
-        scores = logits
-        unscaled = torch.softmax(logits.gather(1, ids), dim=-1)
-    else:
-        scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-        picked_scores = scores.gather(1, ids)
-        picked_sum = picked_scores.sum(dim=-1, keepdim=True)
-        unscaled = picked_scores / picked_sum if normalize else picked_scores
-    weights = unscaled * routed_scaling_factor
+    router = RouterWeights(xa, router_weight_a, router_bias, ids, scoring, normalize, routed_scaling_factor)
+    weights = router.weights
     capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, num_experts)
     admitted = reference.admit(topk_ids, num_experts, capacity)
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit, swiglu_alpha,
         (need_x, need_w1, need_w2, need_b1, need_b2), weight_on=weight_on, row_dtype=x.dtype)
 
-    # Router: weights -> unscaled weights -> picked scores (or logits) -> all scores -> logits.
     if grad_topk_weights is not None:
         grad_weights = grad_weights + grad_topk_weights.to(accumulate)
-    grad_unscaled = grad_weights * routed_scaling_factor
-    if topk_softmax:
-        grad_picked = unscaled * (grad_unscaled - (grad_unscaled * unscaled).sum(dim=-1, keepdim=True))
-        grad_logits = torch.zeros_like(logits).scatter_add_(1, ids, grad_picked)
-    else:
-        if normalize:
-            grad_picked = (grad_unscaled - (grad_unscaled * unscaled).sum(dim=-1, keepdim=True)) / picked_sum
-        else:
-            grad_picked = grad_unscaled
-        grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
-        if scoring == "softmax":
-            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
-        else:
-            grad_logits = grad_scores * scores * (1 - scores)
+    grad_logits = router.grad_logits(grad_weights)
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     if need_x:
@@ -486,6 +463,43 @@ def moe_backward(
     grads = (grad_x if need_x else None, grad_router_weight, grad_w1, grad_w2, grad_router_bias, grad_b1, grad_b2)
     inputs = (x, router_weight, w1, w2, router_bias, b1, b2)
     return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+class RouterWeights:
+    """The pick weights of a fixed routing ``ids [T, k]`` as functions of the router logits, and
+    their chain rule back to the logits: shared by every backward (single process and expert
+    parallel). The selection bias and the group limit only choose the picks, so they add no term.
+
+    ``weights``: ``[T, k]`` in the accumulation dtype of ``xa``; ``logits``: ``[T, E]``."""
+
+    def __init__(self, xa, router_weight_a, router_bias, ids, scoring, normalize, routed_scaling_factor):
+        self.ids, self.scoring, self.normalize, self.scale = ids, scoring, normalize, routed_scaling_factor
+        self.logits = reference.router_logits(xa, router_weight_a, router_bias)
+        if scoring == "softmax_topk":
+            self.scores = self.logits
+            self.unscaled = torch.softmax(self.logits.gather(1, ids), dim=-1)
+        else:
+            self.scores = torch.softmax(self.logits, dim=-1) if scoring == "softmax" else torch.sigmoid(self.logits)
+            picked = self.scores.gather(1, ids)
+            self.picked_sum = picked.sum(dim=-1, keepdim=True)
+            self.unscaled = picked / self.picked_sum if normalize else picked
+        self.weights = self.unscaled * routed_scaling_factor
+
+    def grad_logits(self, grad_weights):
+        """weights -> unscaled weights -> picked scores (or picked logits) -> all scores -> logits."""
+        grad_unscaled = grad_weights * self.scale
+        if self.scoring == "softmax_topk":
+            grad_picked = self.unscaled * (grad_unscaled - (grad_unscaled * self.unscaled).sum(dim=-1, keepdim=True))
+            return torch.zeros_like(self.logits).scatter_add_(1, self.ids, grad_picked)
+        if self.normalize:
+            grad_picked = (grad_unscaled - (grad_unscaled * self.unscaled).sum(dim=-1, keepdim=True)) / self.picked_sum
+        else:
+            grad_picked = grad_unscaled
+        scores = self.scores
+        grad_scores = torch.zeros_like(scores).scatter_add_(1, self.ids, grad_picked)
+        if self.scoring == "softmax":
+            return scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+        return grad_scores * scores * (1 - scores)
 
 
 @moe_backward.register_fake

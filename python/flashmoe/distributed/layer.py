@@ -30,12 +30,23 @@ class ExpertParallelMoE(nn.Module):
                  transport: str = "auto", gated: bool = True, activation: str = "silu", normalize: bool = True,
                  scoring: str = "softmax", capacity_factor: Optional[float] = None, router_bias: bool = False,
                  expert_bias: bool = False, load_balancing_coef: float = 0.01, z_loss_coef: float = 0.0,
-                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
+                 selection_bias: bool = False, num_groups: int = 1, topk_groups: int = 1,
+                 routed_scaling_factor: float = 1.0, router_dtype: Optional[torch.dtype] = None,
+                 weight_on: str = "output", watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None,
+                 dtype=None) -> None:
         super().__init__()
         check_expert_parallel_activation(activation)
         reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
                                  activation=activation, normalize=normalize, scoring=scoring,
-                                 capacity_factor=capacity_factor)
+                                 capacity_factor=capacity_factor, num_groups=num_groups, topk_groups=topk_groups,
+                                 routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
+        reference.check_bool("selection_bias", selection_bias)
+        if router_dtype is not None:
+            reference.check_dtype("router_dtype", router_dtype)
+            layer_dtype = torch.get_default_dtype() if dtype is None else dtype
+            if router_dtype != layer_dtype and not reference.router_f32(layer_dtype, router_dtype):
+                raise TypeError(f"router_dtype must be None, the layer's dtype {layer_dtype}, or torch.float32 for a "
+                                f"bfloat16 / float16 layer, got {router_dtype}")
         reference.check_choice("transport", transport, TRANSPORTS)
         self.rank, self.world_size = _group_rank_and_size(group)
         if num_experts % self.world_size:
@@ -45,14 +56,19 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = num_experts // self.world_size
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self.capacity_factor = capacity_factor
+        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.routed_scaling_factor, self.weight_on = routed_scaling_factor, weight_on
         self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         factory = dict(device=device, dtype=dtype)
         rows = 2 * ffn_size if gated else ffn_size
         local = self.local_experts
-        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        router_factory = dict(device=device, dtype=router_dtype or dtype)
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **router_factory))
         self.w1 = nn.Parameter(torch.empty(local, rows, hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(local, hidden_size, ffn_size, **factory))
-        self.router_bias = nn.Parameter(torch.empty(num_experts, **factory)) if router_bias else None
+        self.router_bias = nn.Parameter(torch.empty(num_experts, **router_factory)) if router_bias else None
+        self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32)
+                             if selection_bias else None)
         self.b1 = nn.Parameter(torch.empty(local, rows, **factory)) if expert_bias else None
         self.b2 = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
         self.reset_parameters()
@@ -76,7 +92,10 @@ class ExpertParallelMoE(nn.Module):
         y, routing = moe(tokens, self.router_weight, self.w1, self.w2, top_k=self.top_k, group=self.group,
                          transport=self.transport, gated=self.gated, activation=self.activation,
                          normalize=self.normalize, scoring=self.scoring, capacity_factor=self.capacity_factor,
-                         router_bias=self.router_bias, b1=self.b1, b2=self.b2, return_routing=True,
+                         router_bias=self.router_bias, b1=self.b1, b2=self.b2, selection_bias=self.selection_bias,
+                         num_groups=self.num_groups, topk_groups=self.topk_groups,
+                         routed_scaling_factor=self.routed_scaling_factor, weight_on=self.weight_on,
+                         return_routing=True,
                          watchdog_seconds=self.watchdog_seconds)
         y = y.reshape(x.shape)
         if not (return_aux_loss or return_routing):
@@ -105,7 +124,10 @@ class ExpertParallelMoE(nn.Module):
                       scoring=layer.scoring, capacity_factor=layer.capacity_factor,
                       router_bias=layer.router_bias is not None, expert_bias=layer.b1 is not None,
                       load_balancing_coef=layer.load_balancing_coef, z_loss_coef=layer.z_loss_coef,
-                      watchdog_seconds=watchdog_seconds, device="meta", dtype=layer.router_weight.dtype)
+                      selection_bias=layer.selection_bias is not None, num_groups=layer.num_groups,
+                      topk_groups=layer.topk_groups, routed_scaling_factor=layer.routed_scaling_factor,
+                      router_dtype=layer.router_weight.dtype, weight_on=layer.weight_on,
+                      watchdog_seconds=watchdog_seconds, device="meta", dtype=layer.w1.dtype)
         mine = slice(rank * sharded.local_experts, (rank + 1) * sharded.local_experts)
         with torch.no_grad():
             for name, part in (("router_weight", None), ("router_bias", None), ("w1", mine), ("w2", mine),
@@ -114,6 +136,8 @@ class ExpertParallelMoE(nn.Module):
                 if source is not None:
                     value = source.detach() if part is None else source.detach()[part]
                     setattr(sharded, name, nn.Parameter(value.clone()))
+            if layer.selection_bias is not None:
+                sharded.selection_bias = layer.selection_bias.detach().clone()
         return sharded
 
     def extra_repr(self) -> str:
