@@ -235,7 +235,7 @@ def test_backward_op_matches_reference_autograd(gate, capacity_factor):
     grads = torch.ops.flashmoe.moe_backward(
         grad_y, None, None, problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
         routing.topk_ids, 2, True, "silu", True, "softmax", capacity_factor, [True] * 10, None, None,
-        problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+        shared_w1=problem["shared_w1"], shared_w2=problem["shared_w2"], shared_gate=problem.get("shared_gate"))
     assert len(grads) == 10
     for name, grad in zip(ops._GRAD_INPUTS, grads):
         if name in expected:
@@ -253,8 +253,8 @@ def test_backward_op_takes_seven_flags_without_a_shared_expert():
             problem["w2"], None, None, None, routing.topk_ids, 2, True, "silu", True, "softmax", None)
     assert len(torch.ops.flashmoe.moe_backward(*args, [True] * 7)) == 7
     with pytest.raises(ValueError, match="needs_grad must be a list of 10 bools"):
-        torch.ops.flashmoe.moe_backward(*args, [True] * 7, None, None, torch.ones(4, 24, dtype=torch.float64),
-                                        torch.ones(24, 2, dtype=torch.float64))
+        torch.ops.flashmoe.moe_backward(*args, [True] * 7, None, None, shared_w1=torch.ones(4, 24, dtype=torch.float64),
+                                        shared_w2=torch.ones(24, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
@@ -271,7 +271,8 @@ def test_experts_backward_op_matches_reference_autograd(gate):
     (y * grad_y).sum().backward()
     grads = torch.ops.flashmoe.moe_experts_backward(
         grad_y, problem["x"], problem["w1"], problem["w2"], None, None, ids.int(), weights, True, "silu", None, None,
-        None, [True] * 9, problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+        None, [True] * 9, shared_w1=problem["shared_w1"], shared_w2=problem["shared_w2"],
+        shared_gate=problem.get("shared_gate"))
     for name, grad in zip(ops._EXPERTS_GRAD_INPUTS, grads):
         if name in names:
             torch.testing.assert_close(grad, leaves[name].grad, rtol=1e-9, atol=1e-10, msg=name)
@@ -446,6 +447,7 @@ def test_layer_native_forward_and_backward():
 def test_opcheck():
     problem = shared_problem(28, tokens=9, gate=True)
     args = (problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None, 2, True, "silu",
-            True, "softmax", None, None, None, problem["shared_w1"], problem["shared_w2"], problem["shared_gate"])
+            True, "softmax", None, None, None, None, 1, 1, 1.0, "output", problem["shared_w1"], problem["shared_w2"],
+            problem["shared_gate"])
     torch.library.opcheck(torch.ops.flashmoe.moe_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

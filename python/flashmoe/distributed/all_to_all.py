@@ -16,7 +16,18 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from ..ops import _address, _empty_outputs, _problem
+from ..ops import _address, _empty_outputs, _problem, selection_bias_values
+from ..reference import accumulate_dtype
+
+
+def _weighted_rows(rows, pick_row, topk_weights, admitted):
+    """weight_on="input": each admitted row x[t] becomes round(x[t] · w[t, j]), the product in the
+    accumulation dtype, as cpu/source_steps.h dispatch_row computes it for the dataflow runtime."""
+    picks = torch.empty(admitted, dtype=torch.int64)
+    routed = (pick_row >= 0).nonzero().flatten()
+    picks[pick_row[routed].long()] = routed
+    weights = topk_weights.flatten()[picks].unsqueeze(1)
+    return (rows.to(accumulate_dtype(rows.dtype)) * weights).to(rows.dtype)
 
 
 def exchange_rows(output: torch.Tensor, send: torch.Tensor, output_rows: list, send_rows: list, group) -> None:
@@ -50,14 +61,17 @@ def exchange_counts(send_counts: torch.Tensor, group, world_size: int) -> torch.
     return received.view(world_size, -1)
 
 
-def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
+def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias=None):
     config, group = context.config, context.group
     world, local, top_k = context.world_size, context.local_experts, config.top_k
     tokens, experts = x.shape[0], config.num_experts
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    bias_values = selection_bias_values(selection_bias, x)  # held until route_tokens returns
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, config.gated, config.activation,
-                       config.normalize, config.scoring, capacity_factor)
+                       config.normalize, config.scoring, capacity_factor, selection_bias=bias_values,
+                       num_groups=config.num_groups, topk_groups=config.topk_groups,
+                       routed_scaling_factor=config.routed_scaling_factor, weight_on=config.weight_on)
     expert_offsets = torch.empty(experts + 1, dtype=torch.int64)
     pick_row = torch.empty(tokens * top_k, dtype=torch.int32)
     row_token = torch.empty(tokens * top_k, dtype=torch.int32)
@@ -65,7 +79,7 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
                     router_bias=_address(router_bias), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
                     expert_counts=_address(expert_counts), router_logits=_address(router_logits),
                     dropped=_address(dropped), expert_offsets=_address(expert_offsets), pick_row=_address(pick_row),
-                    row_token=_address(row_token), threads=context.threads)
+                    row_token=_address(row_token), threads=context.threads, selection_bias=_address(bias_values))
     # Rows of this source per cell (owner o, local expert l), in expert order = owner-major order.
     cell_rows = expert_offsets.diff().view(world, local)
     received_cells = exchange_counts(cell_rows, group, world)  # [source, local expert]
@@ -73,6 +87,8 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
     receive_rows = received_cells.sum(dim=1).tolist()
     admitted = int(expert_offsets[-1])
     send = x[row_token[:admitted].long()]
+    if config.weight_on == "input":
+        send = _weighted_rows(send, pick_row, topk_weights, admitted)
     received = x.new_empty((sum(receive_rows), x.shape[1]))
     exchange_rows(received, send, receive_rows, send_rows, group)
     expert_out = torch.empty_like(received)

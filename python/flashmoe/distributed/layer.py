@@ -54,9 +54,9 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = num_experts // self.world_size
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self.capacity_factor = capacity_factor
-        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.routed_scaling_factor, self.weight_on = routed_scaling_factor, weight_on
+        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.shared_ffn_size = shared_ffn_size
         factory = dict(device=device, dtype=dtype)
         router_factory = dict(device=device, dtype=router_dtype or dtype)
