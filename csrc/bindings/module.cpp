@@ -152,12 +152,20 @@ void run_expert_rows(const Problem& problem, uintptr_t w1, uintptr_t b1, uintptr
 }
 
 void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, uintptr_t topk_weights,
-                    uintptr_t rows_home, uintptr_t y, int threads) {
+                    uintptr_t rows_home, uintptr_t y, int threads, uintptr_t x, uintptr_t shared_rows,
+                    uintptr_t shared_gate) {
+  if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
   require(tokens >= 0, "flashmoe: tokens must be >= 0");
   require(tokens == 0 || (pick_row && topk_weights && y), "flashmoe: a required token tensor pointer is null");
+  require(tokens == 0 || problem.has_shared_expert() == (shared_rows != 0),
+          "flashmoe: shared_ffn disagrees with shared_rows");
+  require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
+  require(!problem.has_shared_gate || tokens == 0 || x, "flashmoe: the shared gate needs x");
   py::gil_scoped_release release;
   cpu::combine_tokens(problem, tokens, as_ptr<const int32_t>(pick_row), as_ptr<const void>(topk_weights),
-                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads));
+                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads),
+                      cpu::SharedRows{as_ptr<const void>(shared_rows), as_ptr<const void>(x),
+                                      as_ptr<const void>(shared_gate)});
 }
 
 #if FLASHMOE_WITH_CUDA
@@ -304,8 +312,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w2"), py::arg("b2"), py::arg("rows"), py::arg("cell_rows"), py::arg("local_experts"), py::arg("out"),
         py::arg("threads"), "all_to_all owner step: the local experts' FFN of every received row, cell by cell.");
   m.def("combine_tokens", &combine_tokens, py::kw_only(), py::arg("problem"), py::arg("tokens"), py::arg("pick_row"),
-        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"),
-        "all_to_all source step: y from the rows that came home, in the contract's order.");
+        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"), py::arg("x") = 0,
+        py::arg("shared_rows") = 0, py::arg("shared_gate") = 0,
+        "all_to_all source step: y from the rows that came home, in the contract's order, then the shared "
+        "expert's rows (shared_rows [T, H], weighted by sigma(x . shared_gate) when given).");
 
   m.def("expert_capacity", [](double capacity_factor, int64_t tokens, int64_t top_k, int64_t experts) {
     if (!std::isfinite(capacity_factor) || capacity_factor <= 0)

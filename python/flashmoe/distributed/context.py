@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
+from ..ops import shared_ffn
 
 TRANSPORTS = ("auto", "symmetric", "all_to_all")
 DEFAULT_WATCHDOG_SECONDS = 60.0
@@ -42,6 +43,8 @@ class LayerConfig:
     router_bias: bool
     expert_bias_b1: bool
     expert_bias_b2: bool
+    shared_ffn_size: int = 0   # S of the replicated shared expert, 0 for none
+    shared_gate: bool = False
 
     def comparable(self) -> dict:
         return {field.name: (str(value) if isinstance(value, torch.dtype) else value)
@@ -155,15 +158,16 @@ class Context:
         """Bytes of this rank's symmetric heap (0 under all_to_all)."""
         return 0 if self._symmetric is None else self._symmetric.heap_bytes
 
-    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity):
-        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. Returns
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, shared=(None, None, None)):
+        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. ``shared``: the
+        (shared_w1, shared_w2, shared_gate) of a shared expert, or Nones. Returns
         (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
         if self._destroyed:
             raise RuntimeError("flashmoe.distributed: this Context was destroyed")
         if self._symmetric is not None:
-            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, shared)
         from .all_to_all import forward
-        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, shared)
 
     def destroy(self) -> None:
         """Releases the shared-memory mappings (the segments were unlinked at creation). Idempotent."""
@@ -218,7 +222,7 @@ def check_expert_parallel_activation(activation) -> None:
 
 
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
-                 router_bias, b1, b2) -> LayerConfig:
+                 router_bias, b1, b2, shared_w1=None, shared_w2=None, shared_gate=None) -> LayerConfig:
     """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [T, H], got {type(x).__name__}")
@@ -255,6 +259,7 @@ def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normaliz
     reference.validate_options(experts, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
                                normalize=normalize, capacity_factor=capacity_factor)
     check_expert_parallel_activation(activation)
+    reference.check_shared_expert(x, shared_w1, shared_w2, shared_gate, gated=gated)
     return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
                        None if capacity_factor is None else float(capacity_factor), router_bias is not None,
-                       b1 is not None, b2 is not None)
+                       b1 is not None, b2 is not None, shared_ffn(shared_w1, gated), shared_gate is not None)

@@ -23,13 +23,16 @@ class ExpertParallelMoE(nn.Module):
 
     Parameters: ``router_weight [E, H]`` (replicated: all-reduce its gradient as for any
     data-parallel Parameter), ``w1 [L, 2I or I, H]``, ``w2 [L, H, I]``, and the optional
-    ``router_bias [E]``, ``b1 [L, 2I or I]``, ``b2 [L, H]``.
+    ``router_bias [E]``, ``b1 [L, 2I or I]``, ``b2 [L, H]``; with ``shared_ffn_size`` S > 0 the
+    replicated shared expert ``shared_w1 [2S or S, H]``, ``shared_w2 [H, S]`` and, with ``shared_gate``,
+    ``shared_gate [1, H]`` (each rank runs it on its own tokens; all-reduce their gradients too).
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, group=None,
                  transport: str = "auto", gated: bool = True, activation: str = "silu", normalize: bool = True,
                  scoring: str = "softmax", capacity_factor: Optional[float] = None, router_bias: bool = False,
                  expert_bias: bool = False, load_balancing_coef: float = 0.01, z_loss_coef: float = 0.0,
+                 shared_ffn_size: int = 0, shared_gate: bool = False,
                  watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
         super().__init__()
         check_expert_parallel_activation(activation)
@@ -37,6 +40,10 @@ class ExpertParallelMoE(nn.Module):
                                  activation=activation, normalize=normalize, scoring=scoring,
                                  capacity_factor=capacity_factor)
         reference.check_choice("transport", transport, TRANSPORTS)
+        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
+        reference.check_bool("shared_gate", shared_gate)
+        if shared_gate and not shared_ffn_size:
+            raise ValueError("shared_gate=True scales the shared expert's output, so it needs shared_ffn_size > 0")
         self.rank, self.world_size = _group_rank_and_size(group)
         if num_experts % self.world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
@@ -55,13 +62,23 @@ class ExpertParallelMoE(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(num_experts, **factory)) if router_bias else None
         self.b1 = nn.Parameter(torch.empty(local, rows, **factory)) if expert_bias else None
         self.b2 = nn.Parameter(torch.empty(local, hidden_size, **factory)) if expert_bias else None
+        self.shared_ffn_size = shared_ffn_size
+        shared_rows = 2 * shared_ffn_size if gated else shared_ffn_size
+        self.shared_w1 = nn.Parameter(torch.empty(shared_rows, hidden_size, **factory)) if shared_ffn_size else None
+        self.shared_w2 = nn.Parameter(torch.empty(hidden_size, shared_ffn_size, **factory)) if shared_ffn_size else None
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden_size, **factory)) if shared_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init per expert (the router must then be made equal on every rank,
         e.g. by seeding alike or broadcasting; :meth:`from_moe` copies one)."""
         for weight, bias, fan_in in ((self.router_weight, self.router_bias, self.hidden_size),
-                                     (self.w1, self.b1, self.hidden_size), (self.w2, self.b2, self.ffn_size)):
+                                     (self.w1, self.b1, self.hidden_size), (self.w2, self.b2, self.ffn_size),
+                                     (self.shared_w1, None, self.hidden_size),
+                                     (self.shared_w2, None, self.shared_ffn_size),
+                                     (self.shared_gate, None, self.hidden_size)):
+            if weight is None:
+                continue
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
@@ -76,7 +93,8 @@ class ExpertParallelMoE(nn.Module):
         y, routing = moe(tokens, self.router_weight, self.w1, self.w2, top_k=self.top_k, group=self.group,
                          transport=self.transport, gated=self.gated, activation=self.activation,
                          normalize=self.normalize, scoring=self.scoring, capacity_factor=self.capacity_factor,
-                         router_bias=self.router_bias, b1=self.b1, b2=self.b2, return_routing=True,
+                         router_bias=self.router_bias, b1=self.b1, b2=self.b2, shared_w1=self.shared_w1,
+                         shared_w2=self.shared_w2, shared_gate=self.shared_gate, return_routing=True,
                          watchdog_seconds=self.watchdog_seconds)
         y = y.reshape(x.shape)
         if not (return_aux_loss or return_routing):
@@ -105,11 +123,14 @@ class ExpertParallelMoE(nn.Module):
                       scoring=layer.scoring, capacity_factor=layer.capacity_factor,
                       router_bias=layer.router_bias is not None, expert_bias=layer.b1 is not None,
                       load_balancing_coef=layer.load_balancing_coef, z_loss_coef=layer.z_loss_coef,
+                      shared_ffn_size=getattr(layer, "shared_ffn_size", 0),
+                      shared_gate=getattr(layer, "shared_gate", None) is not None,
                       watchdog_seconds=watchdog_seconds, device="meta", dtype=layer.router_weight.dtype)
         mine = slice(rank * sharded.local_experts, (rank + 1) * sharded.local_experts)
         with torch.no_grad():
             for name, part in (("router_weight", None), ("router_bias", None), ("w1", mine), ("w2", mine),
-                               ("b1", mine), ("b2", mine)):
+                               ("b1", mine), ("b2", mine), ("shared_w1", None), ("shared_w2", None),
+                               ("shared_gate", None)):
                 source = getattr(layer, name)
                 if source is not None:
                     value = source.detach() if part is None else source.detach()[part]
@@ -119,4 +140,6 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, num_experts={self.num_experts}, "
                 f"local_experts={self.local_experts}, top_k={self.top_k}, transport={self.transport!r}, "
-                f"gated={self.gated}, activation={self.activation!r}, capacity_factor={self.capacity_factor}")
+                f"gated={self.gated}, activation={self.activation!r}, capacity_factor={self.capacity_factor}"
+                + (f", shared_ffn_size={self.shared_ffn_size}, shared_gate={self.shared_gate is not None}"
+                   if self.shared_ffn_size else ""))
