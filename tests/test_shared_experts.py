@@ -279,13 +279,15 @@ def test_experts_backward_op_matches_reference_autograd(gate):
             assert grad.numel() == 0
 
 
-def test_cuda_kernel_refuses_shared_experts_by_name():
-    """The CUDA kernel has no shared-expert tasks yet: its checks raise a named NotImplementedError
-    (run here on the CPU through the same check the CUDA kernel and its fake call)."""
-    problem = shared_problem(9, tokens=3)
-    with pytest.raises(NotImplementedError, match="the CUDA kernel has no shared-expert tasks"):
-        ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
-                           shared_w1=problem["shared_w1"])
+def test_cuda_checks_name_the_shared_tensors():
+    """The CUDA kernel's own checks (run here through the function its kernel and fake call) name a
+    shared expert tensor on another device."""
+    problem = shared_problem(9, tokens=3, gate=True)
+    for name in ("shared_w1", "shared_w2", "shared_gate"):
+        shared = [problem[n] if n != name else problem[n].to("meta") for n in ("shared_w1", "shared_w2", "shared_gate")]
+        with pytest.raises(ValueError, match=f"{name} must be on device cpu"):
+            ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
+                               shared=tuple(shared))
 
 
 # --------------------------------------------------------------------------- the native CPU op
@@ -564,3 +566,38 @@ def _distributed_scenario(rank, world_size):
 def test_distributed_world_of_two():
     from test_distributed import spawn
     spawn(2, _distributed_scenario)
+
+
+# --------------------------------------------------------------------------- the CUDA kernel (GPU only)
+
+CUDA_READY = bool(getattr(flashmoe._C, "cuda_compiled", False)) and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device and flashmoe built with its CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("gate_less", [False, True], ids=["router", "given_routing"])
+def test_cuda_matches_reference(dtype, gate, gate_less):
+    """The kernel's shared-expert cell against the float64 reference (every element finite), and the
+    same bits on a second run."""
+    problem = shared_problem(50, tokens=300, hidden=136, ffn=40, experts=4, shared_ffn=200, dtype=dtype, gate=gate)
+    cuda = {name: t.cuda() for name, t in problem.items()}
+    options = dict(top_k=2, capacity_factor=0.8)
+    if gate_less:
+        _, routing = reference.moe(**problem, **options, return_routing=True)
+        routing_options = dict(topk_ids=routing.topk_ids.cuda(), topk_weights=routing.topk_weights.cuda(),
+                               capacity_factor=0.8)
+        cuda.pop("router_weight")
+        problem.pop("router_weight")
+        y = flashmoe.moe(**cuda, **routing_options, backend="native")
+        again = flashmoe.moe(**cuda, **routing_options, backend="native")
+        ref = reference.moe(**double(problem), topk_ids=routing.topk_ids, topk_weights=routing.topk_weights.double(),
+                            capacity_factor=0.8)
+    else:
+        y = flashmoe.moe(**cuda, **options, backend="native")
+        again = flashmoe.moe(**cuda, **options, backend="native")
+        ref = reference.moe(**double(problem), **options)
+    assert torch.isfinite(y).all()
+    assert same_bits(y, again)
+    assert rel_err(y.cpu(), ref) < TOLERANCE[dtype]

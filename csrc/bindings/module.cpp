@@ -172,8 +172,13 @@ void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, 
 void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                       uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                       uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream) {
+                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
+                      uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+  require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   cuda::Pointers pointers;
+  pointers.shared_w1 = as_ptr<const void>(shared_w1);
+  pointers.shared_w2 = as_ptr<const void>(shared_w2);
+  pointers.shared_gate = as_ptr<const void>(shared_gate);
   pointers.x = as_ptr<const void>(x);
   pointers.router_weight = as_ptr<const void>(router_weight);
   pointers.router_bias = as_ptr<const void>(router_bias);
@@ -445,7 +450,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
         py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("shared_w1") = 0,
+        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
 #else
   m.attr("cuda_compiled") = false;
