@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import flashmoe
 from conftest import DTYPES, TOLERANCE, dtype_id, make_problem, rel_err, same_bits
-from flashmoe import ops, reference
+from flashmoe import _C, ops, reference
 
 
 def shared_weights(seed, *, hidden, shared_ffn, gated=True, gate=False, dtype=torch.float32):
@@ -341,7 +341,7 @@ def test_native_writes_every_output_element(dtype):
     descriptor = native_problem(70, 24, 16, 6, dtype, top_k=2)
     descriptor.shared_ffn, descriptor.has_shared_gate = 10, True
     outputs = empty_outputs(problem, 2, poison=True)
-    flashmoe._C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=2,
+    _C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=2,
                                 **{name: t.data_ptr() for name, t in shared.items()})
     assert not torch.isnan(outputs["y"]).any()
     expected = flashmoe.moe(**problem, **shared, top_k=2, backend="native")
@@ -355,13 +355,13 @@ def test_native_raw_entry_checks_the_shared_pointers():
     addresses = raw_addresses(problem, empty_outputs(problem, 2))
     descriptor = native_problem(5, 24, 16, 6, torch.float32, top_k=2)
     with pytest.raises(ValueError, match="shared_ffn disagrees with shared_w1/shared_w2"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
                                     shared_w1=shared["shared_w1"].data_ptr(), shared_w2=shared["shared_w2"].data_ptr())
     descriptor.shared_ffn = 10
     with pytest.raises(ValueError, match="shared_ffn disagrees"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
     with pytest.raises(ValueError, match="has_shared_gate disagrees with shared_gate"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
                                     **{name: t.data_ptr() for name, t in shared.items()})
     descriptor.shared_ffn, descriptor.has_shared_gate = 0, True
     assert "has_shared_gate needs a shared expert" in descriptor.validate()
@@ -570,7 +570,7 @@ def test_distributed_world_of_two():
 
 # --------------------------------------------------------------------------- the CUDA kernel (GPU only)
 
-CUDA_READY = bool(getattr(flashmoe._C, "cuda_compiled", False)) and torch.cuda.is_available()
+CUDA_READY = bool(getattr(_C, "cuda_compiled", False)) and torch.cuda.is_available()
 
 
 @pytest.mark.gpu
