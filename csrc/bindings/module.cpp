@@ -169,23 +169,36 @@ void run_expert_rows(const Problem& problem, uintptr_t w1, uintptr_t b1, uintptr
 }
 
 void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, uintptr_t topk_weights,
-                    uintptr_t rows_home, uintptr_t y, int threads) {
+                    uintptr_t rows_home, uintptr_t y, int threads, uintptr_t x, uintptr_t shared_rows,
+                    uintptr_t shared_gate) {
+  if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
   require(tokens >= 0, "flashmoe: tokens must be >= 0");
   require(tokens == 0 || (pick_row && topk_weights && y), "flashmoe: a required token tensor pointer is null");
+  require(tokens == 0 || problem.has_shared_expert() == (shared_rows != 0),
+          "flashmoe: shared_ffn disagrees with shared_rows");
+  require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
+  require(!problem.has_shared_gate || tokens == 0 || x, "flashmoe: the shared gate needs x");
   py::gil_scoped_release release;
   cpu::combine_tokens(problem, tokens, as_ptr<const int32_t>(pick_row), as_ptr<const void>(topk_weights),
-                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads));
+                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads),
+                      cpu::SharedRows{as_ptr<const void>(shared_rows), as_ptr<const void>(x),
+                                      as_ptr<const void>(shared_gate)});
 }
 
 #if FLASHMOE_WITH_CUDA
 void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                       uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                       uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream) {
+                     uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
+                     uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
   require(!cuda_lacks_routing_options(problem),
           "flashmoe: the CUDA kernel does not compute the routing options (softmax_topk, selection_bias, "
           "num_groups/topk_groups, routed_scaling_factor, weight_on_input, router_f32) yet");
+  require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   cuda::Pointers pointers;
+  pointers.shared_w1 = as_ptr<const void>(shared_w1);
+  pointers.shared_w2 = as_ptr<const void>(shared_w2);
+  pointers.shared_gate = as_ptr<const void>(shared_gate);
   pointers.x = as_ptr<const void>(x);
   pointers.router_weight = as_ptr<const void>(router_weight);
   pointers.router_bias = as_ptr<const void>(router_bias);
@@ -332,8 +345,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w2"), py::arg("b2"), py::arg("rows"), py::arg("cell_rows"), py::arg("local_experts"), py::arg("out"),
         py::arg("threads"), "all_to_all owner step: the local experts' FFN of every received row, cell by cell.");
   m.def("combine_tokens", &combine_tokens, py::kw_only(), py::arg("problem"), py::arg("tokens"), py::arg("pick_row"),
-        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"),
-        "all_to_all source step: y from the rows that came home, in the contract's order.");
+        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"), py::arg("x") = 0,
+        py::arg("shared_rows") = 0, py::arg("shared_gate") = 0,
+        "all_to_all source step: y from the rows that came home, in the contract's order, then the shared "
+        "expert's rows (shared_rows [T, H], weighted by sigma(x . shared_gate) when given).");
 
   m.def("expert_capacity", [](double capacity_factor, int64_t tokens, int64_t top_k, int64_t experts) {
     if (!std::isfinite(capacity_factor) || capacity_factor <= 0)
@@ -465,7 +480,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
         py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("shared_w1") = 0,
+        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
 #else
   m.attr("cuda_compiled") = false;

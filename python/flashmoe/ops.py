@@ -185,13 +185,11 @@ def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_
             raise ValueError(f"topk_ids must lie in [0, E={experts}), got values in [{low}, {high}]")
 
 
-def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS, shared_w1=None):
+def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS, shared=(None, None, None)):
     """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
-    and contiguity): a dtype it computes in, and no shared expert (it has no shared-expert tasks yet)."""
-    if shared_w1 is not None:
-        raise NotImplementedError(
-            "flashmoe: the CUDA kernel has no shared-expert tasks yet, so it cannot take shared_w1/shared_w2/"
-            "shared_gate; run the layer on the CPU, or use flashmoe.moe(..., backend='reference') on the GPU")
+    and contiguity): a dtype it computes in, and every tensor (the shared expert's too) on x's device."""
+    tensors = tensors + tuple(shared)
+    names = tuple(names) + _SHARED_ARGUMENTS
     if x.dtype not in _CUDA_DTYPES:
         raise TypeError(
             f"x has dtype {x.dtype}; the CUDA kernel of flashmoe::moe_forward takes "
@@ -359,21 +357,21 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
                    routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
               capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, **routing)
-    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
+    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                       capacity_factor, swiglu_limit, swiglu_alpha, **routing)
+                       capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate, **routing)
     _refuse_cuda_routing_options(problem)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped)
+                 router_logits, dropped, (shared_w1, shared_w2, shared_gate))
     return outputs
 
 
 def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped):
+                 router_logits, dropped, shared=(None, None, None)):
     """Enqueues the persistent kernel for ``problem`` (router form, or routing_given: then the router
-    tensors are None and topk_ids / topk_weights are inputs)."""
+    tensors are None and topk_ids / topk_weights are inputs; ``shared``: the shared expert's tensors)."""
     if not cuda_compiled():
         raise NotImplementedError(
             "flashmoe::moe_forward got CUDA tensors, but this flashmoe was built without its CUDA backend "
@@ -404,7 +402,7 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
             topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
             router_logits=_address(router_logits), dropped=_address(dropped),
             workspace=_address(workspace), workspace_bytes=workspace_bytes, allow_tf32=allow_tf32,
-            device=device, stream=torch.cuda.current_stream(device).cuda_stream,
+            device=device, stream=torch.cuda.current_stream(device).cuda_stream, **_shared_addresses(*shared),
         )
 
 
@@ -428,7 +426,7 @@ def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
               selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
               routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     if x.device.type == "cuda":
-        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
+        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=(shared_w1, shared_w2, shared_gate))
     return _empty_outputs(x, router_weight, top_k)
 
 
@@ -802,12 +800,14 @@ def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
     lets an id outside [0, E), or a repeat within a row, contribute zero."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
                       swiglu_alpha, False, shared_w1, shared_w2, shared_gate, weight_on=weight_on)
-    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS, shared_w1=shared_w1)
+    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS,
+                   shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
-                       swiglu_limit, swiglu_alpha, weight_on=weight_on)
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_gate, weight_on=weight_on)
     _refuse_cuda_routing_options(problem)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
-    _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped)
+    _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped,
+                 (shared_w1, shared_w2, shared_gate))
     return y, expert_counts, dropped
 
 
@@ -819,7 +819,7 @@ def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
                       swiglu_alpha, False, shared_w1, shared_w2, shared_gate, weight_on=weight_on)
     if x.device.type == "cuda":
         _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS,
-                       shared_w1=shared_w1)
+                       shared=(shared_w1, shared_w2, shared_gate))
     return _empty_experts_outputs(x, w1)
 
 

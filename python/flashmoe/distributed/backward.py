@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops import RouterWeights, _activation_with_grad
+from ..ops import RouterWeights, _activation_with_grad, _shared_backward
 from ..reference import accumulate_dtype
 from .all_to_all import exchange_counts, exchange_rows
 
@@ -47,8 +47,9 @@ def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *
 
 
 def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
-             topk_ids, capacity_factor, needs_grad):
-    """Gradients for (x, router_weight, w1, w2, router_bias, b1, b2); None where not needed. Collective."""
+             topk_ids, capacity_factor, needs_grad, shared=(None, None, None)):
+    """Gradients for (x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate); None
+    where not needed. Collective. The replicated shared expert's part stays on this rank (its tokens)."""
     config, group = context.config, context.group
     world, local, top_k, experts = context.world_size, context.local_experts, config.top_k, config.num_experts
     accumulate = accumulate_dtype(x.dtype)
@@ -111,9 +112,12 @@ def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_w
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     grad_x += grad_logits @ router_weight_a
+    shared_grads = _shared_backward(grad_y, xa, grad_x, *shared, config.gated, config.activation, None, None,
+                                    needs_grad[7:10])
+    shared_grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(shared_grads, shared))
     grads = (grad_x.to(x.dtype) if needs_grad[0] else None,
              (grad_logits.T @ xa).to(router_weight.dtype) if needs_grad[1] else None,
              grad_w1, grad_w2,
              grad_logits.sum(dim=0).to(router_bias.dtype) if needs_grad[4] and router_bias is not None else None,
-             grad_b1, grad_b2)
+             grad_b1, grad_b2) + shared_grads
     return grads

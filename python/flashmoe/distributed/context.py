@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
+from ..ops import shared_ffn
 
 TRANSPORTS = ("auto", "symmetric", "all_to_all")
 DEFAULT_WATCHDOG_SECONDS = 60.0
@@ -49,6 +50,8 @@ class LayerConfig:
     routed_scaling_factor: float = 1.0
     weight_on: str = "output"
     router_f32: bool = False
+    shared_ffn_size: int = 0   # S of the replicated shared expert, 0 for none
+    shared_gate: bool = False
 
     def routing_options(self) -> dict:
         """The keyword arguments of ops.problem_shape for the routing options."""
@@ -168,15 +171,18 @@ class Context:
         """Bytes of this rank's symmetric heap (0 under all_to_all)."""
         return 0 if self._symmetric is None else self._symmetric.heap_bytes
 
-    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias=None):
-        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. Returns
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias=None,
+                shared=(None, None, None)):
+        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. ``shared``: the
+        (shared_w1, shared_w2, shared_gate) of a shared expert, or Nones. Returns
         (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
         if self._destroyed:
             raise RuntimeError("flashmoe.distributed: this Context was destroyed")
         if self._symmetric is not None:
-            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias)
+            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias,
+                                           shared)
         from .all_to_all import forward
-        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias)
+        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias, shared)
 
     def destroy(self) -> None:
         """Releases the shared-memory mappings (the segments were unlinked at creation). Idempotent."""
@@ -232,7 +238,7 @@ def check_expert_parallel_activation(activation) -> None:
 
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
                  router_bias, b1, b2, selection_bias=None, num_groups=1, topk_groups=1, routed_scaling_factor=1.0,
-                 weight_on="output") -> LayerConfig:
+                 weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None) -> LayerConfig:
     """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [T, H], got {type(x).__name__}")
@@ -279,7 +285,9 @@ def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normaliz
     if selection_bias is not None:
         reference._check_selection_bias(selection_bias, x, experts)
     check_expert_parallel_activation(activation)
+    reference.check_shared_expert(x, shared_w1, shared_w2, shared_gate, gated=gated)
     return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
                        None if capacity_factor is None else float(capacity_factor), router_bias is not None,
                        b1 is not None, b2 is not None, selection_bias is not None, num_groups, topk_groups,
-                       float(routed_scaling_factor), weight_on, reference.router_f32(x.dtype, router_weight.dtype))
+                       float(routed_scaling_factor), weight_on, reference.router_f32(x.dtype, router_weight.dtype),
+                       shared_ffn(shared_w1, gated), shared_gate is not None)
