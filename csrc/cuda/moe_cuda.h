@@ -34,6 +34,7 @@ struct Pointers {
   float* router_logits = nullptr;       // [T, E]; null when problem.routing_given
   int64_t* dropped = nullptr;           // []
   void* workspace = nullptr;            // workspace_bytes(...) bytes, 256-byte aligned, any contents
+  const float* selection_bias = nullptr;  // [E] fp32; null unless problem.has_selection_bias
 };
 
 // fp32 inputs: exact fp32 FMA math, or TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).

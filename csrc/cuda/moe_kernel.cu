@@ -162,6 +162,9 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   require(problem.has_router_bias == (pointers.router_bias != nullptr), "has_router_bias disagrees with router_bias");
   require(problem.has_b1 == (pointers.b1 != nullptr), "has_b1 disagrees with b1");
   require(problem.has_b2 == (pointers.b2 != nullptr), "has_b2 disagrees with b2");
+  require(problem.has_selection_bias == (pointers.selection_bias != nullptr),
+          "has_selection_bias disagrees with selection_bias");
+  require(!problem.router_f32, "the CUDA kernel has no fp32 router for bf16/fp16 x yet (router_f32)");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device);
   if (problem.tokens == 0) {
