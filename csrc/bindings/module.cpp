@@ -42,11 +42,10 @@ void require_shared_expert(const Problem& problem, uintptr_t shared_w1, uintptr_
   require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
 }
 
-// The routing options of issue 12 the CUDA kernel does not compute yet: refused, never defaulted.
-bool cuda_lacks_routing_options(const Problem& p) {
-  return p.scoring == Scoring::softmax_topk || p.has_selection_bias || p.topk_groups < p.num_groups ||
-         p.routed_scaling_factor != 1.0 || p.weight_on_input || p.router_f32;
-}
+// The routing options the CUDA kernel does not compute yet: refused, never defaulted. (Its gate
+// task runs route_token, so selection bias, groups, scale and softmax_topk are there; the fp32
+// router of bf16/fp16 x is not.)
+bool cuda_lacks_routing_options(const Problem& p) { return p.router_f32; }
 
 void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
@@ -190,12 +189,12 @@ void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weig
                       uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                       uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
-                     uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+                     uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
   require(!cuda_lacks_routing_options(problem),
-          "flashmoe: the CUDA kernel does not compute the routing options (softmax_topk, selection_bias, "
-          "num_groups/topk_groups, routed_scaling_factor, weight_on_input, router_f32) yet");
+          "flashmoe: the CUDA kernel has no fp32 router for bf16/fp16 x yet (router_f32)");
   require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   cuda::Pointers pointers;
+  pointers.selection_bias = as_ptr<const float>(selection_bias);
   pointers.shared_w1 = as_ptr<const void>(shared_w1);
   pointers.shared_w2 = as_ptr<const void>(shared_w2);
   pointers.shared_gate = as_ptr<const void>(shared_gate);
@@ -480,8 +479,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
         py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("shared_w1") = 0,
-        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("selection_bias") = 0,
+        py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
 #else
   m.attr("cuda_compiled") = false;

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "core/problem.h"
+#include "core/routing.h"
 #include "core/task_bound.h"
 #include "cuda/moe_cuda.h"
 #include "cuda/workspace.h"
@@ -36,6 +37,7 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
   workspace.ffn = problem.ffn;
   workspace.shared_ffn = problem.shared_ffn;
   workspace.element_size = dtype_size(problem.dtype);
+  workspace.scores_per_token = route_scratch(problem);
   params.bound = TaskBound{gpu_tiling(), ExpertPlacement{1, problem.experts}, problem.tokens, problem.ffn,
                            problem.hidden, problem.shared_ffn};
   // SizeError (named) before any unchecked arithmetic runs on these sizes.

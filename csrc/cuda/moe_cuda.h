@@ -38,6 +38,7 @@ struct Pointers {
   const void* shared_w1 = nullptr;      // [2S or S, H] dtype
   const void* shared_w2 = nullptr;      // [H, S] dtype
   const void* shared_gate = nullptr;    // [1, H] dtype, when problem.has_shared_gate
+  const float* selection_bias = nullptr;  // [E] fp32; null unless problem.has_selection_bias
 };
 
 // fp32 inputs: exact fp32 FMA math, or TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).

@@ -78,12 +78,12 @@ FLASHMOE_DEVICE void route_tokens(const Buffers<M>& buffers, uint8_t* smem, int6
     });
   }
   __syncthreads();
+  const int64_t scratch = buffers.params.workspace.scores_per_token;
   for (int64_t t = threadIdx.x; t < count; t += kThreads) {
     const int64_t token = first + t;
-    float* scores = buffers.scores() + token * E;
-    score_experts<float>(logits + token * E, E, problem.scoring, scores);
-    select_top_k<float>(scores, E, k, problem.normalize, buffers.params.pointers.topk_ids + token * k,
-                        buffers.params.pointers.topk_weights + token * k);
+    route_token<float>(problem, logits + token * E, buffers.params.pointers.selection_bias,
+                       buffers.scores() + token * scratch, buffers.params.pointers.topk_ids + token * k,
+                       buffers.params.pointers.topk_weights + token * k);
   }
   __syncthreads();
 }
@@ -186,10 +186,18 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row_bytes = H * int64_t(sizeof(typename Buffers<M>::T));
+  const float* weights = buffers.params.pointers.topk_weights + first * k;
   for (int64_t p = warp; p < count * k; p += kThreads / 32) {
     const int32_t row = rows[p];
     if (row < 0) continue;
-    warp_copy(buffers.dispatch_row(row), buffers.x() + (first + p / k) * H, row_bytes, lane);
+    if (problem.weight_on_input) {  // round(x · w), the product in fp32 (cpu/source_steps.h dispatch_row)
+      using S = Storage<M>;
+      const auto* x = buffers.x() + (first + p / k) * H;
+      auto* destination = buffers.dispatch_row(row);
+      for (int64_t n = lane; n < H; n += 32) destination[n] = S::store(S::load(x[n]) * weights[p]);
+    } else {
+      warp_copy(buffers.dispatch_row(row), buffers.x() + (first + p / k) * H, row_bytes, lane);
+    }
   }
 }
 
@@ -277,7 +285,8 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
     float sum = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       const int32_t row = rows[token * k + j];
-      if (row >= 0) sum += weights[token * k + j] * S::load(outputs[int64_t(row) * H + n]);
+      const float weight = problem.weight_on_input ? 1.0f : weights[token * k + j];
+      if (row >= 0) sum += weight * S::load(outputs[int64_t(row) * H + n]);
     }
     if (problem.has_shared_expert()) {
       const float weight = problem.has_shared_gate ? buffers.shared_weight()[token] : 1.0f;

@@ -12,7 +12,7 @@
 //   tile_base           int32 [token_tiles][E]    first slot of each gate tile, per expert
 //   expert_offsets      int32 [E]                 first dispatch row of each expert
 //   admitted            int32 [E]                 admitted rows of each expert
-//   scores              float [T][E]
+//   scores              float [T][scores_per_token] (route_token's scratch: E, plus 2 per group under a group limit)
 //   pick_row            int32 [T·k]               dispatch row of each pick, -1 when dropped
 //   gemm0_left          int32 [C][max_row_tiles]  scheduler-private dependency counters (C cells below)
 //   gemm1_left          int32 [C]
@@ -74,6 +74,7 @@ struct Workspace {
   int64_t ffn = 0;
   int64_t shared_ffn = 0;  // S, 0 without a shared expert
   int64_t element_size = 0;
+  int64_t scores_per_token = 0;  // route_scratch(problem); 0 means E
 
   // Offsets, filled by plan().
   int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, control_end = 0;
@@ -124,7 +125,7 @@ struct Workspace {
     take(&Workspace::tile_base, token_tiles_n * N(experts) * four);
     take(&Workspace::expert_offsets, N(experts) * four);
     take(&Workspace::admitted, N(experts) * four);
-    take(&Workspace::scores, N(tokens) * N(experts) * four);
+    take(&Workspace::scores, N(tokens) * N(scores_per_token > 0 ? scores_per_token : experts) * four);
     take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
     take(&Workspace::gemm0_left, cells_n * max_row_tiles_n * four);
     take(&Workspace::gemm1_left, cells_n * four);

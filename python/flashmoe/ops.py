@@ -364,12 +364,12 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped, (shared_w1, shared_w2, shared_gate))
+                 router_logits, dropped, (shared_w1, shared_w2, shared_gate), selection_bias_values(selection_bias, x))
     return outputs
 
 
 def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped, shared=(None, None, None)):
+                 router_logits, dropped, shared=(None, None, None), selection_bias=None):
     """Enqueues the persistent kernel for ``problem`` (router form, or routing_given: then the router
     tensors are None and topk_ids / topk_weights are inputs; ``shared``: the shared expert's tensors)."""
     if not cuda_compiled():
@@ -403,17 +403,17 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
             router_logits=_address(router_logits), dropped=_address(dropped),
             workspace=_address(workspace), workspace_bytes=workspace_bytes, allow_tf32=allow_tf32,
             device=device, stream=torch.cuda.current_stream(device).cuda_stream, **_shared_addresses(*shared),
+            selection_bias=_address(selection_bias),
         )
 
 
 def _refuse_cuda_routing_options(problem) -> None:
-    """The CUDA kernel does not compute the routing options of issue 12 yet: a named error, never a
-    silent default (the native CPU op and the reference do)."""
+    """The routing option the CUDA kernel does not compute yet (a float32 router with bf16/fp16 x):
+    a named error, never a silent default (the native CPU op and the reference compute it)."""
     if _C.cuda_lacks_routing_options(problem):
         raise NotImplementedError(
-            "flashmoe::moe_forward's CUDA kernel does not compute scoring='softmax_topk', selection_bias, "
-            "num_groups/topk_groups, routed_scaling_factor, weight_on='input' or a float32 router with bf16/fp16 x "
-            "yet; run on the CPU or use flashmoe.moe(..., backend='reference')")
+            "flashmoe::moe_forward's CUDA kernel has no float32 router for bf16/fp16 x yet; pass router_weight "
+            "(and router_bias) in x's dtype, run on the CPU, or use flashmoe.moe(..., backend='reference')")
 
 
 @moe_forward.register_fake

@@ -4,6 +4,8 @@
 //   (a) topk_ids, expert_counts and dropped exactly; topk_weights, router_logits and y closely;
 //       with routing from outside (Problem::routing_given; sentinel ids among them) the kernel's
 //       gate stage is skipped: topk_ids and topk_weights stay as given, y, counts and dropped match;
+//       the routing options (selection bias, group limit, scale, softmax_topk, weight_on_input)
+//       go through the same route_token and dispatch/combine rules as the CPU backend;
 //   (b) every element of every output written (outputs and workspace start as NaN/garbage);
 //   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule);
 //   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1);
@@ -116,6 +118,8 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
   const auto shared_w1 = random_values<T>(rng, size_t(shared_rows * H), 1.0f / std::sqrt(float(H)));
   const auto shared_w2 = random_values<T>(rng, size_t(H * S), 1.0f / std::sqrt(float(S > 0 ? S : 1)));
   const auto shared_gate = random_values<T>(rng, size_t(H), 1.0f / std::sqrt(float(H)));
+  const auto selection_bias = random_values<float>(rng, size_t(E), 0.3f);
+  const float* selection = problem.has_selection_bias ? selection_bias.data() : nullptr;
   auto optional = [](bool present, const std::vector<T>& values) { return present ? values.data() : nullptr; };
 
   // Routing from outside: distinct ids per token, about one pick in five the sentinel E.
@@ -151,7 +155,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     const cpu::ExpertWeights weights{problem.routing_given ? nullptr : router.data(),
                                      optional(problem.has_router_bias, router_bias), w1.data(),
                                      optional(problem.has_b1, b1), w2.data(), optional(problem.has_b2, b2), 0,
-                                     optional(S > 0, shared_w1), optional(S > 0, shared_w2),
+                                     selection, optional(S > 0, shared_w1), optional(S > 0, shared_w2),
                                      optional(problem.has_shared_gate, shared_gate)};
     const cpu::RankIO io{x.data(), T_, problem.expert_capacity, expected.y.data(), expected.topk_ids.data(),
                          expected.topk_weights.data(), expected.expert_counts.data(),
@@ -180,6 +184,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     pointers.shared_w1 = optional(S > 0, shared_w1);
     pointers.shared_w2 = optional(S > 0, shared_w2);
     pointers.shared_gate = optional(problem.has_shared_gate, shared_gate);
+    pointers.selection_bias = selection;
     cuda::KernelParams params = cuda::make_params(problem, pointers, processors);
     // Garbage everywhere, then the launcher's memset of the control block and heap flags.
     std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
@@ -269,6 +274,19 @@ std::vector<Case> cases() {
       true);
   add("shared expert given routing", 57, 40, 24, 6, 3, true, Activation::silu, Scoring::softmax, true, true, 0.8,
       true, 16, true);
+  // Routing options (issue 12): the gate task's route_token and the weight_on_input dispatch/combine.
+  add("deepseek routing", 53, 40, 24, 16, 4, true, Activation::silu, Scoring::sigmoid, true, false, 0.9);
+  all.back().problem.has_selection_bias = true, all.back().problem.num_groups = 4, all.back().problem.topk_groups = 2;
+  all.back().problem.routed_scaling_factor = 2.5;
+  add("groups of one", 33, 24, 16, 8, 2, true, Activation::silu, Scoring::softmax, false, true, 0);
+  all.back().problem.num_groups = 8, all.back().problem.topk_groups = 3;
+  add("softmax_topk", 41, 40, 24, 8, 4, true, Activation::swiglu_oai, Scoring::softmax_topk, true, true, 0.8);
+  add("weight_on_input", 47, 40, 24, 6, 1, true, Activation::silu, Scoring::sigmoid, false, false, 0);
+  all.back().problem.weight_on_input = true;
+  add("weight_on_input k3", 47, 40, 24, 6, 3, false, Activation::gelu, Scoring::softmax, true, true, 0.7);
+  all.back().problem.weight_on_input = true, all.back().problem.routed_scaling_factor = 0.5;
+  add("given routing weight_on_input", 40, 32, 24, 6, 2, true, Activation::silu, Scoring::softmax, true, true, 0, true);
+  all.back().problem.weight_on_input = true;
   return all;
 }
 
