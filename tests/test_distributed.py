@@ -80,12 +80,12 @@ def local_weights(weights, rank, world_size):
             for name, t in weights.items()}
 
 
-def check_case(rank, world_size, xs, weights, *, transport, top_k, capacity_factor=None, label=""):
+def check_case(rank, world_size, xs, weights, *, transport, top_k, capacity_factor=None, label="", **options):
     x = xs[rank]
     y, routing = fd.moe(x, **local_weights(weights, rank, world_size), top_k=top_k, transport=transport,
-                        capacity_factor=capacity_factor, return_routing=True)
+                        capacity_factor=capacity_factor, return_routing=True, **options)
     y_native, routing_native = flashmoe.moe(x, **weights, top_k=top_k, capacity_factor=capacity_factor,
-                                            return_routing=True, backend="native")
+                                            return_routing=True, backend="native", **options)
     where = f"{label} transport={transport} rank={rank} T_r={x.shape[0]}"
     assert same_bits(y, y_native), f"y differs from single-process flashmoe.moe: {where}"
     for field in ROUTING_FIELDS:
@@ -93,7 +93,8 @@ def check_case(rank, world_size, xs, weights, *, transport, top_k, capacity_fact
     if x.shape[0]:
         assert torch.isfinite(y).all(), where
         y_ref = reference.moe(x.double(), **{n: t.double() for n, t in weights.items()}, top_k=top_k,
-                              capacity_factor=capacity_factor)
+                              capacity_factor=capacity_factor,
+                              **{n: v.double() if isinstance(v, torch.Tensor) else v for n, v in options.items()})
         assert rel_err(y, y_ref) <= TOLERANCE[x.dtype], f"{where}: error {rel_err(y, y_ref)}"
     return routing
 
@@ -168,6 +169,59 @@ def gradient_cases(rank, world_size):
                     assert torch.equal(leaf.grad, mine[name]), f"grad {name}: {where}"
 
 
+# The routing options (issue 12), with E = 4 per rank: (options, router in fp32 for bf16 x).
+ROUTING_OPTION_CASES = [
+    (dict(scoring="sigmoid", selection_bias=True, num_groups=4, topk_groups=2, routed_scaling_factor=2.5), False),
+    (dict(scoring="softmax_topk"), False),
+    (dict(scoring="sigmoid", weight_on="input"), False),
+    (dict(weight_on="input", routed_scaling_factor=0.5), True),
+]
+
+
+def routing_option_cases(rank, world_size):
+    """Every routing option under both transports: bitwise equal to the single-process op per rank,
+    and gradients (fp32) equal to the single-process ones, as in gradient_cases."""
+    experts, top_k = 4 * world_size, 2
+    for index, (options, router_f32) in enumerate(ROUTING_OPTION_CASES):
+        options = dict(options)
+        if options.pop("selection_bias", False):
+            options["selection_bias"] = torch.linspace(-0.5, 0.5, experts).flip(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            counts = (9, 5, 7, 3)[:world_size]
+            xs, weights = problem_for(300 + index, counts, experts=experts, top_k=top_k, dtype=dtype)
+            if router_f32 and dtype == torch.bfloat16:
+                weights["router_weight"] = weights["router_weight"].float()
+            for transport in TRANSPORTS:
+                for capacity_factor in (None, 0.75):
+                    check_case(rank, world_size, xs, weights, transport=transport, top_k=top_k,
+                               capacity_factor=capacity_factor, label=f"{options} {dtype}", **options)
+        # Gradients (fp32): each rank's tokens through all experts in one process, expert grads summed.
+        xs, weights = problem_for(400 + index, (6, 9, 4, 5)[:world_size], experts=experts, top_k=top_k,
+                                  dtype=torch.float32)
+        expected = {name: torch.zeros_like(t) for name, t in weights.items()}
+        for r, x in enumerate(xs):
+            leaves = {name: t.clone().requires_grad_() for name, t in weights.items()}
+            x_leaf = x.clone().requires_grad_()
+            y, routing = flashmoe.moe(x_leaf, **leaves, top_k=top_k, return_routing=True, backend="native", **options)
+            ((y * y).sum() + routing.topk_weights.sum()).backward()
+            for name, leaf in leaves.items():
+                if name not in ("router_weight", "router_bias"):
+                    expected[name] += leaf.grad
+                elif r == rank:
+                    expected[name] = leaf.grad
+            if r == rank:
+                expected["x"] = x_leaf.grad
+        for transport in TRANSPORTS:
+            leaves = {name: t.clone().requires_grad_() for name, t in local_weights(weights, rank, world_size).items()}
+            x_leaf = xs[rank].clone().requires_grad_()
+            y, routing = fd.moe(x_leaf, **leaves, top_k=top_k, transport=transport, return_routing=True, **options)
+            ((y * y).sum() + routing.topk_weights.sum()).backward()
+            mine = local_weights(expected, rank, world_size)
+            assert rel_err(x_leaf.grad, expected["x"]) <= 1e-5, f"grad x: {options} {transport}"
+            for name, leaf in leaves.items():
+                assert rel_err(leaf.grad, mine[name]) <= 1e-5, f"grad {name}: {options} {transport}"
+
+
 def back_to_back(rank, world_size):
     experts, top_k = 2 * world_size, 2
     for transport in TRANSPORTS:
@@ -216,6 +270,17 @@ def from_moe(rank, world_size):
         assert same_bits(y, y_full) and same_bits(aux, aux_full)
         y.sum().backward()
         assert sharded.w1.grad is not None and sharded.router_weight.grad is not None
+    # The routing options travel with the layer: DeepSeek's routing with an fp32 router for bf16 experts.
+    torch.manual_seed(6)  # the same layer on every rank
+    layer = flashmoe.MoE(H, I, 4 * world_size, 2, scoring="sigmoid", selection_bias=True, num_groups=4, topk_groups=2,
+                         routed_scaling_factor=2.5, router_dtype=torch.float32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.selection_bias.copy_(torch.linspace(-1, 1, 4 * world_size))
+    x = torch.randn(5 + rank, H).to(torch.bfloat16)
+    for transport in TRANSPORTS:
+        sharded = fd.ExpertParallelMoE.from_moe(layer, transport=transport)
+        assert sharded.router_weight.dtype == torch.float32 and sharded.w1.dtype == torch.bfloat16
+        assert same_bits(sharded(x), layer(x))
 
 
 def from_moe_families(rank, world_size):
@@ -298,7 +363,8 @@ def guards(rank, world_size):
 
 def world_of_two(rank, world_size):
     before = shm_segments()
-    for scenario in (guards, forward_cases, gradient_cases, back_to_back, mismatch, from_moe, from_moe_families):
+    for scenario in (guards, forward_cases, gradient_cases, routing_option_cases, back_to_back, mismatch, from_moe,
+                     from_moe_families):
         scenario(rank, world_size)
     fd.destroy_all()
     dist.barrier()

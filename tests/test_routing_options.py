@@ -244,3 +244,183 @@ def test_layer_options_and_guards():
         flashmoe.MoE(8, 4, 8, 4, num_groups=4, topk_groups=1)
     with pytest.raises(TypeError, match="selection_bias must be a bool"):
         flashmoe.MoE(8, 4, 8, 2, selection_bias=torch.zeros(8))
+
+
+# ----------------------------------------------------------------------------- native against the reference
+
+# (name, top_k, options); "router_f32" asks for a float32 router where x is bf16/fp16.
+OPTION_SETS = [
+    ("deepseek", 4, dict(scoring="sigmoid", selection_bias=True, num_groups=4, topk_groups=2,
+                         routed_scaling_factor=2.5)),
+    ("groups-softmax", 3, dict(num_groups=8, topk_groups=3, normalize=False)),
+    ("softmax_topk", 4, dict(scoring="softmax_topk", router_bias=True)),
+    ("weight_on_input", 1, dict(scoring="sigmoid", weight_on="input")),
+    ("weight_on_input-k3", 3, dict(weight_on="input", routed_scaling_factor=0.5)),
+    ("router_f32", 2, dict(router_f32=True, router_bias=True, selection_bias=True)),
+]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-12}
+
+
+def _problem(dtype, options, seed=0, tokens=45, hidden=24, ffn=20, experts=16):
+    """Random inputs (x, router_weight, w1, w2, b1, b2 and the options' tensors) and the options."""
+    options = dict(options)
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, to=dtype):
+        return (torch.randn(*shape, generator=g, dtype=F64) * std).to(to)
+
+    router_dtype = torch.float32 if options.pop("router_f32", False) and dtype in (torch.bfloat16, torch.float16) \
+        else dtype
+    problem = dict(x=randn(tokens, hidden), router_weight=randn(experts, hidden, std=hidden ** -0.5, to=router_dtype),
+                   w1=randn(experts, 2 * ffn, hidden, std=hidden ** -0.5), w2=randn(experts, hidden, ffn, std=ffn ** -0.5),
+                   b1=randn(experts, 2 * ffn, std=0.3), b2=randn(experts, hidden, std=0.3))
+    if options.pop("router_bias", False):
+        problem["router_bias"] = randn(experts, std=0.5, to=router_dtype)
+    if options.pop("selection_bias", False):
+        problem["selection_bias"] = randn(experts, std=0.5, to=torch.float32)
+    return problem, options
+
+
+def _double(problem):
+    return {name: tensor.double() for name, tensor in problem.items()}
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _bits(tensor):
+    views = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+             torch.float64: torch.int64}
+    return tensor.view(views[tensor.dtype]) if tensor.dtype in views else tensor
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name, top_k, options", OPTION_SETS, ids=[case[0] for case in OPTION_SETS])
+def test_native_matches_reference(name, top_k, options, dtype):
+    problem, options = _problem(dtype, options)
+    for capacity_factor in (None, 0.75):
+        y, routing = flashmoe.moe(**problem, top_k=top_k, capacity_factor=capacity_factor, return_routing=True,
+                                  backend="native", **options)
+        y_ref, ref = reference.moe(**_double(problem), top_k=top_k, capacity_factor=capacity_factor,
+                                   return_routing=True, **options)
+        assert y.dtype == dtype and bool(torch.isfinite(y).all())
+        assert torch.equal(routing.topk_ids, ref.topk_ids), f"{name}: routing differs from the reference"
+        torch.testing.assert_close(routing.topk_weights.double(), ref.topk_weights,
+                                   rtol=1e-12 if dtype == F64 else 1e-5, atol=1e-12 if dtype == F64 else 1e-6)
+        assert torch.equal(routing.expert_counts, ref.expert_counts) and int(routing.dropped) == int(ref.dropped)
+        assert capacity_factor is None or int(routing.dropped) > 0
+        assert _rel_err(y, y_ref) <= TOLERANCE[dtype], f"{name}: error {_rel_err(y, y_ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name, top_k, options", OPTION_SETS, ids=[case[0] for case in OPTION_SETS])
+def test_native_bitwise_across_thread_counts(name, top_k, options, dtype, num_threads):
+    problem, options = _problem(dtype, options, seed=1, tokens=70)
+    runs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        y, routing = flashmoe.moe(**problem, top_k=top_k, capacity_factor=0.9, return_routing=True, backend="native",
+                                  **options)
+        runs.append((y, routing))
+    for y, routing in runs[1:]:
+        assert torch.equal(_bits(y), _bits(runs[0][0]))
+        assert torch.equal(routing.topk_ids, runs[0][1].topk_ids)
+        assert torch.equal(_bits(routing.topk_weights), _bits(runs[0][1].topk_weights))
+        assert torch.equal(_bits(routing.router_logits), _bits(runs[0][1].router_logits))
+
+
+@pytest.mark.parametrize("name, top_k, options", OPTION_SETS, ids=[case[0] for case in OPTION_SETS])
+def test_native_gradients_match_reference_autograd(name, top_k, options):
+    """float64: the native op's backward (explicit formulas) against torch autograd through the
+    reference, for y and the routing's weights and logits; selection_bias gets no gradient."""
+    problem, options = _problem(F64, options, seed=2, tokens=20)
+    g = torch.Generator().manual_seed(3)
+    grad_y = torch.randn(20, 24, generator=g, dtype=F64)
+    grad_w = torch.randn(20, top_k, generator=g, dtype=F64)
+    grad_logits = torch.randn(20, 16, generator=g, dtype=F64)
+    grads = {}
+    for backend in ("native", "reference"):
+        inputs = {name_: tensor.clone().requires_grad_(name_ != "selection_bias") for name_, tensor in problem.items()}
+        y, routing = flashmoe.moe(**inputs, top_k=top_k, capacity_factor=0.9, return_routing=True, backend=backend,
+                                  **options)
+        loss = (y * grad_y).sum() + (routing.topk_weights * grad_w).sum() + (routing.router_logits * grad_logits).sum()
+        loss.backward()
+        grads[backend] = {name_: tensor.grad for name_, tensor in inputs.items()}
+        assert grads[backend].get("selection_bias") is None
+    for name_, grad in grads["reference"].items():
+        if grad is None:
+            continue
+        torch.testing.assert_close(grads["native"][name_], grad, rtol=1e-9, atol=1e-10, msg=f"{name}: grad of {name_}")
+
+
+def test_fp32_router_gradients_come_back_in_fp32():
+    problem, options = _problem(torch.bfloat16, dict(router_f32=True, router_bias=True), seed=4)
+    inputs = {name: tensor.clone().requires_grad_() for name, tensor in problem.items()}
+    y = flashmoe.moe(**inputs, top_k=2, backend="native", **options)
+    y.float().square().sum().backward()
+    assert inputs["router_weight"].grad.dtype == torch.float32 and inputs["router_bias"].grad.dtype == torch.float32
+    assert inputs["x"].grad.dtype == torch.bfloat16 and inputs["router_weight"].grad.abs().sum() > 0
+    ref = {name: tensor.detach().double().requires_grad_() for name, tensor in problem.items()}
+    reference.moe(**ref, top_k=2).square().sum().backward()
+    assert _rel_err(inputs["router_weight"].grad, ref["router_weight"].grad) < 5e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_routing_from_outside_with_weight_on_input(dtype):
+    problem, _ = _problem(dtype, {}, seed=5)
+    del problem["router_weight"]
+    g = torch.Generator().manual_seed(6)
+    ids = torch.stack([torch.randperm(16, generator=g)[:3] for _ in range(45)]).to(torch.int32)
+    weights = torch.rand(45, 3, generator=g, dtype=F64) + 0.2
+    results = {}
+    for backend in ("native", "reference"):
+        inputs = problem if backend == "native" else _double(problem)
+        topk_weights = (weights if dtype == F64 or backend == "reference" else weights.float()).clone().requires_grad_()
+        x, w1, w2 = inputs["x"], inputs["w1"], inputs["w2"]
+        y = flashmoe.moe(x, w1, w2, b1=inputs["b1"], b2=inputs["b2"], topk_ids=ids, topk_weights=topk_weights,
+                         capacity_factor=0.8, weight_on="input", backend=backend)
+        y.double().sum().backward()
+        results[backend] = (y, topk_weights.grad)
+    (y, grad), (y_ref, grad_ref) = results["native"], results["reference"]
+    assert _rel_err(y, y_ref) <= TOLERANCE[dtype]
+    assert _rel_err(grad, grad_ref) <= max(TOLERANCE[dtype] * 5, 1e-10)
+
+
+def test_cuda_refuses_the_routing_options_it_lacks():
+    """The CUDA kernel's launcher asks _C which options it lacks (a NotImplementedError, never a
+    silent default); the question is host code, so it is checked here without a GPU."""
+    from flashmoe import ops
+    x, router_weight, w1, w2 = _args(torch.bfloat16)
+    base = dict(top_k=2, gated=True, activation="silu", normalize=True, scoring="softmax", capacity_factor=None)
+
+    def lacks(**changes):
+        options = {**base, **changes}
+        problem = ops._problem(x, w1, changes.pop("router", router_weight), None, None, None, options["top_k"],
+                               options["gated"], options["activation"], options["normalize"], options["scoring"],
+                               None, **{k: v for k, v in changes.items() if k in ops.ROUTING_OPTIONS})
+        return _C_lacks(problem)
+
+    from flashmoe import _C
+    _C_lacks = _C.cuda_lacks_routing_options
+    assert not lacks()
+    assert lacks(scoring="softmax_topk")
+    assert lacks(selection_bias=torch.zeros(8))
+    assert lacks(num_groups=4, topk_groups=2)
+    assert not lacks(num_groups=4, topk_groups=4)
+    assert lacks(routed_scaling_factor=2.0)
+    assert lacks(weight_on="input")
+    assert lacks(router=router_weight.float())
+
+
+def test_opcheck_with_routing_options():
+    problem, options = _problem(F64, dict(scoring="sigmoid", selection_bias=True, num_groups=4, topk_groups=2,
+                                          routed_scaling_factor=2.5, weight_on="input"), seed=7, tokens=9)
+    for name, tensor in problem.items():
+        tensor.requires_grad_(name != "selection_bias")
+    args = (problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, problem["b1"], problem["b2"],
+            3, True, "silu", True, "sigmoid", 0.9, None, None, problem["selection_bias"], 4, 2, 2.5, "input")
+    torch.library.opcheck(torch.ops.flashmoe.moe_forward, args)
+    args = args[:11] + ("softmax_topk",) + args[12:15] + (None, 1, 1, 1.0, "output")
+    torch.library.opcheck(torch.ops.flashmoe.moe_forward, args)

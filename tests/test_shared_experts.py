@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import flashmoe
 from conftest import DTYPES, TOLERANCE, dtype_id, make_problem, rel_err, same_bits
-from flashmoe import ops, reference
+from flashmoe import _C, ops, reference
 
 
 def shared_weights(seed, *, hidden, shared_ffn, gated=True, gate=False, dtype=torch.float32):
@@ -235,7 +235,7 @@ def test_backward_op_matches_reference_autograd(gate, capacity_factor):
     grads = torch.ops.flashmoe.moe_backward(
         grad_y, None, None, problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
         routing.topk_ids, 2, True, "silu", True, "softmax", capacity_factor, [True] * 10, None, None,
-        problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+        shared_w1=problem["shared_w1"], shared_w2=problem["shared_w2"], shared_gate=problem.get("shared_gate"))
     assert len(grads) == 10
     for name, grad in zip(ops._GRAD_INPUTS, grads):
         if name in expected:
@@ -253,8 +253,8 @@ def test_backward_op_takes_seven_flags_without_a_shared_expert():
             problem["w2"], None, None, None, routing.topk_ids, 2, True, "silu", True, "softmax", None)
     assert len(torch.ops.flashmoe.moe_backward(*args, [True] * 7)) == 7
     with pytest.raises(ValueError, match="needs_grad must be a list of 10 bools"):
-        torch.ops.flashmoe.moe_backward(*args, [True] * 7, None, None, torch.ones(4, 24, dtype=torch.float64),
-                                        torch.ones(24, 2, dtype=torch.float64))
+        torch.ops.flashmoe.moe_backward(*args, [True] * 7, None, None, shared_w1=torch.ones(4, 24, dtype=torch.float64),
+                                        shared_w2=torch.ones(24, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
@@ -271,7 +271,8 @@ def test_experts_backward_op_matches_reference_autograd(gate):
     (y * grad_y).sum().backward()
     grads = torch.ops.flashmoe.moe_experts_backward(
         grad_y, problem["x"], problem["w1"], problem["w2"], None, None, ids.int(), weights, True, "silu", None, None,
-        None, [True] * 9, problem["shared_w1"], problem["shared_w2"], problem.get("shared_gate"))
+        None, [True] * 9, shared_w1=problem["shared_w1"], shared_w2=problem["shared_w2"],
+        shared_gate=problem.get("shared_gate"))
     for name, grad in zip(ops._EXPERTS_GRAD_INPUTS, grads):
         if name in names:
             torch.testing.assert_close(grad, leaves[name].grad, rtol=1e-9, atol=1e-10, msg=name)
@@ -279,13 +280,15 @@ def test_experts_backward_op_matches_reference_autograd(gate):
             assert grad.numel() == 0
 
 
-def test_cuda_kernel_refuses_shared_experts_by_name():
-    """The CUDA kernel has no shared-expert tasks yet: its checks raise a named NotImplementedError
-    (run here on the CPU through the same check the CUDA kernel and its fake call)."""
-    problem = shared_problem(9, tokens=3)
-    with pytest.raises(NotImplementedError, match="the CUDA kernel has no shared-expert tasks"):
-        ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
-                           shared_w1=problem["shared_w1"])
+def test_cuda_checks_name_the_shared_tensors():
+    """The CUDA kernel's own checks (run here through the function its kernel and fake call) name a
+    shared expert tensor on another device."""
+    problem = shared_problem(9, tokens=3, gate=True)
+    for name in ("shared_w1", "shared_w2", "shared_gate"):
+        shared = [problem[n] if n != name else problem[n].to("meta") for n in ("shared_w1", "shared_w2", "shared_gate")]
+        with pytest.raises(ValueError, match=f"{name} must be on device cpu"):
+            ops._validate_cuda(problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None,
+                               shared=tuple(shared))
 
 
 # --------------------------------------------------------------------------- the native CPU op
@@ -339,7 +342,7 @@ def test_native_writes_every_output_element(dtype):
     descriptor = native_problem(70, 24, 16, 6, dtype, top_k=2)
     descriptor.shared_ffn, descriptor.has_shared_gate = 10, True
     outputs = empty_outputs(problem, 2, poison=True)
-    flashmoe._C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=2,
+    _C.moe_forward_cpu(problem=descriptor, **raw_addresses(problem, outputs), num_threads=2,
                                 **{name: t.data_ptr() for name, t in shared.items()})
     assert not torch.isnan(outputs["y"]).any()
     expected = flashmoe.moe(**problem, **shared, top_k=2, backend="native")
@@ -353,13 +356,13 @@ def test_native_raw_entry_checks_the_shared_pointers():
     addresses = raw_addresses(problem, empty_outputs(problem, 2))
     descriptor = native_problem(5, 24, 16, 6, torch.float32, top_k=2)
     with pytest.raises(ValueError, match="shared_ffn disagrees with shared_w1/shared_w2"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
                                     shared_w1=shared["shared_w1"].data_ptr(), shared_w2=shared["shared_w2"].data_ptr())
     descriptor.shared_ffn = 10
     with pytest.raises(ValueError, match="shared_ffn disagrees"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1)
     with pytest.raises(ValueError, match="has_shared_gate disagrees with shared_gate"):
-        flashmoe._C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
+        _C.moe_forward_cpu(problem=descriptor, **addresses, num_threads=1,
                                     **{name: t.data_ptr() for name, t in shared.items()})
     descriptor.shared_ffn, descriptor.has_shared_gate = 0, True
     assert "has_shared_gate needs a shared expert" in descriptor.validate()
@@ -446,6 +449,157 @@ def test_layer_native_forward_and_backward():
 def test_opcheck():
     problem = shared_problem(28, tokens=9, gate=True)
     args = (problem["x"], problem["router_weight"], problem["w1"], problem["w2"], None, None, None, 2, True, "silu",
-            True, "softmax", None, None, None, problem["shared_w1"], problem["shared_w2"], problem["shared_gate"])
+            True, "softmax", None, None, None, None, 1, 1, 1.0, "output", problem["shared_w1"], problem["shared_w2"],
+            problem["shared_gate"])
     torch.library.opcheck(torch.ops.flashmoe.moe_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("world_size, chaos_seed, threads", [(2, None, 1), (2, 3, 2), (4, 5, 1)])
+def test_simulated_ranks_bitwise_equal_the_single_process_op(dtype, gate, world_size, chaos_seed, threads):
+    """W simulated ranks (the dataflow protocol, chaos: random delays and task order): each rank runs
+    the replicated shared expert on its own tokens, and its y is the single-process op's, bit for bit."""
+    from flashmoe.testing import simulate_expert_parallel
+    counts = [70, 0, 33, 5][:world_size]
+    problem = shared_problem(30, tokens=sum(counts), dtype=dtype, gate=gate, experts=4, hidden=40, ffn=24,
+                             shared_ffn=300)
+    xs = [x.contiguous() for x in problem.pop("x").split(counts)]
+    ys = simulate_expert_parallel(xs, **problem, top_k=2, world_size=world_size, capacity_factor=0.75,
+                                  chaos_seed=chaos_seed, threads_per_rank=threads)
+    for rank, (x, y) in enumerate(zip(xs, ys)):
+        expected = flashmoe.moe(x, **problem, top_k=2, capacity_factor=0.75, backend="native")
+        assert same_bits(y, expected), f"rank {rank}"
+
+
+def test_simulated_cluster_guards():
+    from flashmoe.testing import SimulatedCluster
+    problem = shared_problem(31, tokens=6, experts=4, gate=True)
+    x = problem.pop("x")
+    with pytest.raises(ValueError, match="with_shared_gate=True needs a shared expert"):
+        SimulatedCluster(24, 16, 4, 2, world_size=2, max_tokens=8, with_shared_gate=True)
+    cluster = SimulatedCluster(24, 16, 4, 2, world_size=2, max_tokens=8, shared_ffn_size=10)
+    with pytest.raises(ValueError, match="shared_gate was given, but the cluster was built with with_shared_gate=False"):
+        cluster.forward([x[:3], x[3:]], **problem)
+    with pytest.raises(ValueError, match="shared_w1 is missing"):
+        cluster.forward([x[:3], x[3:]], **{k: v for k, v in problem.items() if not k.startswith("shared")})
+    cluster = SimulatedCluster(24, 16, 4, 2, world_size=2, max_tokens=8, shared_ffn_size=4, with_shared_gate=True)
+    with pytest.raises(ValueError, match="shared_w1 must have 8 rows"):
+        cluster.forward([x[:3], x[3:]], **problem)
+
+
+def _distributed_scenario(rank, world_size):
+    """flashmoe.distributed on real processes, both transports: y bitwise equal to the single-process
+    op on the rank's tokens; gradients (the shared expert's: this rank's tokens' share) against it."""
+    import flashmoe.distributed as fd
+    from test_distributed import TRANSPORTS, local_weights
+    for dtype, gate, capacity_factor, counts in ((torch.float32, True, None, (9, 70)),
+                                                 (torch.bfloat16, False, 1.0, (0, 13)),
+                                                 (torch.float64, True, 0.5, (21, 6))):
+        problem = shared_problem(40, tokens=sum(counts), hidden=40, ffn=24, experts=4, shared_ffn=20, dtype=dtype,
+                                 gate=gate)
+        xs = [x.contiguous() for x in problem.pop("x").split(list(counts))]
+        routed = {k: v for k, v in problem.items() if not k.startswith("shared")}
+        shared = {k: v for k, v in problem.items() if k.startswith("shared")}
+        x = xs[rank]
+        expected, expected_routing = flashmoe.moe(x, **problem, top_k=2, capacity_factor=capacity_factor,
+                                                  backend="native", return_routing=True)
+        for transport in TRANSPORTS:
+            y, routing = fd.moe(x, **local_weights(routed, rank, world_size), **shared, top_k=2, transport=transport,
+                                capacity_factor=capacity_factor, return_routing=True)
+            where = f"{dtype} transport={transport} rank={rank}"
+            assert same_bits(y, expected), where
+            assert same_bits(routing.topk_ids, expected_routing.topk_ids), where
+        if dtype != torch.float64:
+            continue
+        # Gradients: single process over every rank's tokens (a local expert's gradient sums them all).
+        grad_ys = [torch.randn(t.shape, generator=torch.Generator().manual_seed(r), dtype=dtype)
+                   for r, t in enumerate(xs)]
+        sums = {name: torch.zeros_like(t) for name, t in problem.items()}
+        for r, x_r in enumerate(xs):
+            leaves = {name: t.clone().requires_grad_() for name, t in problem.items()}
+            x_leaf = x_r.clone().requires_grad_()
+            (flashmoe.moe(x_leaf, **leaves, top_k=2, capacity_factor=capacity_factor, backend="native")
+             * grad_ys[r]).sum().backward()
+            for name, leaf in leaves.items():
+                if name in ("router_weight",) or name.startswith("shared"):
+                    if r == rank:
+                        sums[name] = leaf.grad
+                else:
+                    sums[name] += leaf.grad
+            if r == rank:
+                expected_x = x_leaf.grad
+        mine = {**local_weights({k: v for k, v in sums.items() if k in routed}, rank, world_size),
+                **{k: v for k, v in sums.items() if k in shared}}
+        for transport in TRANSPORTS:
+            leaves = {name: t.clone().requires_grad_()
+                      for name, t in {**local_weights(routed, rank, world_size), **shared}.items()}
+            x_leaf = x.clone().requires_grad_()
+            (fd.moe(x_leaf, **leaves, top_k=2, transport=transport, capacity_factor=capacity_factor)
+             * grad_ys[rank]).sum().backward()
+            torch.testing.assert_close(x_leaf.grad, expected_x, rtol=1e-10, atol=1e-12)
+            for name, leaf in leaves.items():
+                torch.testing.assert_close(leaf.grad, mine[name], rtol=1e-10, atol=1e-12,
+                                           msg=f"grad {name} transport={transport} rank={rank}")
+    # The module: ExpertParallelMoE.from_moe keeps the replicated shared expert.
+    torch.manual_seed(5)
+    layer = flashmoe.MoE(40, 24, 4, 2, shared_ffn_size=12, shared_gate=True)
+    x = torch.randn(3 + rank, 2, 40)
+    for transport in TRANSPORTS:
+        sharded = fd.ExpertParallelMoE.from_moe(layer, transport=transport)
+        assert sharded.shared_w1.shape == (24, 40) and sharded.shared_gate.shape == (1, 40)
+        assert "shared_ffn_size=12" in repr(sharded)
+        assert same_bits(sharded(x), layer(x))
+    # Ranks must agree on the shared expert (a configuration no earlier call cached: both ranks create).
+    problem = shared_problem(41, tokens=4, hidden=40, ffn=24, experts=4, shared_ffn=17, gate=rank == 0)
+    x = problem.pop("x")
+    mine = {**local_weights({k: v for k, v in problem.items() if not k.startswith("shared")}, rank, world_size),
+            **{k: v for k, v in problem.items() if k.startswith("shared")}}
+    with pytest.raises(ValueError, match="disagree on shared_gate"):
+        fd.moe(x, **mine, top_k=2, transport="all_to_all")
+    # Leave together: a rank that tears its process group down while its peer is still in a gloo
+    # exchange aborts the peer at exit ("terminate called without an active exception").
+    torch.distributed.barrier()
+
+
+def test_distributed_world_of_two():
+    from test_distributed import spawn
+    spawn(2, _distributed_scenario)
+
+
+# --------------------------------------------------------------------------- the CUDA kernel (GPU only)
+
+CUDA_READY = bool(getattr(_C, "cuda_compiled", False)) and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device and flashmoe built with its CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("gate", [False, True], ids=["no_gate", "gate"])
+@pytest.mark.parametrize("gate_less", [False, True], ids=["router", "given_routing"])
+def test_cuda_matches_reference(dtype, gate, gate_less):
+    """The kernel's shared-expert cell against the float64 reference (every element finite), and the
+    same bits on a second run."""
+    problem = shared_problem(50, tokens=300, hidden=136, ffn=40, experts=4, shared_ffn=200, dtype=dtype, gate=gate)
+    cuda = {name: t.cuda() for name, t in problem.items()}
+    options = dict(top_k=2, capacity_factor=0.8)
+    if gate_less:
+        _, routing = reference.moe(**problem, **options, return_routing=True)
+        routing_options = dict(topk_ids=routing.topk_ids.cuda(), topk_weights=routing.topk_weights.cuda(),
+                               capacity_factor=0.8)
+        cuda.pop("router_weight")
+        problem.pop("router_weight")
+        y = flashmoe.moe(**cuda, **routing_options, backend="native")
+        again = flashmoe.moe(**cuda, **routing_options, backend="native")
+        ref = reference.moe(**double(problem), topk_ids=routing.topk_ids, topk_weights=routing.topk_weights.double(),
+                            capacity_factor=0.8)
+    else:
+        y = flashmoe.moe(**cuda, **options, backend="native")
+        again = flashmoe.moe(**cuda, **options, backend="native")
+        ref = reference.moe(**double(problem), **options)
+    assert torch.isfinite(y).all()
+    assert same_bits(y, again)
+    assert rel_err(y.cpu(), ref) < TOLERANCE[dtype]

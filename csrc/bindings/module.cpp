@@ -42,11 +42,20 @@ void require_shared_expert(const Problem& problem, uintptr_t shared_w1, uintptr_
   require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
 }
 
+// The routing options of issue 12 the CUDA kernel does not compute yet: refused, never defaulted.
+bool cuda_lacks_routing_options(const Problem& p) {
+  return p.scoring == Scoring::softmax_topk || p.has_selection_bias || p.topk_groups < p.num_groups ||
+         p.routed_scaling_factor != 1.0 || p.weight_on_input || p.router_f32;
+}
+
 void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                     int num_threads, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+                     int num_threads, uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2,
+                     uintptr_t shared_gate) {
   if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
+  require(problem.has_selection_bias == (selection_bias != 0),
+          "flashmoe: has_selection_bias disagrees with selection_bias");
   require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   require((router_weight || problem.routing_given) && w1 && w2 && expert_counts && dropped,
           "flashmoe: a required weight or output pointer is null");
@@ -59,8 +68,9 @@ void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weigh
   require(problem.has_b2 == (b2 != 0), "flashmoe: has_b2 disagrees with b2");
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
-                                   as_ptr<const void>(b2), 0, as_ptr<const void>(shared_w1),
-                                   as_ptr<const void>(shared_w2), as_ptr<const void>(shared_gate)};
+                                   as_ptr<const void>(b2), 0, as_ptr<const void>(selection_bias),
+                                   as_ptr<const void>(shared_w1), as_ptr<const void>(shared_w2),
+                                   as_ptr<const void>(shared_gate)};
   const cpu::RankIO io{as_ptr<const void>(x), problem.tokens, problem.expert_capacity, as_ptr<void>(y),
                        as_ptr<int32_t>(topk_ids), as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts),
                        as_ptr<void>(router_logits), as_ptr<int64_t>(dropped)};
@@ -89,8 +99,10 @@ std::vector<cpu::RankIO> rank_ios(const std::vector<RankTuple>& ranks) {
 // calls[c][r]: rank r's tensors in call c; every rank runs its calls back to back.
 void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t router_bias, uintptr_t w1,
                      uintptr_t b1, uintptr_t w2, uintptr_t b2, const std::vector<std::vector<RankTuple>>& calls,
-                     int64_t first_expert, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+                     int64_t first_expert, uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2,
+                     uintptr_t shared_gate) {
   const Problem& shape = cluster.config().shape;
+  require(shape.has_selection_bias == (selection_bias != 0), "flashmoe: has_selection_bias disagrees with selection_bias");
   require_shared_expert(shape, shared_w1, shared_w2, shared_gate);
   require(router_weight && w1 && w2, "flashmoe: a required weight pointer is null");
   require(shape.has_router_bias == (router_bias != 0), "flashmoe: has_router_bias disagrees with router_bias");
@@ -100,8 +112,9 @@ void cluster_forward(cpu::Cluster& cluster, uintptr_t router_weight, uintptr_t r
   for (const auto& call : calls) io.push_back(rank_ios(call));
   const cpu::ExpertWeights weights{as_ptr<const void>(router_weight), as_ptr<const void>(router_bias),
                                    as_ptr<const void>(w1), as_ptr<const void>(b1), as_ptr<const void>(w2),
-                                   as_ptr<const void>(b2), first_expert, as_ptr<const void>(shared_w1),
-                                   as_ptr<const void>(shared_w2), as_ptr<const void>(shared_gate)};
+                                   as_ptr<const void>(b2), first_expert, as_ptr<const void>(selection_bias),
+                                   as_ptr<const void>(shared_w1), as_ptr<const void>(shared_w2),
+                                   as_ptr<const void>(shared_gate)};
   require(first_expert == 0 || cluster.config().transport != nullptr,
           "flashmoe: first_expert != 0 (local experts only) needs a transport that runs one rank here");
   py::gil_scoped_release release;
@@ -118,13 +131,17 @@ cpu::ExpertWeights expert_weights(const Problem& problem, uintptr_t router_weigh
 
 void route_tokens(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                   uintptr_t topk_ids, uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits,
-                  uintptr_t dropped, uintptr_t expert_offsets, uintptr_t pick_row, uintptr_t row_token, int threads) {
+                  uintptr_t dropped, uintptr_t expert_offsets, uintptr_t pick_row, uintptr_t row_token, int threads,
+                  uintptr_t selection_bias) {
   if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
+  require(problem.has_selection_bias == (selection_bias != 0),
+          "flashmoe: has_selection_bias disagrees with selection_bias");
   require(router_weight && expert_counts && dropped && expert_offsets, "flashmoe: a required pointer is null");
   require(problem.tokens == 0 || (x && topk_ids && topk_weights && router_logits && pick_row && row_token),
           "flashmoe: a required token tensor pointer is null");
   require(problem.expert_capacity >= kDropless, "flashmoe: expert_capacity must be >= 0, or -1 for dropless");
-  const cpu::ExpertWeights weights = expert_weights(problem, router_weight, router_bias, 1, problem.has_b1, 1, problem.has_b2);
+  cpu::ExpertWeights weights = expert_weights(problem, router_weight, router_bias, 1, problem.has_b1, 1, problem.has_b2);
+  weights.selection_bias = as_ptr<const void>(selection_bias);
   const cpu::RankIO io{as_ptr<const void>(x), problem.tokens, problem.expert_capacity, nullptr, as_ptr<int32_t>(topk_ids),
                        as_ptr<void>(topk_weights), as_ptr<int32_t>(expert_counts), as_ptr<void>(router_logits),
                        as_ptr<int64_t>(dropped)};
@@ -152,20 +169,36 @@ void run_expert_rows(const Problem& problem, uintptr_t w1, uintptr_t b1, uintptr
 }
 
 void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, uintptr_t topk_weights,
-                    uintptr_t rows_home, uintptr_t y, int threads) {
+                    uintptr_t rows_home, uintptr_t y, int threads, uintptr_t x, uintptr_t shared_rows,
+                    uintptr_t shared_gate) {
+  if (const char* error = validate(problem)) throw py::value_error(std::string("flashmoe: ") + error);
   require(tokens >= 0, "flashmoe: tokens must be >= 0");
   require(tokens == 0 || (pick_row && topk_weights && y), "flashmoe: a required token tensor pointer is null");
+  require(tokens == 0 || problem.has_shared_expert() == (shared_rows != 0),
+          "flashmoe: shared_ffn disagrees with shared_rows");
+  require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
+  require(!problem.has_shared_gate || tokens == 0 || x, "flashmoe: the shared gate needs x");
   py::gil_scoped_release release;
   cpu::combine_tokens(problem, tokens, as_ptr<const int32_t>(pick_row), as_ptr<const void>(topk_weights),
-                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads));
+                      as_ptr<const void>(rows_home), as_ptr<void>(y), std::max(1, threads),
+                      cpu::SharedRows{as_ptr<const void>(shared_rows), as_ptr<const void>(x),
+                                      as_ptr<const void>(shared_gate)});
 }
 
 #if FLASHMOE_WITH_CUDA
 void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                       uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                       uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream) {
+                     uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
+                     uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+  require(!cuda_lacks_routing_options(problem),
+          "flashmoe: the CUDA kernel does not compute the routing options (softmax_topk, selection_bias, "
+          "num_groups/topk_groups, routed_scaling_factor, weight_on_input, router_f32) yet");
+  require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   cuda::Pointers pointers;
+  pointers.shared_w1 = as_ptr<const void>(shared_w1);
+  pointers.shared_w2 = as_ptr<const void>(shared_w2);
+  pointers.shared_gate = as_ptr<const void>(shared_gate);
   pointers.x = as_ptr<const void>(x);
   pointers.router_weight = as_ptr<const void>(router_weight);
   pointers.router_bias = as_ptr<const void>(router_bias);
@@ -201,7 +234,9 @@ PYBIND11_MODULE(_C, m) {
       .value("gelu_tanh", Activation::gelu_tanh).value("relu", Activation::relu).value("relu2", Activation::relu2)
       .value("swiglu_clamp", Activation::swiglu_clamp).value("swiglu_clamp_post", Activation::swiglu_clamp_post)
       .value("swiglu_oai", Activation::swiglu_oai);
-  py::enum_<Scoring>(m, "Scoring").value("softmax", Scoring::softmax).value("sigmoid", Scoring::sigmoid);
+  py::enum_<Scoring>(m, "Scoring")
+      .value("softmax", Scoring::softmax).value("sigmoid", Scoring::sigmoid)
+      .value("softmax_topk", Scoring::softmax_topk);
 
   py::class_<Problem>(m, "Problem")
       .def(py::init<>())
@@ -222,6 +257,12 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("routing_given", &Problem::routing_given)
       .def_readwrite("swiglu_limit", &Problem::swiglu_limit)
       .def_readwrite("swiglu_alpha", &Problem::swiglu_alpha)
+      .def_readwrite("has_selection_bias", &Problem::has_selection_bias)
+      .def_readwrite("num_groups", &Problem::num_groups)
+      .def_readwrite("topk_groups", &Problem::topk_groups)
+      .def_readwrite("routed_scaling_factor", &Problem::routed_scaling_factor)
+      .def_readwrite("weight_on_input", &Problem::weight_on_input)
+      .def_readwrite("router_f32", &Problem::router_f32)
       .def_readwrite("shared_ffn", &Problem::shared_ffn)
       .def_readwrite("has_shared_gate", &Problem::has_shared_gate)
       .def("gemm0_cols", &Problem::gemm0_cols<int64_t>)
@@ -233,8 +274,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("moe_forward_cpu", &moe_forward_cpu, py::kw_only(), py::arg("problem"), py::arg("x"),
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
-        py::arg("router_logits"), py::arg("dropped"), py::arg("num_threads"), py::arg("shared_w1") = 0,
-        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
+        py::arg("router_logits"), py::arg("dropped"), py::arg("num_threads"), py::arg("selection_bias") = 0,
+        py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Runs the CPU MoE forward on contiguous buffers. See csrc/cpu/moe_forward.h for layouts.");
 
   py::enum_<cpu::Fault>(m, "Fault")
@@ -268,7 +309,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("watchdog_seconds") = 60.0, py::arg("transport") = nullptr)
       .def("forward", &cluster_forward, py::kw_only(), py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"),
            py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("calls"), py::arg("first_expert") = 0,
-           py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
+           py::arg("selection_bias") = 0, py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
            "shared_w1/shared_w2/shared_gate: the shared expert, replicated (every rank runs it on its own tokens). "
            "calls: per call, one (x, tokens, expert_capacity, y, topk_ids, topk_weights, expert_counts, "
            "router_logits, dropped) tuple of addresses per rank running here. Ranks run their calls back to back. "
@@ -298,14 +339,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("route_tokens", &route_tokens, py::kw_only(), py::arg("problem"), py::arg("x"), py::arg("router_weight"),
         py::arg("router_bias"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
         py::arg("router_logits"), py::arg("dropped"), py::arg("expert_offsets"), py::arg("pick_row"),
-        py::arg("row_token"), py::arg("threads"),
+        py::arg("row_token"), py::arg("threads"), py::arg("selection_bias") = 0,
         "all_to_all source step: gate problem.tokens tokens and assign slots (cpu/transport_all_to_all.h).");
   m.def("run_expert_rows", &run_expert_rows, py::kw_only(), py::arg("problem"), py::arg("w1"), py::arg("b1"),
         py::arg("w2"), py::arg("b2"), py::arg("rows"), py::arg("cell_rows"), py::arg("local_experts"), py::arg("out"),
         py::arg("threads"), "all_to_all owner step: the local experts' FFN of every received row, cell by cell.");
   m.def("combine_tokens", &combine_tokens, py::kw_only(), py::arg("problem"), py::arg("tokens"), py::arg("pick_row"),
-        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"),
-        "all_to_all source step: y from the rows that came home, in the contract's order.");
+        py::arg("topk_weights"), py::arg("rows_home"), py::arg("y"), py::arg("threads"), py::arg("x") = 0,
+        py::arg("shared_rows") = 0, py::arg("shared_gate") = 0,
+        "all_to_all source step: y from the rows that came home, in the contract's order, then the shared "
+        "expert's rows (shared_rows [T, H], weighted by sigma(x . shared_gate) when given).");
 
   m.def("expert_capacity", [](double capacity_factor, int64_t tokens, int64_t top_k, int64_t experts) {
     if (!std::isfinite(capacity_factor) || capacity_factor <= 0)
@@ -410,6 +453,8 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("scores"), py::arg("top_k"), py::arg("normalize"), py::arg("fp64"),
      "The native top-k of one token's scores: (ids in pick order, weights).");
 
+  m.def("cuda_lacks_routing_options", &cuda_lacks_routing_options, py::arg("problem"),
+        "Whether `problem` uses a routing option the CUDA kernel does not compute yet.");
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
 
@@ -435,7 +480,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
         py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("shared_w1") = 0,
+        py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
 #else
   m.attr("cuda_compiled") = false;

@@ -30,7 +30,9 @@ FLASHMOE_HD constexpr bool combines_gate_and_up(Activation activation) {
   return activation == Activation::swiglu_clamp || activation == Activation::swiglu_clamp_post ||
          activation == Activation::swiglu_oai;
 }
-enum class Scoring : int32_t { softmax = 0, sigmoid = 1 };
+// softmax_topk (GPT-OSS): the top-k of the raw logits, then a softmax over those k.
+enum class Scoring : int32_t { softmax = 0, sigmoid = 1, softmax_topk = 2 };
+constexpr int32_t kLastScoring = 2;
 
 // expert_capacity == kDropless means every pick is admitted.
 constexpr int64_t kDropless = -1;
@@ -61,6 +63,16 @@ struct Problem {
   // σ(x·shared_gateᵀ) when has_shared_gate, else by 1.
   int64_t shared_ffn = 0;
   bool has_shared_gate = false;
+  // Routing options (core/routing.h route_token): a selection bias [E] (accumulation dtype) that
+  // chooses but does not weigh; group-limited choice (topk_groups of num_groups groups; equal: no
+  // limit); a scale of the weights after normalisation; the pick weight on the expert's input row
+  // (combined with 1) instead of its output; a float32 router (weight and bias) for bf16/f16 x.
+  bool has_selection_bias = false;
+  int64_t num_groups = 1;
+  int64_t topk_groups = 1;
+  double routed_scaling_factor = 1.0;
+  bool weight_on_input = false;
+  bool router_f32 = false;
 
   // Width of the first expert GEMM: gate and up projections side by side when gated.
   template <typename N = int64_t>
@@ -90,7 +102,15 @@ inline const char* validate(const Problem& p) {
     return "swiglu_limit must be finite and > 0";
   if (p.activation == Activation::swiglu_oai && !(p.swiglu_alpha > 0 && p.swiglu_alpha < INFINITY))
     return "swiglu_alpha must be finite and > 0";
-  if (int32_t(p.scoring) < 0 || int32_t(p.scoring) > 1) return "scoring code out of range";
+  if (int32_t(p.scoring) < 0 || int32_t(p.scoring) > kLastScoring) return "scoring code out of range";
+  if (p.num_groups < 1 || p.experts % p.num_groups != 0) return "num_groups must be >= 1 and divide experts";
+  if (p.topk_groups < 1 || p.topk_groups > p.num_groups) return "topk_groups must be in [1, num_groups]";
+  if (!p.routing_given && p.topk_groups * (p.experts / p.num_groups) < p.top_k)
+    return "top_k exceeds the experts of the topk_groups kept groups";
+  if (!(p.routed_scaling_factor > 0 && p.routed_scaling_factor < INFINITY))
+    return "routed_scaling_factor must be finite and > 0";
+  if (p.router_f32 && !(p.dtype == DType::bf16 || p.dtype == DType::f16))
+    return "router_f32 (a float32 router) needs bf16 or f16 x";
   if (int32_t(p.dtype) < 0 || int32_t(p.dtype) > 3) return "dtype code out of range";
   if (p.expert_capacity < kDropless) return "expert_capacity must be >= 0, or -1 for dropless";
   if (p.shared_ffn < 0) return "shared_ffn must be >= 0 (0: no shared expert)";

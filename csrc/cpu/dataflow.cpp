@@ -161,8 +161,8 @@ class Member {
   Member(Cluster::State& cluster, int64_t rank, int member, const ExpertWeights& weights)
       : c_(cluster), p_(cluster.config.shape), rank_(rank), member_(member), team_(cluster.config.threads_per_rank),
         s_(*cluster.ranks[size_t(rank)]), chaos_(cluster.config.chaos, rank, member),
-        router_weight_(static_cast<const T*>(weights.router_weight)),
-        router_bias_(static_cast<const T*>(weights.router_bias)), w1_(static_cast<const T*>(weights.w1)),
+        router_weight_(weights.router_weight), router_bias_(weights.router_bias),
+        selection_bias_(static_cast<const Acc*>(weights.selection_bias)), w1_(static_cast<const T*>(weights.w1)),
         b1_(static_cast<const T*>(weights.b1)), w2_(static_cast<const T*>(weights.w2)),
         b2_(static_cast<const T*>(weights.b2)), first_expert_(weights.first_expert),
         shared_w1_(static_cast<const T*>(weights.shared_w1)), shared_w2_(static_cast<const T*>(weights.shared_w2)),
@@ -171,7 +171,7 @@ class Member {
     gate_.resize(size_t(tiling.row_tile * tiling.ffn_tile));
     up_.resize(gate_.size());
     out_.resize(size_t(tiling.row_tile * tiling.hidden_tile));
-    scores_.resize(size_t(p_.experts));
+    scores_.resize(size_t(route_scratch(p_)));
     sum_.resize(size_t(p_.hidden));
     shared_weights_.resize(size_t(tiling.token_tile));
   }
@@ -232,7 +232,7 @@ class Member {
     const int64_t tile = c_.tiling.token_tile;
     for (int64_t task; (task = s_.next_gate_tile.fetch_add(1)) < c_.tiling.token_tiles(io_->tokens);) {
       const int64_t t0 = task * tile, m = std::min(tile, io_->tokens - t0);
-      gate_tile<T>(p_, x_, t0, m, router_weight_, router_bias_, static_cast<Acc*>(io_->router_logits),
+      gate_tile<T>(p_, x_, t0, m, router_weight_, router_bias_, selection_bias_, static_cast<Acc*>(io_->router_logits),
                    io_->topk_ids, static_cast<Acc*>(io_->topk_weights), scores_.data());
       beat();
     }
@@ -259,15 +259,16 @@ class Member {
 
   // ---- Phase 3: dispatch. Copy admitted tokens into the owners' heaps. ----
   void dispatch_rows() {
-    const int64_t row_bytes = c_.layout.row_bytes();
     for (int64_t e; (e = s_.next_dispatch_expert.fetch_add(1)) < p_.experts;) {
       chaos_.point();
       std::byte* owner_heap = c_.ranks[size_t(c_.placement.owner(e))]->heap.get();
       const int64_t first = owner_first_row(e);
       for (int64_t row = s_.expert_offsets[size_t(e)]; row < s_.expert_offsets[size_t(e + 1)]; ++row) {
-        const T* token = x_ + int64_t(s_.row_token[size_t(row)]) * p_.hidden;
-        std::memcpy(owner_heap + c_.layout.dispatch_row(rank_, first + row - s_.expert_offsets[size_t(e)]), token,
-                    size_t(row_bytes));
+        const int64_t token = s_.row_token[size_t(row)];
+        dispatch_row<T>(p_, x_ + token * p_.hidden, io_->topk_ids + token * p_.top_k,
+                        static_cast<const Acc*>(io_->topk_weights) + token * p_.top_k, e,
+                        reinterpret_cast<T*>(owner_heap + c_.layout.dispatch_row(rank_, first + row -
+                                                                                     s_.expert_offsets[size_t(e)])));
         beat();
       }
       beat();
@@ -549,8 +550,8 @@ class Member {
         const int64_t owner_row = pick_row[j] - s_.expert_offsets[size_t(owner * c_.placement.local_experts())];
         return reinterpret_cast<const T*>(s_.heap.get() + c_.layout.return_row(owner, owner_row));
       };
-      combine_token<T>(H, k, pick_row, weights + t * k, output_row, sum_.data(), static_cast<T*>(io_->y) + t * H,
-                       shared ? shared_out_row(t) : nullptr,
+      combine_token<T>(H, k, pick_row, weights + t * k, p_.weight_on_input, output_row, sum_.data(),
+                       static_cast<T*>(io_->y) + t * H, shared ? shared_out_row(t) : nullptr,
                        shared ? shared_weights_[size_t(t - task.column_begin)] : Acc(1));
       beat();
     }
@@ -651,7 +652,9 @@ class Member {
   RankState& s_;
   const RankIO* io_ = nullptr;  // this call's tokens and outputs
   Chaos chaos_;
-  const T *router_weight_, *router_bias_, *w1_, *b1_, *w2_, *b2_;
+  const void *router_weight_, *router_bias_;  // T, or float with p_.router_f32
+  const Acc* selection_bias_;
+  const T *w1_, *b1_, *w2_, *b2_;
   const int64_t first_expert_;  // the expert w1_[0] (and w2_, b1_, b2_) holds
   const T *shared_w1_, *shared_w2_, *shared_gate_;
   const Problem shared_p_;      // the shared expert's problem: ffn = S, no biases

@@ -48,8 +48,8 @@ struct ClusterConfig {
 // Expert weights (rank q uses experts [q·L, (q+1)·L)). All contiguous, in the
 // problem's dtype; optional ones are nullptr.
 struct ExpertWeights {
-  const void* router_weight;  // [E, H]; null when routing_given
-  const void* router_bias;    // [E], optional
+  const void* router_weight;  // [E, H]; null when routing_given; float when shape.router_f32
+  const void* router_bias;    // [E], optional; router_weight's type
   const void* w1;             // [E, N0, H], N0 = 2I when gated (gate rows, then up rows) else I
   const void* b1;             // [E, N0], optional
   const void* w2;             // [E, H, I]
@@ -57,6 +57,7 @@ struct ExpertWeights {
   // The global index of the expert w1[0], w2[0], b1[0], b2[0] hold: 0 when they hold all E
   // experts, q·L when a process running rank q alone (a transport) holds only its own L.
   int64_t first_expert = 0;
+  const void* selection_bias = nullptr;  // [E] in the accumulation dtype, optional (has_selection_bias)
   // The shared expert, replicated on every rank (null when shape.shared_ffn == 0): each rank runs it
   // on its own tokens as tile tasks of its own schedule, with no dispatch.
   const void* shared_w1 = nullptr;    // [N0s, H], N0s = 2S when gated else S

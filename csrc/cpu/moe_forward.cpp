@@ -27,8 +27,11 @@ bool same_shape(const Problem& a, const Problem& b) {
          a.gated == b.gated && a.activation == b.activation && a.scoring == b.scoring &&
          a.normalize == b.normalize && a.dtype == b.dtype && a.has_router_bias == b.has_router_bias &&
          a.has_b1 == b.has_b1 && a.has_b2 == b.has_b2 && a.routing_given == b.routing_given &&
-         a.swiglu_limit == b.swiglu_limit && a.swiglu_alpha == b.swiglu_alpha && a.shared_ffn == b.shared_ffn &&
-         a.has_shared_gate == b.has_shared_gate;
+         a.swiglu_limit == b.swiglu_limit && a.swiglu_alpha == b.swiglu_alpha &&
+         a.has_selection_bias == b.has_selection_bias && a.num_groups == b.num_groups &&
+         a.topk_groups == b.topk_groups && a.routed_scaling_factor == b.routed_scaling_factor &&
+         a.weight_on_input == b.weight_on_input && a.router_f32 == b.router_f32 &&
+         a.shared_ffn == b.shared_ffn && a.has_shared_gate == b.has_shared_gate;
 }
 
 class ClusterCache {

@@ -30,11 +30,11 @@ void route(const Problem& p, const ExpertWeights& weights, const RankIO& io, int
   const Tiling tiling;
   const int64_t tile = tiling.token_tile;
   for_each_item(threads, tiling.token_tiles(io.tokens), [&](int64_t task) {
-    std::vector<Acc> scores(static_cast<size_t>(p.experts));
+    std::vector<Acc> scratch(static_cast<size_t>(route_scratch(p)));
     const int64_t t0 = task * tile, m = std::min(tile, io.tokens - t0);
-    gate_tile<T>(p, static_cast<const T*>(io.x), t0, m, static_cast<const T*>(weights.router_weight),
-                 static_cast<const T*>(weights.router_bias), static_cast<Acc*>(io.router_logits), io.topk_ids,
-                 static_cast<Acc*>(io.topk_weights), scores.data());
+    gate_tile<T>(p, static_cast<const T*>(io.x), t0, m, weights.router_weight, weights.router_bias,
+                 static_cast<const Acc*>(weights.selection_bias), static_cast<Acc*>(io.router_logits), io.topk_ids,
+                 static_cast<Acc*>(io.topk_weights), scratch.data());
   });
   *io.dropped = assign_slots(io.topk_ids, io.tokens, p.top_k, p.experts, io.expert_capacity,
                              SlotAssignment{io.expert_counts, expert_offsets, pick_row, row_token});
@@ -87,17 +87,25 @@ void expert_rows(const Problem& p, const ExpertWeights& weights, const T* rows, 
 
 template <typename T>
 void combine(const Problem& p, int64_t tokens, const int32_t* pick_row, const void* topk_weights,
-             const void* rows_home, void* y, int threads) {
+             const void* rows_home, void* y, int threads, const SharedRows& shared) {
   using Acc = accum_t<T>;
   const Tiling tiling;
   const int64_t H = p.hidden, k = p.top_k, tile = tiling.token_tile;
   const T* home = static_cast<const T*>(rows_home);
+  const T* shared_rows = static_cast<const T*>(shared.rows);
   for_each_item(threads, tiling.token_tiles(tokens), [&](int64_t task) {
-    std::vector<Acc> sum(static_cast<size_t>(H));
-    for (int64_t t = task * tile; t < std::min(tokens, (task + 1) * tile); ++t) {
+    std::vector<Acc> sum(static_cast<size_t>(H)), shared_weight(static_cast<size_t>(tile));
+    const int64_t t0 = task * tile, m = std::min(tile, tokens - t0);
+    if (p.has_shared_expert()) {
+      shared_weights<T>(p, static_cast<const T*>(shared.x), t0, m, static_cast<const T*>(shared.gate),
+                        shared_weight.data());
+    }
+    for (int64_t t = t0; t < t0 + m; ++t) {
       const auto output_row = [&](int64_t j) { return home + int64_t(pick_row[t * k + j]) * H; };
-      combine_token<T>(H, k, pick_row + t * k, static_cast<const Acc*>(topk_weights) + t * k, output_row,
-                       sum.data(), static_cast<T*>(y) + t * H);
+      combine_token<T>(H, k, pick_row + t * k, static_cast<const Acc*>(topk_weights) + t * k, p.weight_on_input,
+                       output_row, sum.data(), static_cast<T*>(y) + t * H,
+                       p.has_shared_expert() ? shared_rows + t * H : nullptr,
+                       p.has_shared_expert() ? shared_weight[size_t(t - t0)] : Acc(1));
     }
   });
 }
@@ -131,9 +139,9 @@ void run_expert_rows(const Problem& problem, const ExpertWeights& local_weights,
 }
 
 void combine_tokens(const Problem& problem, int64_t tokens, const int32_t* pick_row, const void* topk_weights,
-                    const void* rows_home, void* y, int threads) {
+                    const void* rows_home, void* y, int threads, const SharedRows& shared) {
   by_dtype(problem.dtype, [&](auto tag) {
-    combine<decltype(tag)>(problem, tokens, pick_row, topk_weights, rows_home, y, threads);
+    combine<decltype(tag)>(problem, tokens, pick_row, topk_weights, rows_home, y, threads, shared);
   });
 }
 

@@ -29,9 +29,19 @@ void route_tokens(const Problem& problem, const ExpertWeights& weights, const Ra
 void run_expert_rows(const Problem& problem, const ExpertWeights& local_weights, const void* rows,
                      const int64_t* cell_rows, int64_t cells, int64_t local_experts, void* out, int threads);
 
-// y [T, H] = Σ_j topk_weights[t, j] · rows_home[pick_row[t, j]] over admitted picks, ascending j.
+// The shared expert's part of a source's combine (problem.shared_ffn > 0): its outputs of the
+// source's tokens, computed locally by run_expert_rows on x with the shared weights as one local
+// expert of one cell (problem.shared_expert()), and what its weight needs.
+struct SharedRows {
+  const void* rows = nullptr;  // [T, H], the shared expert's output of every token
+  const void* x = nullptr;     // [T, H], the source's tokens (for the gate)
+  const void* gate = nullptr;  // [1, H] shared_gate, when problem.has_shared_gate
+};
+
+// y [T, H] = Σ_j topk_weights[t, j] · rows_home[pick_row[t, j]] over admitted picks, ascending j, then
+// + g[t] · shared.rows[t] with a shared expert (as the dataflow's combine).
 // rows_home [R, H]: the expert outputs of the source's admitted rows, in expert-sorted order.
 void combine_tokens(const Problem& problem, int64_t tokens, const int32_t* pick_row, const void* topk_weights,
-                    const void* rows_home, void* y, int threads);
+                    const void* rows_home, void* y, int threads, const SharedRows& shared = {});
 
 }  // namespace flashmoe::cpu

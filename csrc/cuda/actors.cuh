@@ -8,6 +8,10 @@
 //   subscribers:  turn the dispatch signals of the heap into cell arrivals for the scheduler, then
 //                 wait for every return signal and release the combine.
 //
+// A shared expert is one more cell (index E) of the T tokens, read from x: the scheduler opens it
+// itself once every gate task is handed out, runs its GEMM0/GEMM1 tiles like any cell's, and opens
+// the combine only when it and every return signal are done.
+//
 // The inbox is a ring of Message with a sequence number per slot, filled through one atomic tail.
 // At most processors + experts + 1 messages are ever in flight, so a producer never waits for room
 // in practice; it still acquires the scheduler's released head before it overwrites a slot, which
@@ -108,7 +112,7 @@ struct Scheduler {
   const Control& control;
   uint8_t* base;
   Tiling tiling = gpu_tiling();
-  int64_t tiles, max_row_tiles, ffn_tiles, hidden_tiles;
+  int64_t tiles, max_row_tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles;
   int32_t* gemm0_left;
   int32_t* gemm1_left;
   int32_t* cell_rows;
@@ -122,7 +126,7 @@ struct Scheduler {
   int64_t dispatch_next = 0, dispatches_left = 0;
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
-  bool combine_open = false;
+  bool combine_open = false, returns_done = false, shared_done = true, shared_pending = false;
   int64_t combine_next = 0;
 
   FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c) : params(p), control(c) {
@@ -132,6 +136,9 @@ struct Scheduler {
     max_row_tiles = w.max_row_tiles();
     ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
     hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
+    shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
+    shared_pending = p.problem.has_shared_expert() && p.problem.tokens > 0;
+    shared_done = !shared_pending;
     gemm0_left = reinterpret_cast<int32_t*>(base + w.gemm0_left);
     gemm1_left = reinterpret_cast<int32_t*>(base + w.gemm1_left);
     cell_rows = reinterpret_cast<int32_t*>(base + w.cell_rows);
@@ -177,6 +184,22 @@ struct Scheduler {
     return task;
   }
 
+  FLASHMOE_DEVICE bool is_shared(int64_t cell) const { return cell == params.problem.experts; }
+  // GEMM0 width of a cell: I, or S for the shared expert's.
+  FLASHMOE_DEVICE int64_t cell_ffn(int64_t cell) const { return is_shared(cell) ? params.problem.shared_ffn : params.problem.ffn; }
+  FLASHMOE_DEVICE int64_t cell_ffn_tiles(int64_t cell) const { return is_shared(cell) ? shared_ffn_tiles : ffn_tiles; }
+
+  // The shared expert's cell: rows 0..T-1 (token order), ready as soon as it is opened.
+  FLASHMOE_DEVICE void open_shared_cell() {
+    const int64_t cell = params.problem.experts, rows = params.problem.tokens, row_tiles = tiling.row_tiles(rows);
+    shared_pending = false;
+    cell_rows[cell] = int32_t(rows);
+    cell_first_row[cell] = 0;
+    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[cell * max_row_tiles + tile] = int32_t(shared_ffn_tiles);
+    gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
+    gemm0_queue[gemm0_tail++] = int32_t(cell);
+  }
+
   // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
   FLASHMOE_DEVICE bool next_task(Task& task) {
     if (combine_open && combine_next < tiles) {
@@ -192,9 +215,10 @@ struct Scheduler {
     }
     if (gemm0_head < gemm0_tail) {
       const int32_t expert = gemm0_queue[gemm0_head];
-      task = cell_task(TaskKind::gemm0, expert, gemm0_cursor / ffn_tiles, gemm0_cursor % ffn_tiles,
-                       params.problem.ffn);
-      if (++gemm0_cursor == tiling.row_tiles(cell_rows[expert]) * ffn_tiles) gemm0_cursor = 0, ++gemm0_head;
+      const int64_t column_tiles = cell_ffn_tiles(expert);
+      task = cell_task(TaskKind::gemm0, expert, gemm0_cursor / column_tiles, gemm0_cursor % column_tiles,
+                       cell_ffn(expert));
+      if (++gemm0_cursor == tiling.row_tiles(cell_rows[expert]) * column_tiles) gemm0_cursor = 0, ++gemm0_head;
       return true;
     }
     if (dispatch_open && dispatch_next < tiles) {
@@ -210,6 +234,8 @@ struct Scheduler {
     }
     if (gate_next < tiles) {
       task = token_task(TaskKind::gate, gate_next++);
+      // The gates come first (they lead to routing); the shared expert's tiles fill the wait.
+      if (gate_next == tiles && shared_pending) open_shared_cell();
       return true;
     }
     return false;
@@ -240,7 +266,11 @@ struct Scheduler {
         break;
       }
       case TaskKind::gemm1:
-        if (--gemm1_left[task.local_expert] == 0) {
+        if (--gemm1_left[task.local_expert] != 0) break;
+        if (is_shared(task.local_expert)) {  // no signal: the combine is this CTA's own
+          shared_done = true;
+          combine_open = returns_done;
+        } else {
           publish(heap.return_flag(0, task.local_expert), cell_rows[task.local_expert],
                   cell_first_row[task.local_expert]);
         }
@@ -281,7 +311,8 @@ struct Scheduler {
         } else if (message.kind == kArrival) {
           arrived(message.a, message.b, message.c, bound);
         } else {
-          combine_open = true;
+          returns_done = true;
+          combine_open = shared_done;
         }
         continue;  // drain the inbox before handing out work
       }

@@ -34,9 +34,10 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
   workspace.top_k = problem.top_k;
   workspace.hidden = problem.hidden;
   workspace.ffn = problem.ffn;
+  workspace.shared_ffn = problem.shared_ffn;
   workspace.element_size = dtype_size(problem.dtype);
   params.bound = TaskBound{gpu_tiling(), ExpertPlacement{1, problem.experts}, problem.tokens, problem.ffn,
-                           problem.hidden};
+                           problem.hidden, problem.shared_ffn};
   // SizeError (named) before any unchecked arithmetic runs on these sizes.
   workspace.check();
   params.bound.check();

@@ -34,6 +34,10 @@ struct Pointers {
   float* router_logits = nullptr;       // [T, E]; null when problem.routing_given
   int64_t* dropped = nullptr;           // []
   void* workspace = nullptr;            // workspace_bytes(...) bytes, 256-byte aligned, any contents
+  // The shared expert (problem.shared_ffn > 0), null otherwise.
+  const void* shared_w1 = nullptr;      // [2S or S, H] dtype
+  const void* shared_w2 = nullptr;      // [H, S] dtype
+  const void* shared_gate = nullptr;    // [1, H] dtype, when problem.has_shared_gate
 };
 
 // fp32 inputs: exact fp32 FMA math, or TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32).

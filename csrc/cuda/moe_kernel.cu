@@ -125,10 +125,6 @@ void check_problem(const Problem& problem) {
   if (CheckedInt(problem.tokens) * CheckedInt(std::min(problem.top_k, problem.experts)) > CheckedInt(SignalWord::kMaxRows)) {
     throw std::invalid_argument("flashmoe: tokens * min(top_k, experts) must be < 2^24 rows per call");
   }
-  // The persistent kernel has no shared-expert tasks yet; flashmoe.ops raises NotImplementedError first.
-  if (problem.has_shared_expert()) {
-    throw std::invalid_argument("flashmoe: the CUDA kernel has no shared-expert tasks yet (shared_ffn must be 0)");
-  }
 }
 
 }  // namespace
@@ -166,6 +162,10 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   require(problem.has_router_bias == (pointers.router_bias != nullptr), "has_router_bias disagrees with router_bias");
   require(problem.has_b1 == (pointers.b1 != nullptr), "has_b1 disagrees with b1");
   require(problem.has_b2 == (pointers.b2 != nullptr), "has_b2 disagrees with b2");
+  require(problem.has_shared_expert() == (pointers.shared_w1 != nullptr) &&
+              problem.has_shared_expert() == (pointers.shared_w2 != nullptr),
+          "shared_ffn disagrees with shared_w1/shared_w2");
+  require(problem.has_shared_gate == (pointers.shared_gate != nullptr), "has_shared_gate disagrees with shared_gate");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device);
   if (problem.tokens == 0) {

@@ -44,6 +44,12 @@ struct Buffers {
   FLASHMOE_DEVICE float* scores() const { return at<float>(params.workspace.scores); }
   FLASHMOE_DEVICE int32_t* pick_row() const { return at<int32_t>(params.workspace.pick_row); }
   FLASHMOE_DEVICE T* h() const { return at<T>(params.workspace.h); }
+  FLASHMOE_DEVICE const T* shared_w1() const { return static_cast<const T*>(params.pointers.shared_w1); }
+  FLASHMOE_DEVICE const T* shared_w2() const { return static_cast<const T*>(params.pointers.shared_w2); }
+  FLASHMOE_DEVICE const T* shared_gate() const { return static_cast<const T*>(params.pointers.shared_gate); }
+  FLASHMOE_DEVICE T* shared_h() const { return at<T>(params.workspace.shared_h); }
+  FLASHMOE_DEVICE T* shared_out() const { return at<T>(params.workspace.shared_out); }
+  FLASHMOE_DEVICE float* shared_weight() const { return at<float>(params.workspace.shared_weight); }
   // Row `row` of the dispatch (tokens in) and return (expert outputs back) regions of the heap.
   FLASHMOE_DEVICE T* dispatch_row(int64_t row) const {
     return at<T>(params.workspace.heap + params.workspace.heap_layout().dispatch_row(0, row));
@@ -85,9 +91,21 @@ FLASHMOE_DEVICE void route_tokens(const Buffers<M>& buffers, uint8_t* smem, int6
 // Gate of tokens [first, first + count): route_tokens, then this tile's expert histogram for the
 // ordered prefix. With routing from outside (problem.routing_given) topk_ids is an input and the
 // router is skipped: only the histogram is left.
+//
+// With a shared gate, also σ(x·shared_gateᵀ) of each token (fp32 accumulation, ascending h) for the combine.
 template <Math M>
 FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count, int64_t tile) {
+  using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
+  if (problem.has_shared_gate) {
+    const int64_t H = problem.hidden;
+    for (int64_t t = threadIdx.x; t < count; t += kThreads) {
+      const auto* row = buffers.x() + (first + t) * H;
+      float logit = 0.0f;
+      for (int64_t n = 0; n < H; ++n) logit += S::load(row[n]) * S::load(buffers.shared_gate()[n]);
+      buffers.shared_weight()[first + t] = 1.0f / (1.0f + std::exp(-logit));
+    }
+  }
   if (!problem.routing_given) route_tokens(buffers, smem, first, count);
   const int64_t E = problem.experts, k = problem.top_k;
   const int32_t* ids = buffers.params.pointers.topk_ids + first * k;
@@ -176,20 +194,22 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
 }
 
 // GEMM0 of one row tile: h[rows, columns) = glu(x·gateᵀ + b1, x·upᵀ + b1') or act(x·W1ᵀ + b1), rounded to dtype.
+// The shared expert's cell (local_expert E): rows are tokens read from x, its own weights, no bias, width S.
 template <Math M>
 FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
   using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
-  const int64_t H = problem.hidden, I = problem.ffn;
-  const auto* w1 = buffers.w1() + task.local_expert * problem.gemm0_cols() * H;
-  const auto* b1 = buffers.b1() ? buffers.b1() + task.local_expert * problem.gemm0_cols() : nullptr;
-  auto* h = buffers.h();
+  const bool shared = task.local_expert == problem.experts;
+  const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
+  const auto* w1 = shared ? buffers.shared_w1() : buffers.w1() + task.local_expert * problem.gemm0_cols() * H;
+  const auto* b1 = !shared && buffers.b1() ? buffers.b1() + task.local_expert * problem.gemm0_cols() : nullptr;
+  auto* h = shared ? buffers.shared_h() : buffers.h();
   const float limit = float(problem.swiglu_limit), alpha = float(problem.swiglu_alpha);
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
     const int64_t rows = task.rows - m0 < kTileM ? task.rows - m0 : kTileM;
-    const Operand a{buffers.dispatch_row(row0), rows, H};
+    const Operand a{shared ? buffers.x() + row0 * H : buffers.dispatch_row(row0), rows, H};
     for (int64_t n0 = task.column_begin; n0 < column_end; n0 += kTileN) {
       const int64_t columns = column_end - n0 < kTileN ? column_end - n0 : kTileN;
       const Operand gate{w1 + n0 * H, columns, H};
@@ -214,20 +234,22 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
   }
 }
 
-// GEMM1 of one row tile: out[rows, columns) = h·W2ᵀ + b2, rounded to dtype, into the return rows.
+// GEMM1 of one row tile: out[rows, columns) = h·W2ᵀ + b2, rounded to dtype, into the return rows (the
+// shared expert's: into shared_out, token by token).
 template <Math M>
 FLASHMOE_DEVICE void gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
   using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
-  const int64_t H = problem.hidden, I = problem.ffn;
-  const auto* w2 = buffers.w2() + task.local_expert * H * I;
-  const auto* b2 = buffers.b2() ? buffers.b2() + task.local_expert * H : nullptr;
+  const bool shared = task.local_expert == problem.experts;
+  const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
+  const auto* w2 = shared ? buffers.shared_w2() : buffers.w2() + task.local_expert * H * I;
+  const auto* b2 = !shared && buffers.b2() ? buffers.b2() + task.local_expert * H : nullptr;
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
     const int64_t rows = task.rows - m0 < kTileM ? task.rows - m0 : kTileM;
-    const Operand a{buffers.h() + row0 * I, rows, I};
-    auto* out = buffers.return_row(row0);
+    const Operand a{(shared ? buffers.shared_h() : buffers.h()) + row0 * I, rows, I};
+    auto* out = shared ? buffers.shared_out() + row0 * H : buffers.return_row(row0);
     for (int64_t n0 = task.column_begin; n0 < column_end; n0 += kTileN) {
       const int64_t columns = column_end - n0 < kTileN ? column_end - n0 : kTileN;
       const Operand down{w2 + n0 * I, columns, I};
@@ -239,7 +261,8 @@ FLASHMOE_DEVICE void gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const 
 }
 
 // Combine of tokens [first, first + count): y[t] = Σ_j weight[t, j] · out[row(t, j)], in
-// ascending j with fp32 accumulation; a dropped pick adds nothing. No atomics.
+// ascending j with fp32 accumulation, then + g[t] · shared_out[t] with a shared expert (g = 1 without
+// its gate); a dropped pick adds nothing. No atomics.
 template <Math M>
 FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int64_t count) {
   using S = Storage<M>;
@@ -255,6 +278,10 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
     for (int64_t j = 0; j < k; ++j) {
       const int32_t row = rows[token * k + j];
       if (row >= 0) sum += weights[token * k + j] * S::load(outputs[int64_t(row) * H + n]);
+    }
+    if (problem.has_shared_expert()) {
+      const float weight = problem.has_shared_gate ? buffers.shared_weight()[token] : 1.0f;
+      sum += weight * S::load(buffers.shared_out()[token * H + n]);
     }
     y[token * H + n] = S::store(sum);
   }

@@ -14,13 +14,19 @@
 //   admitted            int32 [E]                 admitted rows of each expert
 //   scores              float [T][E]
 //   pick_row            int32 [T·k]               dispatch row of each pick, -1 when dropped
-//   gemm0_left          int32 [E][max_row_tiles]  scheduler-private dependency counters
-//   gemm1_left          int32 [E]
-//   cell_rows, cell_first_row  int32 [E]
-//   gemm0_queue         int32 [E]                 cells whose GEMM0 tasks wait to be issued
-//   gemm1_queue         int32 [E·max_row_tiles]   row tiles whose GEMM1 tasks wait
+//   gemm0_left          int32 [C][max_row_tiles]  scheduler-private dependency counters (C cells below)
+//   gemm1_left          int32 [C]
+//   cell_rows, cell_first_row  int32 [C]
+//   gemm0_queue         int32 [C]                 cells whose GEMM0 tasks wait to be issued
+//   gemm1_queue         int32 [C·max_row_tiles]   row tiles whose GEMM1 tasks wait
 //   idle                int32 [processors]        stack of idle processors
 //   h                   dtype [region_rows][I]    the intermediate activation, one row per dispatch row
+//   shared_h            dtype [T][S]              the shared expert's intermediate activation  } with a shared
+//   shared_out          dtype [T][H]              its output of every token                     } expert only
+//   shared_weight       float [T]                 σ(x·shared_gateᵀ) of every token (with its gate)
+//
+// C = E cells, plus one (index E) for the shared expert: an always-on cell of the T tokens, read
+// straight from x, never dispatched or signalled.
 #pragma once
 
 #include <cstdint>
@@ -66,6 +72,7 @@ struct Workspace {
   int64_t top_k = 0;
   int64_t hidden = 0;
   int64_t ffn = 0;
+  int64_t shared_ffn = 0;  // S, 0 without a shared expert
   int64_t element_size = 0;
 
   // Offsets, filled by plan().
@@ -73,7 +80,7 @@ struct Workspace {
   int64_t heap = 0, heap_flags_end = 0;
   int64_t task_slots = 0, tile_counts = 0, tile_base = 0, expert_offsets = 0, admitted = 0, scores = 0;
   int64_t pick_row = 0, gemm0_left = 0, gemm1_left = 0, cell_rows = 0, cell_first_row = 0, gemm0_queue = 0;
-  int64_t gemm1_queue = 0, idle = 0, h = 0, total = 0;
+  int64_t gemm1_queue = 0, idle = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
 
   FLASHMOE_HD static int64_t align(int64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
@@ -82,6 +89,8 @@ struct Workspace {
   FLASHMOE_HD int64_t max_row_tiles() const { return gpu_tiling().row_tiles(tokens); }
   // Every processor has at most one completion in flight, every cell one arrival, plus the combine.
   FLASHMOE_HD int64_t inbox_capacity() const { return processors + experts + 1; }
+  // The scheduler's cells: one per expert, and the shared expert's (index E) when there is one.
+  FLASHMOE_HD int64_t cells() const { return experts + (shared_ffn > 0 ? 1 : 0); }
 
   FLASHMOE_HD HeapLayout heap_layout() const {
     return HeapLayout{ExpertPlacement{1, experts}, tokens, top_k, hidden, element_size};
@@ -100,6 +109,8 @@ struct Workspace {
     const N four = N(4);
     const N token_tiles_n = gpu_tiling().token_tiles<N>(tokens), max_row_tiles_n = gpu_tiling().row_tiles<N>(tokens);
     const N inbox_capacity_n = N(processors) + N(experts) + N(1);
+    const N cells_n = N(cells());
+    const N shared_tokens = shared_ffn > 0 ? N(tokens) : N(0);
     const HeapLayout layout = heap_layout();
     take(&Workspace::inbox_ready, inbox_capacity_n * four);
     take(&Workspace::inbox, inbox_capacity_n * N(int64_t(sizeof(Message))));
@@ -115,14 +126,17 @@ struct Workspace {
     take(&Workspace::admitted, N(experts) * four);
     take(&Workspace::scores, N(tokens) * N(experts) * four);
     take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
-    take(&Workspace::gemm0_left, N(experts) * max_row_tiles_n * four);
-    take(&Workspace::gemm1_left, N(experts) * four);
-    take(&Workspace::cell_rows, N(experts) * four);
-    take(&Workspace::cell_first_row, N(experts) * four);
-    take(&Workspace::gemm0_queue, N(experts) * four);
-    take(&Workspace::gemm1_queue, N(experts) * max_row_tiles_n * four);
+    take(&Workspace::gemm0_left, cells_n * max_row_tiles_n * four);
+    take(&Workspace::gemm1_left, cells_n * four);
+    take(&Workspace::cell_rows, cells_n * four);
+    take(&Workspace::cell_first_row, cells_n * four);
+    take(&Workspace::gemm0_queue, cells_n * four);
+    take(&Workspace::gemm1_queue, cells_n * max_row_tiles_n * four);
     take(&Workspace::idle, N(processors) * four);
     take(&Workspace::h, layout.region_rows<N>() * N(ffn) * N(element_size));
+    take(&Workspace::shared_h, shared_tokens * N(shared_ffn) * N(element_size));
+    take(&Workspace::shared_out, shared_tokens * N(hidden) * N(element_size));
+    take(&Workspace::shared_weight, shared_tokens * four);
     if (record) record->total = plain_value(at);
     return at;
   }

@@ -141,7 +141,6 @@ def moe(
         return reference.moe(x, router_weight, w1, w2, return_routing=return_routing, **options, **routing)
     # Validated here, before the op's schema coerces Python values (True -> 1, "1.0" -> 1.0).
     reference.validate(x, router_weight, w1, w2, **options, **routing, check_values=_can_read_values(x))
-    _refuse_native_routing_options(x, router_weight, **{name: options[name] for name in _ROUTING_OPTIONS})
     tokens = x.reshape(-1, x.shape[-1]).contiguous()
     if gate_less:
         # The op takes int32 ids. Saturate int64 ones first: a plain cast wraps, so 2^32 + 1 would
@@ -151,7 +150,8 @@ def moe(
         weights = topk_weights.to(reference.accumulate_dtype(x.dtype))
         y, expert_counts, dropped = ops.moe_experts_forward(
             tokens, w1, w2, b1, b2, ids.contiguous(), weights.contiguous(), gated, activation,
-            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), shared_w1, shared_w2, shared_gate,
+            *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), weight_on, shared_w1, shared_w2,
+            shared_gate,
         )
         y = y.reshape(x.shape)
         if return_routing:
@@ -159,33 +159,13 @@ def moe(
         return y
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = ops.moe_forward(
         tokens, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), shared_w1, shared_w2, shared_gate,
+        *_optional_floats(capacity_factor, swiglu_limit, swiglu_alpha), selection_bias, num_groups, topk_groups,
+        float(routed_scaling_factor), weight_on, shared_w1, shared_w2, shared_gate,
     )
     y = y.reshape(x.shape)
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
-
-
-_ROUTING_OPTIONS = ("scoring", "selection_bias", "num_groups", "topk_groups", "routed_scaling_factor", "weight_on")
-
-
-def _refuse_native_routing_options(x, router_weight, *, scoring, selection_bias, num_groups, topk_groups,
-                                   routed_scaling_factor, weight_on) -> None:
-    """The routing options the native kernels do not compute yet: a named NotImplementedError,
-    never a silent default."""
-    missing = [name for name, unsupported in (
-        ("scoring='softmax_topk'", scoring == "softmax_topk"),
-        ("selection_bias", selection_bias is not None),
-        ("num_groups/topk_groups", num_groups != topk_groups),
-        ("routed_scaling_factor", routed_scaling_factor != 1.0),
-        ("weight_on='input'", weight_on == "input"),
-        ("a float32 router with bf16/fp16 x",
-         router_weight is not None and reference.router_f32(x.dtype, router_weight.dtype)),
-    ) if unsupported]
-    if missing:
-        raise NotImplementedError(f"flashmoe.moe(..., backend='native') does not compute {', '.join(missing)} "
-                                  f"yet; use backend='reference'")
 
 
 def _optional_floats(*values) -> tuple:

@@ -81,20 +81,26 @@ def has_native_kernel(device: torch.device, dtype: Optional[torch.dtype] = None)
     return dtype is None or device.type != "cuda" or dtype in _CUDA_DTYPES
 
 
+# The routing options of moe_forward / moe_backward, in schema order, with their defaults.
+ROUTING_OPTIONS = {"selection_bias": None, "num_groups": 1, "topk_groups": 1, "routed_scaling_factor": 1.0,
+                   "weight_on": "output"}
+
+
 def _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
+              capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None,
+              **routing):
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, H] tensor for flashmoe::moe_forward, got {getattr(x, 'shape', x)!r}")
     reference.validate(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
                        capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2, normalize=normalize,
                        swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, shared_w1=shared_w1, shared_w2=shared_w2,
-                       shared_gate=shared_gate)
+                       shared_gate=shared_gate, **routing)
     _validate_native(x, top_k, dict(x=x, router_weight=router_weight, w1=w1, w2=w2, router_bias=router_bias,
                                     b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate))
 
 
 def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, check_values, shared_w1=None, shared_w2=None, shared_gate=None):
+                      swiglu_alpha, check_values, shared_w1=None, shared_w2=None, shared_gate=None, weight_on="output"):
     """moe_experts_forward's arguments: the gate-less form of reference.validate, plus what the op
     itself takes: int32 topk_ids and topk_weights in the accumulation dtype (flashmoe.moe converts)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -103,7 +109,7 @@ def _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activati
                        capacity_factor=capacity_factor, router_bias=None, b1=b1, b2=b2, normalize=None,
                        topk_ids=topk_ids, topk_weights=topk_weights, swiglu_limit=swiglu_limit,
                        swiglu_alpha=swiglu_alpha, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate,
-                       check_values=check_values)
+                       weight_on=weight_on, check_values=check_values)
     if topk_ids.dtype != torch.int32:
         raise TypeError(f"topk_ids must have dtype torch.int32 for flashmoe::moe_experts_forward, got {topk_ids.dtype} "
                         f"(flashmoe.moe converts)")
@@ -145,12 +151,13 @@ def _check_needs_grad(needs_grad, inputs: tuple, shared_w1) -> None:
 
 def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
+                       swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None,
+                       **routing):
     """flashmoe::moe_backward's arguments: the forward's (the shared validator), then the
     gradients, the routing and needs_grad against them. Values of topk_ids are checked where
     that costs no device sync (CPU tensors, or CUDA outside graph capture)."""
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, **routing)
     tokens, experts = x.shape[0], router_weight.shape[0]
     _check_needs_grad(needs_grad, _GRAD_INPUTS, shared_w1)
     for name, tensor, shape, float_only in (
@@ -178,13 +185,11 @@ def _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_
             raise ValueError(f"topk_ids must lie in [0, E={experts}), got values in [{low}, {high}]")
 
 
-def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS, shared_w1=None):
+def _validate_cuda(x, *tensors, names=_TENSOR_ARGUMENTS, shared=(None, None, None)):
     """What the CUDA kernel adds to _validate (which already checked shapes, one dtype, one device
-    and contiguity): a dtype it computes in, and no shared expert (it has no shared-expert tasks yet)."""
-    if shared_w1 is not None:
-        raise NotImplementedError(
-            "flashmoe: the CUDA kernel has no shared-expert tasks yet, so it cannot take shared_w1/shared_w2/"
-            "shared_gate; run the layer on the CPU, or use flashmoe.moe(..., backend='reference') on the GPU")
+    and contiguity): a dtype it computes in, and every tensor (the shared expert's too) on x's device."""
+    tensors = tensors + tuple(shared)
+    names = tuple(names) + _SHARED_ARGUMENTS
     if x.dtype not in _CUDA_DTYPES:
         raise TypeError(
             f"x has dtype {x.dtype}; the CUDA kernel of flashmoe::moe_forward takes "
@@ -219,8 +224,9 @@ def _empty_outputs(x, router_weight, top_k):
 
 
 def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, scoring, dtype, has_router_bias,
-                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False, shared_ffn=0,
-                  has_shared_gate=False):
+                  has_b1, has_b2, swiglu_limit=None, swiglu_alpha=None, routing_given=False, has_selection_bias=False,
+                  num_groups=1, topk_groups=1, routed_scaling_factor=1.0, weight_on="output", router_f32=False,
+                  shared_ffn=0, has_shared_gate=False):
     """The C++ problem descriptor of a layer shape (tokens and capacity left at 0 / dropless).
     With ``routing_given`` (topk_ids and topk_weights come from outside) normalize and scoring
     are unused. ``shared_ffn``: S of the shared expert, 0 for none."""
@@ -234,11 +240,16 @@ def problem_shape(hidden, ffn, experts, top_k, *, gated, activation, normalize, 
     problem.swiglu_limit, problem.swiglu_alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
     problem.routing_given = routing_given
     problem.shared_ffn, problem.has_shared_gate = shared_ffn, has_shared_gate
+    problem.has_selection_bias, problem.router_f32 = has_selection_bias, router_f32
+    problem.num_groups, problem.topk_groups = num_groups, topk_groups
+    problem.routed_scaling_factor = float(routed_scaling_factor)
+    problem.weight_on_input = weight_on == "input"
     return problem
 
 
 def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring, capacity_factor,
-             swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_gate=None):
+             swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_gate=None, selection_bias=None, num_groups=1,
+             topk_groups=1, routed_scaling_factor=1.0, weight_on="output"):
     # E comes from the router when there is one: under expert parallelism w1 holds only the local experts.
     routing_given = router_weight is None
     experts = w1.shape[0] if routing_given else router_weight.shape[0]
@@ -246,6 +257,9 @@ def _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation
                             gated=gated, activation=activation, normalize=normalize, scoring=scoring, dtype=x.dtype,
                             has_router_bias=router_bias is not None, has_b1=b1 is not None, has_b2=b2 is not None,
                             swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, routing_given=routing_given,
+                            has_selection_bias=selection_bias is not None, num_groups=num_groups,
+                            topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor, weight_on=weight_on,
+                            router_f32=router_weight is not None and reference.router_f32(x.dtype, router_weight.dtype),
                             shared_ffn=shared_ffn(shared_w1, gated), has_shared_gate=shared_gate is not None)
     problem.tokens = x.shape[0]
     problem.expert_capacity = (
@@ -271,6 +285,11 @@ def _address(tensor: Optional[Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
+def selection_bias_values(selection_bias: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The selection bias as the native kernels read it: contiguous, in x's accumulation dtype."""
+    return None if selection_bias is None else selection_bias.to(accumulate_dtype(x.dtype)).contiguous()
+
+
 @torch.library.custom_op("flashmoe::moe_forward", mutates_args=())
 def moe_forward(
     x: Tensor,
@@ -288,6 +307,11 @@ def moe_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
     shared_w1: Optional[Tensor] = None,
     shared_w2: Optional[Tensor] = None,
     shared_gate: Optional[Tensor] = None,
@@ -297,8 +321,10 @@ def moe_forward(
     (the shared expert included).
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_forward_cuda`."""
+    routing = dict(selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+                   routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, **routing)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_forward has no native kernel for device {x.device.type!r} in this build "
@@ -306,41 +332,46 @@ def moe_forward(
         )
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    bias_values = selection_bias_values(selection_bias, x)  # held until the kernel returns
     _C.moe_forward_cpu(
         problem=_problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate),
+                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate, **routing),
         x=_address(x), router_weight=_address(router_weight), router_bias=_address(router_bias),
         w1=_address(w1), b1=_address(b1), w2=_address(w2), b2=_address(b2), y=_address(y),
         topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
         router_logits=_address(router_logits), dropped=_address(dropped), num_threads=torch.get_num_threads(),
-        **_shared_addresses(shared_w1, shared_w2, shared_gate),
+        selection_bias=_address(bias_values), **_shared_addresses(shared_w1, shared_w2, shared_gate),
     )
     return outputs
 
 
 @moe_forward.register_kernel("cuda")
 def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None,
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1,
+                      topk_groups=1, routed_scaling_factor=1.0, weight_on="output", shared_w1=None, shared_w2=None,
                       shared_gate=None):
     """The persistent CUDA kernel. Enqueued on the current stream of x's device with no host sync and
     no allocation inside _C (outputs and workspace come from torch's caching allocator here), so a
     CUDA graph can capture it."""
+    routing = dict(selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+                   routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
-    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, **routing)
+    _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                       capacity_factor, swiglu_limit, swiglu_alpha)
+                       capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate, **routing)
+    _refuse_cuda_routing_options(problem)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped)
+                 router_logits, dropped, (shared_w1, shared_w2, shared_gate))
     return outputs
 
 
 def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
-                 router_logits, dropped):
+                 router_logits, dropped, shared=(None, None, None)):
     """Enqueues the persistent kernel for ``problem`` (router form, or routing_given: then the router
-    tensors are None and topk_ids / topk_weights are inputs)."""
+    tensors are None and topk_ids / topk_weights are inputs; ``shared``: the shared expert's tensors)."""
     if not cuda_compiled():
         raise NotImplementedError(
             "flashmoe::moe_forward got CUDA tensors, but this flashmoe was built without its CUDA backend "
@@ -371,18 +402,31 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
             topk_ids=_address(topk_ids), topk_weights=_address(topk_weights), expert_counts=_address(expert_counts),
             router_logits=_address(router_logits), dropped=_address(dropped),
             workspace=_address(workspace), workspace_bytes=workspace_bytes, allow_tf32=allow_tf32,
-            device=device, stream=torch.cuda.current_stream(device).cuda_stream,
+            device=device, stream=torch.cuda.current_stream(device).cuda_stream, **_shared_addresses(*shared),
         )
+
+
+def _refuse_cuda_routing_options(problem) -> None:
+    """The CUDA kernel does not compute the routing options of issue 12 yet: a named error, never a
+    silent default (the native CPU op and the reference do)."""
+    if _C.cuda_lacks_routing_options(problem):
+        raise NotImplementedError(
+            "flashmoe::moe_forward's CUDA kernel does not compute scoring='softmax_topk', selection_bias, "
+            "num_groups/topk_groups, routed_scaling_factor, weight_on='input' or a float32 router with bf16/fp16 x "
+            "yet; run on the CPU or use flashmoe.moe(..., backend='reference')")
 
 
 @moe_forward.register_fake
 def _moe_forward_fake(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None,
+                      capacity_factor, swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1,
+                      topk_groups=1, routed_scaling_factor=1.0, weight_on="output", shared_w1=None, shared_w2=None,
                       shared_gate=None):
     _validate(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
-              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+              capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate,
+              selection_bias=selection_bias, num_groups=num_groups, topk_groups=topk_groups,
+              routed_scaling_factor=routed_scaling_factor, weight_on=weight_on)
     if x.device.type == "cuda":
-        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared_w1=shared_w1)
+        _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=(shared_w1, shared_w2, shared_gate))
     return _empty_outputs(x, router_weight, top_k)
 
 
@@ -408,6 +452,11 @@ def moe_backward(
     needs_grad: list[bool],
     swiglu_limit: Optional[float] = None,
     swiglu_alpha: Optional[float] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
     shared_w1: Optional[Tensor] = None,
     shared_w2: Optional[Tensor] = None,
     shared_gate: Optional[Tensor] = None,
@@ -419,10 +468,15 @@ def moe_backward(
     that needs none (or is absent) gets an empty tensor, and the result has one entry per flag. The routing (topk_ids) and admission are the forward's own: the selection is piecewise
     constant, so only the weights and the expert math carry gradient. Computed in fp32 (fp64 for
     fp64), one expert's weights upcast at a time, with explicit formulas: an op body runs below
-    autograd."""
+    autograd. The selection bias and the group limit only choose the picks, so they add no term;
+    the scale multiplies the weights' gradient; with softmax_topk the gradient goes through the
+    softmax over the k picked logits; with weight_on="input" a pick weight's gradient is
+    ``<dL/d(row), x>`` (the rounding of the row passes gradients straight through)."""
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, selection_bias=selection_bias,
+                       num_groups=num_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
+                       weight_on=weight_on)
     accumulate = accumulate_dtype(x.dtype)
     need_x, need_router_weight, need_w1, need_w2, need_router_bias, need_b1, need_b2 = needs_grad[:7]
     xa = x.to(accumulate)
@@ -431,31 +485,19 @@ def moe_backward(
     ids = topk_ids.long()
 
     # Forward quantities of the router.
-    logits = reference.router_logits(xa, router_weight_a, router_bias)
-    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
-    picked_scores = scores.gather(1, ids)
-    picked_sum = picked_scores.sum(dim=-1, keepdim=True)
-    weights = picked_scores / picked_sum if normalize else picked_scores
+    router = RouterWeights(xa, router_weight_a, router_bias, ids, scoring, normalize, routed_scaling_factor)
+    weights = router.weights
     capacity = reference.expert_capacity(capacity_factor, x.shape[0], top_k, num_experts)
     admitted = reference.admit(topk_ids, num_experts, capacity)
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit, swiglu_alpha,
-        (need_x, need_w1, need_w2, need_b1, need_b2))
+        (need_x, need_w1, need_w2, need_b1, need_b2), weight_on=weight_on, row_dtype=x.dtype)
     shared_grads = _shared_backward(grad_y, xa, grad_x, shared_w1, shared_w2, shared_gate, gated, activation,
                                     swiglu_limit, swiglu_alpha, needs_grad[7:])
 
-    # Router: weights -> picked scores -> all scores -> logits.
     if grad_topk_weights is not None:
         grad_weights = grad_weights + grad_topk_weights.to(accumulate)
-    if normalize:
-        grad_picked = (grad_weights - (grad_weights * weights).sum(dim=-1, keepdim=True)) / picked_sum
-    else:
-        grad_picked = grad_weights
-    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
-    if scoring == "softmax":
-        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
-    else:
-        grad_logits = grad_scores * scores * (1 - scores)
+    grad_logits = router.grad_logits(grad_weights)
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     if need_x:
@@ -469,26 +511,67 @@ def moe_backward(
     return [x.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads[:len(needs_grad)], inputs)]
 
 
+class RouterWeights:
+    """The pick weights of a fixed routing ``ids [T, k]`` as functions of the router logits, and
+    their chain rule back to the logits: shared by every backward (single process and expert
+    parallel). The selection bias and the group limit only choose the picks, so they add no term.
+
+    ``weights``: ``[T, k]`` in the accumulation dtype of ``xa``; ``logits``: ``[T, E]``."""
+
+    def __init__(self, xa, router_weight_a, router_bias, ids, scoring, normalize, routed_scaling_factor):
+        self.ids, self.scoring, self.normalize, self.scale = ids, scoring, normalize, routed_scaling_factor
+        self.logits = reference.router_logits(xa, router_weight_a, router_bias)
+        if scoring == "softmax_topk":
+            self.scores = self.logits
+            self.unscaled = torch.softmax(self.logits.gather(1, ids), dim=-1)
+        else:
+            self.scores = torch.softmax(self.logits, dim=-1) if scoring == "softmax" else torch.sigmoid(self.logits)
+            picked = self.scores.gather(1, ids)
+            self.picked_sum = picked.sum(dim=-1, keepdim=True)
+            self.unscaled = picked / self.picked_sum if normalize else picked
+        self.weights = self.unscaled * routed_scaling_factor
+
+    def grad_logits(self, grad_weights):
+        """weights -> unscaled weights -> picked scores (or picked logits) -> all scores -> logits."""
+        grad_unscaled = grad_weights * self.scale
+        if self.scoring == "softmax_topk":
+            grad_picked = self.unscaled * (grad_unscaled - (grad_unscaled * self.unscaled).sum(dim=-1, keepdim=True))
+            return torch.zeros_like(self.logits).scatter_add_(1, self.ids, grad_picked)
+        if self.normalize:
+            grad_picked = (grad_unscaled - (grad_unscaled * self.unscaled).sum(dim=-1, keepdim=True)) / self.picked_sum
+        else:
+            grad_picked = grad_unscaled
+        scores = self.scores
+        grad_scores = torch.zeros_like(scores).scatter_add_(1, self.ids, grad_picked)
+        if self.scoring == "softmax":
+            return scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+        return grad_scores * scores * (1 - scores)
+
+
 @moe_backward.register_fake
 def _moe_backward_fake(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit=None, swiglu_alpha=None, shared_w1=None, shared_w2=None, shared_gate=None):
+                       swiglu_limit=None, swiglu_alpha=None, selection_bias=None, num_groups=1, topk_groups=1,
+                       routed_scaling_factor=1.0, weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None):
     _validate_backward(grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
                        topk_ids, top_k, gated, activation, normalize, scoring, capacity_factor, needs_grad,
-                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate)
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_w2, shared_gate, selection_bias=selection_bias,
+                       num_groups=num_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
+                       weight_on=weight_on)
     inputs = [x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate][:len(needs_grad)]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
 
 
 def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, gated, activation, swiglu_limit,
-                      swiglu_alpha, needs_grad):
+                      swiglu_alpha, needs_grad, *, weight_on="output", row_dtype=None):
     """The expert part of the backward, shared by both ops, for a fixed routing.
 
     ``xa`` is x in the accumulation dtype, ``weights [T, k]`` the pick weights in it, ``admitted``
     from reference.admit. Returns ``(grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights)``:
     grad_x and grad_weights in the accumulation dtype (grad_weights is zero at picks not admitted),
     the parameter gradients in the parameters' dtype or None where ``needs_grad`` (x, w1, w2, b1, b2)
-    says so."""
+    says so. With ``weight_on="input"`` the expert's input is the row ``round(x · w)`` (rounded to
+    ``row_dtype``, x's dtype) and its output is combined with 1."""
     accumulate = xa.dtype
     need_x, need_w1, need_w2, need_b1, need_b2 = needs_grad
     num_experts, top_k = w1.shape[0], topk_ids.shape[1]
@@ -503,9 +586,13 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
     grad_w2 = torch.zeros_like(w2) if need_w2 else None
     grad_b1 = torch.zeros_like(b1) if need_b1 and b1 is not None else None
     grad_b2 = torch.zeros_like(b2) if need_b2 and b2 is not None else None
+    weight_on_input = weight_on == "input"
     for expert, picks in reference.picks_by_expert(topk_ids, admitted, num_experts):
         token, slot = picks // top_k, picks % top_k
         expert_x, w1_e, w2_e = xa[token], w1[expert].to(accumulate), w2[expert].to(accumulate)
+        pick_weights = weights[token, slot].unsqueeze(1)
+        if weight_on_input:
+            token_x, expert_x = expert_x, (expert_x * pick_weights).to(row_dtype or accumulate).to(accumulate)
         z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
         if gated:
             gate, up = z.chunk(2, dim=-1)
@@ -514,8 +601,11 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
             h, grad_z_factor = _activation_with_grad(z, activation)
         out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
         grad_token = grad_y[token]
-        grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
-        grad_out = weights[token, slot].unsqueeze(1) * grad_token
+        if weight_on_input:
+            grad_out = grad_token
+        else:
+            grad_weights[token, slot] = (grad_token * out).sum(dim=-1)
+            grad_out = pick_weights * grad_token
         if grad_w2 is not None:
             grad_w2[expert] = grad_out.T @ h
         if grad_b2 is not None:
@@ -527,7 +617,12 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
             grad_w1[expert] = grad_z.T @ expert_x
         if grad_b1 is not None:
             grad_b1[expert] = grad_z.sum(dim=0)
-        if need_x:
+        if weight_on_input:
+            grad_row = grad_z @ w1_e
+            grad_weights[token, slot] = (grad_row * token_x).sum(dim=-1)
+            if need_x:
+                grad_x.index_add_(0, token, pick_weights * grad_row)
+        elif need_x:
             grad_x.index_add_(0, token, grad_z @ w1_e)
     return grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights
 
@@ -615,12 +710,13 @@ def _glu_with_grad(gate: Tensor, up: Tensor, activation: str, limit: float, alph
 _OPTIONS = ("top_k", "gated", "activation", "normalize", "scoring", "capacity_factor")
 _ACTIVATION_OPTIONS = ("swiglu_limit", "swiglu_alpha")
 # moe_forward's inputs by name, in schema order: the backward finds each by its name.
-_FORWARD_INPUTS = _TENSOR_ARGUMENTS + _OPTIONS + _ACTIVATION_OPTIONS + _SHARED_ARGUMENTS
+_FORWARD_INPUTS = _TENSOR_ARGUMENTS + _OPTIONS + _ACTIVATION_OPTIONS + tuple(ROUTING_OPTIONS) + _SHARED_ARGUMENTS
+_FORWARD_DEFAULTS = {**dict.fromkeys(_ACTIVATION_OPTIONS), **ROUTING_OPTIONS, **dict.fromkeys(_SHARED_ARGUMENTS)}
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_FORWARD_INPUTS, tuple(inputs) + (None,) * (len(_FORWARD_INPUTS) - len(inputs))))
-    ctx.options = {name: named[name] for name in _OPTIONS + _ACTIVATION_OPTIONS}
+    named = {**_FORWARD_DEFAULTS, **dict(zip(_FORWARD_INPUTS, inputs))}
+    ctx.options = {name: named[name] for name in _OPTIONS + _ACTIVATION_OPTIONS + tuple(ROUTING_OPTIONS)}
     ctx.save_for_backward(*(named[name] for name in _TENSOR_ARGUMENTS + _SHARED_ARGUMENTS), output[1])
 
 
@@ -635,6 +731,7 @@ def _backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_rout
     grads = torch.ops.flashmoe.moe_backward(grad_y, grad_topk_weights, grad_router_logits,
                                             *(named[name] for name in _TENSOR_ARGUMENTS), topk_ids, *options,
                                             needs_grad, ctx.options["swiglu_limit"], ctx.options["swiglu_alpha"],
+                                            *(ctx.options[name] for name in ROUTING_OPTIONS),
                                             *(named[name] for name in _SHARED_ARGUMENTS))
     by_name = {name: grad if need else None for name, grad, need in zip(_GRAD_INPUTS, grads, needs_grad)}
     return tuple(by_name.get(name) for name in _FORWARD_INPUTS[:len(ctx.needs_input_grad)])
@@ -659,6 +756,7 @@ def moe_experts_forward(
     capacity_factor: Optional[float],
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
+    weight_on: str = "output",
     shared_w1: Optional[Tensor] = None,
     shared_w2: Optional[Tensor] = None,
     shared_gate: Optional[Tensor] = None,
@@ -670,7 +768,7 @@ def moe_experts_forward(
 
     This body is the CPU kernel; CUDA tensors go to :func:`_moe_experts_forward_cuda`."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, True, shared_w1, shared_w2, shared_gate)
+                      swiglu_alpha, True, shared_w1, shared_w2, shared_gate, weight_on=weight_on)
     if x.device.type != "cpu":
         raise NotImplementedError(
             f"flashmoe::moe_experts_forward has no native kernel for device {x.device.type!r} in this build "
@@ -679,7 +777,7 @@ def moe_experts_forward(
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _C.moe_forward_cpu(
         problem=_problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None,
-                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate),
+                         capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate, weight_on=weight_on),
         x=_address(x), router_weight=0, router_bias=0, w1=_address(w1), b1=_address(b1), w2=_address(w2),
         b2=_address(b2), y=_address(y), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
         expert_counts=_address(expert_counts), router_logits=0, dropped=_address(dropped),
@@ -695,28 +793,33 @@ def _empty_experts_outputs(x, w1):
 
 @moe_experts_forward.register_kernel("cuda")
 def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha, shared_w1=None, shared_w2=None, shared_gate=None):
+                              swiglu_limit, swiglu_alpha, weight_on="output", shared_w1=None, shared_w2=None,
+                              shared_gate=None):
     """The persistent CUDA kernel with its gate stage skipped. No host sync: topk_ids' values are not
     read here (flashmoe.moe checks them before, outside graph capture and torch.compile); the kernel
     lets an id outside [0, E), or a repeat within a row, contribute zero."""
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate)
-    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS, shared_w1=shared_w1)
+                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate, weight_on=weight_on)
+    _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS,
+                   shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
-                       swiglu_limit, swiglu_alpha)
+                       swiglu_limit, swiglu_alpha, shared_w1, shared_gate, weight_on=weight_on)
+    _refuse_cuda_routing_options(problem)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
-    _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped)
+    _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped,
+                 (shared_w1, shared_w2, shared_gate))
     return y, expert_counts, dropped
 
 
 @moe_experts_forward.register_fake
 def _moe_experts_forward_fake(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                              swiglu_limit, swiglu_alpha, shared_w1=None, shared_w2=None, shared_gate=None):
+                              swiglu_limit, swiglu_alpha, weight_on="output", shared_w1=None, shared_w2=None,
+                              shared_gate=None):
     _validate_experts(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor, swiglu_limit,
-                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate)
+                      swiglu_alpha, False, shared_w1, shared_w2, shared_gate, weight_on=weight_on)
     if x.device.type == "cuda":
         _validate_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, names=_EXPERTS_TENSOR_ARGUMENTS,
-                       shared_w1=shared_w1)
+                       shared=(shared_w1, shared_w2, shared_gate))
     return _empty_experts_outputs(x, w1)
 
 
@@ -736,6 +839,7 @@ def moe_experts_backward(
     swiglu_limit: Optional[float],
     swiglu_alpha: Optional[float],
     needs_grad: list[bool],
+    weight_on: str = "output",
     shared_w1: Optional[Tensor] = None,
     shared_w2: Optional[Tensor] = None,
     shared_gate: Optional[Tensor] = None,
@@ -752,7 +856,7 @@ def moe_experts_backward(
     admitted = reference.admit(ids, num_experts, capacity)
     grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = _experts_backward(
         grad_y, x.to(accumulate), w1, w2, b1, b2, ids, topk_weights.to(accumulate), admitted, gated, activation,
-        swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]))
+        swiglu_limit, swiglu_alpha, tuple(needs_grad[:5]), weight_on=weight_on, row_dtype=x.dtype)
     shared_grads = _shared_backward(grad_y, x.to(accumulate), grad_x, shared_w1, shared_w2, shared_gate, gated,
                                     activation, swiglu_limit, swiglu_alpha, needs_grad[6:])
     grads = (grad_x if needs_grad[0] else None, grad_w1, grad_w2, grad_b1, grad_b2,
@@ -763,7 +867,8 @@ def moe_experts_backward(
 
 @moe_experts_backward.register_fake
 def _moe_experts_backward_fake(grad_y, x, w1, w2, b1, b2, topk_ids, topk_weights, gated, activation, capacity_factor,
-                               swiglu_limit, swiglu_alpha, needs_grad, shared_w1=None, shared_w2=None, shared_gate=None):
+                               swiglu_limit, swiglu_alpha, needs_grad, weight_on="output", shared_w1=None,
+                               shared_w2=None, shared_gate=None):
     _check_needs_grad(needs_grad, _EXPERTS_GRAD_INPUTS, shared_w1)
     inputs = [x, w1, w2, b1, b2, topk_weights, shared_w1, shared_w2, shared_gate][:len(needs_grad)]
     return [torch.empty_like(t) if t is not None and need else x.new_empty((0,)) for t, need in zip(inputs, needs_grad)]
@@ -780,14 +885,15 @@ def _routed_ids(topk_ids: Tensor, num_experts: int) -> Tensor:
     return torch.where(routed, ids, torch.full_like(ids, num_experts))
 
 
-_EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha")
+_EXPERTS_OPTIONS = ("gated", "activation", "capacity_factor", "swiglu_limit", "swiglu_alpha", "weight_on")
 # moe_experts_forward's inputs by name, in schema order, and the ones moe_experts_backward differentiates.
 _EXPERTS_INPUTS = _EXPERTS_TENSOR_ARGUMENTS + _EXPERTS_OPTIONS + _SHARED_ARGUMENTS
 _EXPERTS_GRAD_INPUTS = ("x", "w1", "w2", "b1", "b2", "topk_weights") + _SHARED_ARGUMENTS
+_EXPERTS_DEFAULTS = {"weight_on": "output", **dict.fromkeys(_SHARED_ARGUMENTS)}
 
 
 def _experts_setup_context(ctx, inputs, output):
-    named = dict(zip(_EXPERTS_INPUTS, tuple(inputs) + (None,) * (len(_EXPERTS_INPUTS) - len(inputs))))
+    named = {**_EXPERTS_DEFAULTS, **dict(zip(_EXPERTS_INPUTS, inputs))}
     ctx.options = [named[name] for name in _EXPERTS_OPTIONS]
     ctx.save_for_backward(*(named[name] for name in _EXPERTS_TENSOR_ARGUMENTS + _SHARED_ARGUMENTS))
 
@@ -799,7 +905,7 @@ def _experts_backward_autograd(ctx, grad_y, _grad_counts, _grad_dropped):
     if grad_y is None:
         grad_y = torch.zeros_like(named["x"])
     grads = torch.ops.flashmoe.moe_experts_backward(grad_y, *(named[name] for name in _EXPERTS_TENSOR_ARGUMENTS),
-                                                    *ctx.options, needs_grad,
+                                                    *ctx.options[:-1], needs_grad, ctx.options[-1],
                                                     *(named[name] for name in _SHARED_ARGUMENTS))
     by_name = {name: grad if need else None for name, grad, need in zip(_EXPERTS_GRAD_INPUTS, grads, needs_grad)}
     return tuple(by_name.get(name) for name in _EXPERTS_INPUTS[:len(ctx.needs_input_grad)])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from .ops import _address, _empty_outputs, problem_shape
+from .ops import _address, _empty_outputs, problem_shape, shared_ffn
 
 FAULTS = ("none", "skip_empty_dispatch_signal", "stale_epoch", "slow_gate", "stuck_gate")
 
@@ -38,13 +38,16 @@ class SimulatedCluster:
             for 3 watchdog timeouts: honest, so the watchdog must not fire).
         watchdog_seconds: a wait during which no member it waits on advanced its heartbeat for
             this long raises RuntimeError naming the rank, the role and what it waits for.
+        shared_ffn_size: S of a shared expert (0: none); calls then pass shared_w1 and shared_w2,
+            replicated: every rank runs it on its own tokens. with_shared_gate: calls pass shared_gate.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, world_size: int,
                  max_tokens: int, dtype: torch.dtype = torch.float32, gated: bool = True, activation: str = "silu",
                  normalize: bool = True, scoring: str = "softmax", with_router_bias: bool = False,
                  with_b1: bool = False, with_b2: bool = False, threads_per_rank: int = 1, chaos_seed: Optional[int] = None,
-                 fault: str = "none", watchdog_seconds: float = 60.0) -> None:
+                 fault: str = "none", watchdog_seconds: float = 60.0, shared_ffn_size: int = 0,
+                 with_shared_gate: bool = False) -> None:
         reference.validate_layer(hidden_size, ffn_size, num_experts, dtype=dtype, top_k=top_k, gated=gated,
                                  activation=activation, normalize=normalize, scoring=scoring)
         for name, value in (("world_size", world_size), ("max_tokens", max_tokens),
@@ -60,15 +63,21 @@ class SimulatedCluster:
             if chaos_seed >= 2**64:
                 raise ValueError(f"chaos_seed must be below 2**64, got {chaos_seed}")
         reference.check_real("watchdog_seconds", watchdog_seconds, positive=True)
+        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
+        reference.check_bool("with_shared_gate", with_shared_gate)
+        if with_shared_gate and not shared_ffn_size:
+            raise ValueError("with_shared_gate=True needs a shared expert (shared_ffn_size > 0)")
         shape = problem_shape(hidden_size, ffn_size, num_experts, top_k, gated=gated, activation=activation,
                               normalize=normalize, scoring=scoring, dtype=dtype, has_router_bias=with_router_bias,
-                              has_b1=with_b1, has_b2=with_b2)
+                              has_b1=with_b1, has_b2=with_b2, shared_ffn=shared_ffn_size,
+                              has_shared_gate=with_shared_gate)
         problem_error = shape.validate()
         if problem_error:
             raise ValueError(f"flashmoe: {problem_error}")
         self.world_size, self.max_tokens, self.dtype, self.top_k = world_size, max_tokens, dtype, top_k
         self.hidden_size, self.ffn_size, self.num_experts = hidden_size, ffn_size, num_experts
         self.with_router_bias, self.with_b1, self.with_b2 = with_router_bias, with_b1, with_b2
+        self.shared_ffn_size, self.with_shared_gate = shared_ffn_size, with_shared_gate
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self._cluster = _C.Cluster(shape=shape, world_size=world_size, max_tokens=max_tokens,
                                    threads_per_rank=threads_per_rank, chaos=chaos_seed is not None,
@@ -87,7 +96,8 @@ class SimulatedCluster:
     def forward(self, xs: Sequence[Tensor], router_weight: Tensor, w1: Tensor, w2: Tensor, *,
                 capacity_factor: Optional[float] = None, router_bias: Optional[Tensor] = None,
                 b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, repeats: int = 1,
-                return_routing: bool = False):
+                return_routing: bool = False, shared_w1: Optional[Tensor] = None,
+                shared_w2: Optional[Tensor] = None, shared_gate: Optional[Tensor] = None):
         """One expert-parallel forward: rank r brings ``xs[r]`` ``[T_r, H]`` (T_r may be 0).
 
         Capacity is per (source rank, expert): ``ceil(capacity_factor · T_r · k / E)``.
@@ -97,20 +107,24 @@ class SimulatedCluster:
         reference.check_count("repeats", repeats)
         # Every repeat reads the same inputs and writes the same outputs.
         return self._run([xs], router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing,
-                         repeats=repeats)[0]
+                         repeats=repeats, shared=(shared_w1, shared_w2, shared_gate))[0]
 
     def forward_calls(self, calls: Sequence[Sequence[Tensor]], router_weight: Tensor, w1: Tensor, w2: Tensor, *,
                       capacity_factor: Optional[float] = None, router_bias: Optional[Tensor] = None,
-                      b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, return_routing: bool = False):
+                      b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, return_routing: bool = False,
+                      shared_w1: Optional[Tensor] = None, shared_w2: Optional[Tensor] = None,
+                      shared_gate: Optional[Tensor] = None):
         """Several forwards in one go: ``calls[c][r]`` is rank r's ``[T, H]`` input of call c.
 
         Every rank runs its calls back to back and never waits for the other ranks between them,
         so ranks drift up to one epoch apart while each call brings new inputs. Returns, per call,
         what :meth:`forward` returns.
         """
-        return self._run(calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing)
+        return self._run(calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing,
+                         shared=(shared_w1, shared_w2, shared_gate))
 
-    def _run(self, calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing, repeats=1):
+    def _run(self, calls, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, return_routing, repeats=1,
+             shared=(None, None, None)):
         if not isinstance(calls, (list, tuple)) or not calls:
             raise ValueError("calls must be a non-empty list of per-rank input lists")
         reference.check_bool("return_routing", return_routing)
@@ -126,6 +140,18 @@ class SimulatedCluster:
             if (tensor is not None) != declared:
                 raise ValueError(f"{name} {'is missing' if declared else 'was given'}, but the cluster was built "
                                  f"with {flag}={declared}")
+        shared_w1, shared_w2, shared_gate = shared
+        for name, tensor, declared, flag in (
+                ("shared_w1", shared_w1, self.shared_ffn_size > 0, "shared_ffn_size"),
+                ("shared_w2", shared_w2, self.shared_ffn_size > 0, "shared_ffn_size"),
+                ("shared_gate", shared_gate, self.with_shared_gate, "with_shared_gate")):
+            if (tensor is not None) != declared:
+                raise ValueError(f"{name} {'is missing' if declared else 'was given'}, but the cluster was built "
+                                 f"with {flag}={getattr(self, flag)}")
+        if shared_w1 is not None and isinstance(shared_w1, Tensor) and shared_w1.dim() == 2 and \
+                shared_w1.shape[0] != (2 if self.gated else 1) * self.shared_ffn_size:
+            raise ValueError(f"shared_w1 must have {(2 if self.gated else 1) * self.shared_ffn_size} rows (this "
+                             f"cluster's shared_ffn_size={self.shared_ffn_size}), got {list(shared_w1.shape)}")
         outputs = []
         for call, xs in enumerate(calls):
             if not isinstance(xs, (list, tuple)):
@@ -134,13 +160,16 @@ class SimulatedCluster:
             if len(xs) != self.world_size:
                 raise ValueError(f"xs must hold one tensor per rank ({self.world_size}), got {len(xs)}"
                                  + (f" in calls[{call}]" if len(calls) > 1 else ""))
-            outputs.append([self._rank_outputs(rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2)
+            outputs.append([self._rank_outputs(rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2,
+                                               shared)
                             for rank, x in enumerate(xs)])
-        weights = [t if t is None else t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2)]
+        weights = [t if t is None else t.contiguous()
+                   for t in (router_weight, router_bias, w1, b1, w2, b2, shared_w1, shared_w2, shared_gate)]
         tuples = [[self._rank_tuple(out) for out in call] for call in outputs]
         self._cluster.forward(router_weight=_address(weights[0]), router_bias=_address(weights[1]),
                               w1=_address(weights[2]), b1=_address(weights[3]), w2=_address(weights[4]),
-                              b2=_address(weights[5]), calls=tuples * repeats)
+                              b2=_address(weights[5]), calls=tuples * repeats, shared_w1=_address(weights[6]),
+                              shared_w2=_address(weights[7]), shared_gate=_address(weights[8]))
         results = []
         for call in outputs:
             ys = [out["y"] for out in call]
@@ -149,7 +178,7 @@ class SimulatedCluster:
             results.append((ys, routings) if return_routing else ys)
         return results
 
-    def _rank_outputs(self, rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2) -> dict:
+    def _rank_outputs(self, rank, x, router_weight, w1, w2, capacity_factor, router_bias, b1, b2, shared) -> dict:
         """Validates rank's input and allocates its outputs (the x it will read included)."""
         # This rank's tokens against the cluster's shape first, so a stray rank is the one named.
         name = f"xs[{rank}]"
@@ -163,7 +192,8 @@ class SimulatedCluster:
             raise ValueError(f"{name} must have shape [T, H={self.hidden_size}], got {list(x.shape)}")
         reference.validate(x, router_weight, w1, w2, top_k=self.top_k, gated=self.gated, activation=self.activation,
                            scoring=self.scoring, capacity_factor=capacity_factor, router_bias=router_bias, b1=b1,
-                           b2=b2, normalize=self.normalize, x_name=name)
+                           b2=b2, normalize=self.normalize, shared_w1=shared[0], shared_w2=shared[1],
+                           shared_gate=shared[2], x_name=name)
         if x.shape[0] > self.max_tokens:
             raise ValueError(f"xs[{rank}] has {x.shape[0]} tokens, more than max_tokens={self.max_tokens}")
         x = x.contiguous()
@@ -185,7 +215,8 @@ def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Te
                              scoring: str = "softmax", capacity_factor: Optional[float] = None,
                              router_bias: Optional[Tensor] = None, b1: Optional[Tensor] = None,
                              b2: Optional[Tensor] = None, chaos_seed: Optional[int] = None,
-                             threads_per_rank: int = 1) -> list[Tensor]:
+                             threads_per_rank: int = 1, shared_w1: Optional[Tensor] = None,
+                             shared_w2: Optional[Tensor] = None, shared_gate: Optional[Tensor] = None) -> list[Tensor]:
     """Runs one expert-parallel MoE forward over ``world_size`` simulated ranks.
 
     Args:
@@ -197,6 +228,8 @@ def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Te
             ``ceil(capacity_factor · T_r · k / E)``.
         chaos_seed: None, or a seed for chaos mode.
         threads_per_rank: processor threads per simulated rank.
+        shared_w1, shared_w2, shared_gate: a shared expert, as in :func:`flashmoe.moe`: replicated,
+            every rank runs it on its own tokens.
 
     Returns:
         Each rank's output ``[T_r, H]``. By the contract it equals ``flashmoe.moe(xs[r], ...)``.
@@ -210,7 +243,8 @@ def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Te
     # shape is read from the weights; the cluster then checks every rank's tokens against it.
     reference.validate(xs[0], router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation,
                        scoring=scoring, capacity_factor=capacity_factor, router_bias=router_bias, b1=b1, b2=b2,
-                       normalize=normalize, x_name="xs[0]")
+                       normalize=normalize, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate,
+                       x_name="xs[0]")
     experts, hidden = router_weight.shape
     ffn = w2.shape[-1]
     max_tokens = max([1] + [x.shape[0] for x in xs if isinstance(x, Tensor) and x.dim() == 2])
@@ -218,6 +252,7 @@ def simulate_expert_parallel(xs: Sequence[Tensor], router_weight: Tensor, w1: Te
                                dtype=router_weight.dtype, gated=gated, activation=activation, normalize=normalize,
                                scoring=scoring, with_router_bias=router_bias is not None,
                                with_b1=b1 is not None, with_b2=b2 is not None, threads_per_rank=threads_per_rank,
-                               chaos_seed=chaos_seed)
+                               chaos_seed=chaos_seed, shared_ffn_size=shared_ffn(shared_w1, gated),
+                               with_shared_gate=shared_gate is not None)
     return cluster.forward(xs, router_weight, w1, w2, capacity_factor=capacity_factor, router_bias=router_bias,
-                           b1=b1, b2=b2)
+                           b1=b1, b2=b2, shared_w1=shared_w1, shared_w2=shared_w2, shared_gate=shared_gate)

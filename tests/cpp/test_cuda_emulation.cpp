@@ -6,7 +6,8 @@
 //       gate stage is skipped: topk_ids and topk_weights stay as given, y, counts and dropped match;
 //   (b) every element of every output written (outputs and workspace start as NaN/garbage);
 //   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule);
-//   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1).
+//   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1);
+//   (e) with a shared expert (its own cell of every token, with and without its gate), y still matches.
 // Under ThreadSanitizer this also checks that every hand-off between actors is ordered by the
 // kernel's acquire/release pairs.
 //
@@ -111,6 +112,10 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
   const auto b1 = random_values<T>(rng, size_t(E * n0), 0.1f);
   const auto w2 = random_values<T>(rng, size_t(E * H * I), 1.0f / std::sqrt(float(I)));
   const auto b2 = random_values<T>(rng, size_t(E * H), 0.1f);
+  const int64_t S = problem.shared_ffn, shared_rows = problem.gated ? 2 * S : S;
+  const auto shared_w1 = random_values<T>(rng, size_t(shared_rows * H), 1.0f / std::sqrt(float(H)));
+  const auto shared_w2 = random_values<T>(rng, size_t(H * S), 1.0f / std::sqrt(float(S > 0 ? S : 1)));
+  const auto shared_gate = random_values<T>(rng, size_t(H), 1.0f / std::sqrt(float(H)));
   auto optional = [](bool present, const std::vector<T>& values) { return present ? values.data() : nullptr; };
 
   // Routing from outside: distinct ids per token, about one pick in five the sentinel E.
@@ -145,7 +150,9 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
   {
     const cpu::ExpertWeights weights{problem.routing_given ? nullptr : router.data(),
                                      optional(problem.has_router_bias, router_bias), w1.data(),
-                                     optional(problem.has_b1, b1), w2.data(), optional(problem.has_b2, b2)};
+                                     optional(problem.has_b1, b1), w2.data(), optional(problem.has_b2, b2), 0,
+                                     optional(S > 0, shared_w1), optional(S > 0, shared_w2),
+                                     optional(problem.has_shared_gate, shared_gate)};
     const cpu::RankIO io{x.data(), T_, problem.expert_capacity, expected.y.data(), expected.topk_ids.data(),
                          expected.topk_weights.data(), expected.expert_counts.data(),
                          problem.routing_given ? nullptr : expected.router_logits.data(), &expected.dropped};
@@ -170,6 +177,9 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     pointers.expert_counts = got.expert_counts.data();
     pointers.router_logits = problem.routing_given ? nullptr : got.router_logits.data();
     pointers.dropped = &got.dropped;
+    pointers.shared_w1 = optional(S > 0, shared_w1);
+    pointers.shared_w2 = optional(S > 0, shared_w2);
+    pointers.shared_gate = optional(problem.has_shared_gate, shared_gate);
     cuda::KernelParams params = cuda::make_params(problem, pointers, processors);
     // Garbage everywhere, then the launcher's memset of the control block and heap flags.
     std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
@@ -216,7 +226,7 @@ std::vector<Case> cases() {
   std::vector<Case> all;
   auto add = [&](std::string name, int64_t tokens, int64_t hidden, int64_t ffn, int64_t experts, int64_t top_k,
                  bool gated, Activation activation, Scoring scoring, bool normalize, bool biases, double capacity,
-                 bool routing_given = false) {
+                 bool routing_given = false, int64_t shared_ffn = 0, bool shared_gate = false) {
     Case c;
     c.name = name;
     Problem& p = c.problem;
@@ -225,6 +235,7 @@ std::vector<Case> cases() {
     p.has_router_bias = biases && !routing_given;
     p.has_b1 = p.has_b2 = biases;
     p.routing_given = routing_given;
+    p.shared_ffn = shared_ffn, p.has_shared_gate = shared_gate;
     // Limits that the random inputs cross: the clamps are exercised, not just compiled.
     p.swiglu_limit = activation == Activation::swiglu_oai ? 0.8 : 0.5;
     p.swiglu_alpha = 1.702;
@@ -250,6 +261,14 @@ std::vector<Case> cases() {
   add("given routing dropping", 90, 32, 40, 4, 2, true, Activation::swiglu_oai, Scoring::softmax, true, false, 0.6,
       true);
   add("given routing k above E", 30, 24, 16, 2, 4, false, Activation::relu2, Scoring::softmax, true, true, 0, true);
+  // A shared expert: S != I, several row and column tiles of its own, with and without its gate.
+  add("shared expert", 37, 40, 24, 6, 2, true, Activation::silu, Scoring::softmax, true, true, 0, false, 20);
+  add("shared expert gated dropping", 150, 136, 40, 4, 2, true, Activation::swiglu_oai, Scoring::softmax, true,
+      false, 0.6, false, 200, true);
+  add("shared expert plain", 33, 24, 40, 4, 2, false, Activation::relu2, Scoring::sigmoid, true, true, 0, false, 7,
+      true);
+  add("shared expert given routing", 57, 40, 24, 6, 3, true, Activation::silu, Scoring::softmax, true, true, 0.8,
+      true, 16, true);
   return all;
 }
 

@@ -16,7 +16,18 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from ..ops import _address, _empty_outputs, _problem
+from ..ops import _address, _empty_outputs, _problem, selection_bias_values
+from ..reference import accumulate_dtype
+
+
+def _weighted_rows(rows, pick_row, topk_weights, admitted):
+    """weight_on="input": each admitted row x[t] becomes round(x[t] · w[t, j]), the product in the
+    accumulation dtype, as cpu/source_steps.h dispatch_row computes it for the dataflow runtime."""
+    picks = torch.empty(admitted, dtype=torch.int64)
+    routed = (pick_row >= 0).nonzero().flatten()
+    picks[pick_row[routed].long()] = routed
+    weights = topk_weights.flatten()[picks].unsqueeze(1)
+    return (rows.to(accumulate_dtype(rows.dtype)) * weights).to(rows.dtype)
 
 
 def exchange_rows(output: torch.Tensor, send: torch.Tensor, output_rows: list, send_rows: list, group) -> None:
@@ -50,14 +61,19 @@ def exchange_counts(send_counts: torch.Tensor, group, world_size: int) -> torch.
     return received.view(world_size, -1)
 
 
-def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
+def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias=None,
+            shared=(None, None, None)):
     config, group = context.config, context.group
     world, local, top_k = context.world_size, context.local_experts, config.top_k
     tokens, experts = x.shape[0], config.num_experts
+    shared_w1, shared_w2, shared_gate = shared
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
+    bias_values = selection_bias_values(selection_bias, x)  # held until route_tokens returns
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, config.gated, config.activation,
-                       config.normalize, config.scoring, capacity_factor)
+                       config.normalize, config.scoring, capacity_factor, shared_w1=shared_w1, shared_gate=shared_gate,
+                       selection_bias=bias_values, num_groups=config.num_groups, topk_groups=config.topk_groups,
+                       routed_scaling_factor=config.routed_scaling_factor, weight_on=config.weight_on)
     expert_offsets = torch.empty(experts + 1, dtype=torch.int64)
     pick_row = torch.empty(tokens * top_k, dtype=torch.int32)
     row_token = torch.empty(tokens * top_k, dtype=torch.int32)
@@ -65,7 +81,7 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
                     router_bias=_address(router_bias), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
                     expert_counts=_address(expert_counts), router_logits=_address(router_logits),
                     dropped=_address(dropped), expert_offsets=_address(expert_offsets), pick_row=_address(pick_row),
-                    row_token=_address(row_token), threads=context.threads)
+                    row_token=_address(row_token), threads=context.threads, selection_bias=_address(bias_values))
     # Rows of this source per cell (owner o, local expert l), in expert order = owner-major order.
     cell_rows = expert_offsets.diff().view(world, local)
     received_cells = exchange_counts(cell_rows, group, world)  # [source, local expert]
@@ -73,6 +89,8 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
     receive_rows = received_cells.sum(dim=1).tolist()
     admitted = int(expert_offsets[-1])
     send = x[row_token[:admitted].long()]
+    if config.weight_on == "input":
+        send = _weighted_rows(send, pick_row, topk_weights, admitted)
     received = x.new_empty((sum(receive_rows), x.shape[1]))
     exchange_rows(received, send, receive_rows, send_rows, group)
     expert_out = torch.empty_like(received)
@@ -81,6 +99,24 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
                        out=_address(expert_out), threads=context.threads)
     home = torch.empty_like(send)
     exchange_rows(home, expert_out, send_rows, receive_rows, group)
+    shared_rows = _shared_rows(context, problem, x, shared_w1, shared_w2)
     _C.combine_tokens(problem=problem, tokens=tokens, pick_row=_address(pick_row), topk_weights=_address(topk_weights),
-                      rows_home=_address(home), y=_address(y), threads=context.threads)
+                      rows_home=_address(home), y=_address(y), threads=context.threads, x=_address(x),
+                      shared_rows=_address(shared_rows), shared_gate=_address(shared_gate))
     return outputs
+
+
+def _shared_rows(context, problem, x, shared_w1, shared_w2):
+    """The replicated shared expert's output of every local token [T, H], computed here with no
+    exchange: run_expert_rows with the shared weights as the one local expert of one cell holding
+    x, so its tiles are the dataflow's (and the single-process op's) to the bit. None without one."""
+    if shared_w1 is None:
+        return None
+    shared = _C.Problem()
+    for name in ("tokens", "hidden", "gated", "activation", "dtype", "swiglu_limit", "swiglu_alpha"):
+        setattr(shared, name, getattr(problem, name))
+    shared.ffn, shared.experts, shared.top_k = problem.shared_ffn, 1, 1
+    out = torch.empty_like(x)
+    _C.run_expert_rows(problem=shared, w1=_address(shared_w1), b1=0, w2=_address(shared_w2), b2=0, rows=_address(x),
+                       cell_rows=[x.shape[0]], local_experts=1, out=_address(out), threads=context.threads)
+    return out

@@ -12,13 +12,19 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops import _activation_with_grad
+from ..ops import RouterWeights, _activation_with_grad, _shared_backward
 from ..reference import accumulate_dtype
 from .all_to_all import exchange_counts, exchange_rows
 
 
-def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *, gated, activation):
-    """One expert's rows: (grad_x_rows, grad_pick_weights, grad_w1, grad_b1, grad_w2, grad_b2), fp32/fp64."""
+def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *, gated, activation,
+                    weight_on="output", row_dtype=None):
+    """One expert's rows: (grad_x_rows, grad_pick_weights, grad_w1, grad_b1, grad_w2, grad_b2), fp32/fp64.
+    With weight_on="input" the expert's input is round(x · w) (in row_dtype) and its output weighs 1."""
+    weight_on_input = weight_on == "input"
+    token_rows = x_rows
+    if weight_on_input:
+        x_rows = (x_rows * pick_weights.unsqueeze(1)).to(row_dtype).to(x_rows.dtype)
     z = x_rows @ w1_e.T + (0 if b1_e is None else b1_e)
     if gated:
         gate, up = z.chunk(2, dim=-1)
@@ -28,27 +34,31 @@ def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *
         activated, activated_grad = _activation_with_grad(z, activation)
         h = activated
     out = h @ w2_e.T + (0 if b2_e is None else b2_e)
-    grad_pick = (grad_y_rows * out).sum(dim=-1)
-    grad_out = pick_weights.unsqueeze(1) * grad_y_rows
+    grad_out = grad_y_rows if weight_on_input else pick_weights.unsqueeze(1) * grad_y_rows
     grad_h = grad_out @ w2_e
     grad_z = torch.cat([grad_h * up * activated_grad, grad_h * activated], dim=-1) if gated else grad_h * activated_grad
-    return (grad_z @ w1_e, grad_pick, grad_z.T @ x_rows, grad_z.sum(dim=0), grad_out.T @ h, grad_out.sum(dim=0))
+    grad_rows = grad_z @ w1_e
+    if weight_on_input:
+        grad_pick = (grad_rows * token_rows).sum(dim=-1)
+        grad_rows = pick_weights.unsqueeze(1) * grad_rows
+    else:
+        grad_pick = (grad_y_rows * out).sum(dim=-1)
+    return (grad_rows, grad_pick, grad_z.T @ x_rows, grad_z.sum(dim=0), grad_out.T @ h, grad_out.sum(dim=0))
 
 
 def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2, router_bias, b1, b2,
-             topk_ids, capacity_factor, needs_grad):
-    """Gradients for (x, router_weight, w1, w2, router_bias, b1, b2); None where not needed. Collective."""
+             topk_ids, capacity_factor, needs_grad, shared=(None, None, None)):
+    """Gradients for (x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate); None
+    where not needed. Collective. The replicated shared expert's part stays on this rank (its tokens)."""
     config, group = context.config, context.group
     world, local, top_k, experts = context.world_size, context.local_experts, config.top_k, config.num_experts
     accumulate = accumulate_dtype(x.dtype)
     tokens, hidden = x.shape
     xa, router_weight_a = x.to(accumulate), router_weight.to(accumulate)
     ids = topk_ids.long()
-    logits = reference.router_logits(xa, router_weight_a, router_bias)
-    scores = torch.softmax(logits, dim=-1) if config.scoring == "softmax" else torch.sigmoid(logits)
-    picked_scores = scores.gather(1, ids)
-    picked_sum = picked_scores.sum(dim=-1, keepdim=True)
-    weights = picked_scores / picked_sum if config.normalize else picked_scores
+    router = RouterWeights(xa, router_weight_a, router_bias, ids, config.scoring, config.normalize,
+                           config.routed_scaling_factor)
+    weights = router.weights
 
     # The admitted picks in expert-sorted, token-ascending order: the forward's rows.
     capacity = reference.expert_capacity(capacity_factor, tokens, top_k, experts)
@@ -82,7 +92,7 @@ def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_w
         upcast = [None if t is None else t[expert].to(accumulate) for t in (w1, b1, w2, b2)]
         grad_x_rows, grad_pick, g_w1, g_b1, g_w2, g_b2 = expert_backward(
             rows[:, :hidden], rows[:, hidden:2 * hidden], rows[:, 2 * hidden], *upcast,
-            gated=config.gated, activation=config.activation)
+            gated=config.gated, activation=config.activation, weight_on=config.weight_on, row_dtype=x.dtype)
         reply[index, :hidden] = grad_x_rows
         reply[index, hidden] = grad_pick
         for grad, value in ((grad_w1, g_w1), (grad_b1, g_b1), (grad_w2, g_w2), (grad_b2, g_b2)):
@@ -98,21 +108,16 @@ def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_w
     grad_weights[token, slot] = home[:, hidden]
     if grad_topk_weights is not None:
         grad_weights = grad_weights + grad_topk_weights.to(accumulate)
-    if config.normalize:
-        grad_picked = (grad_weights - (grad_weights * weights).sum(dim=-1, keepdim=True)) / picked_sum
-    else:
-        grad_picked = grad_weights
-    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_picked)
-    if config.scoring == "softmax":
-        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
-    else:
-        grad_logits = grad_scores * scores * (1 - scores)
+    grad_logits = router.grad_logits(grad_weights)
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     grad_x += grad_logits @ router_weight_a
+    shared_grads = _shared_backward(grad_y, xa, grad_x, *shared, config.gated, config.activation, None, None,
+                                    needs_grad[7:10])
+    shared_grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(shared_grads, shared))
     grads = (grad_x.to(x.dtype) if needs_grad[0] else None,
              (grad_logits.T @ xa).to(router_weight.dtype) if needs_grad[1] else None,
              grad_w1, grad_w2,
              grad_logits.sum(dim=0).to(router_bias.dtype) if needs_grad[4] and router_bias is not None else None,
-             grad_b1, grad_b2)
+             grad_b1, grad_b2) + shared_grads
     return grads

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
+from ..ops import shared_ffn
 
 TRANSPORTS = ("auto", "symmetric", "all_to_all")
 DEFAULT_WATCHDOG_SECONDS = 60.0
@@ -42,6 +43,21 @@ class LayerConfig:
     router_bias: bool
     expert_bias_b1: bool
     expert_bias_b2: bool
+    # The routing options (see flashmoe.moe); they travel in the native Problem.
+    selection_bias: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    weight_on: str = "output"
+    router_f32: bool = False
+    shared_ffn_size: int = 0   # S of the replicated shared expert, 0 for none
+    shared_gate: bool = False
+
+    def routing_options(self) -> dict:
+        """The keyword arguments of ops.problem_shape for the routing options."""
+        return dict(has_selection_bias=self.selection_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
+                    routed_scaling_factor=self.routed_scaling_factor, weight_on=self.weight_on,
+                    router_f32=self.router_f32)
 
     def comparable(self) -> dict:
         return {field.name: (str(value) if isinstance(value, torch.dtype) else value)
@@ -155,15 +171,18 @@ class Context:
         """Bytes of this rank's symmetric heap (0 under all_to_all)."""
         return 0 if self._symmetric is None else self._symmetric.heap_bytes
 
-    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity):
-        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. Returns
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias=None,
+                shared=(None, None, None)):
+        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. ``shared``: the
+        (shared_w1, shared_w2, shared_gate) of a shared expert, or Nones. Returns
         (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
         if self._destroyed:
             raise RuntimeError("flashmoe.distributed: this Context was destroyed")
         if self._symmetric is not None:
-            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+            return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias,
+                                           shared)
         from .all_to_all import forward
-        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+        return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias, shared)
 
     def destroy(self) -> None:
         """Releases the shared-memory mappings (the segments were unlinked at creation). Idempotent."""
@@ -218,7 +237,8 @@ def check_expert_parallel_activation(activation) -> None:
 
 
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
-                 router_bias, b1, b2) -> LayerConfig:
+                 router_bias, b1, b2, selection_bias=None, num_groups=1, topk_groups=1, routed_scaling_factor=1.0,
+                 weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None) -> LayerConfig:
     """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [T, H], got {type(x).__name__}")
@@ -248,13 +268,26 @@ def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normaliz
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (L={local} local experts of E={experts}), "
                              f"got {list(tensor.shape)}")
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name} must have dtype {x.dtype} (the dtype of x), got {tensor.dtype}")
+        router_f32 = name.startswith("router") and reference.router_f32(x.dtype, router_weight.dtype)
+        if name == "router_bias" and tensor.dtype != router_weight.dtype:
+            raise TypeError(f"router_bias must have dtype {router_weight.dtype} (the dtype of router_weight), "
+                            f"got {tensor.dtype}")
+        if tensor.dtype != x.dtype and not router_f32:
+            raise TypeError(f"{name} must have dtype {x.dtype} (the dtype of x)"
+                            f"{' or torch.float32 (an fp32 router)' if name == 'router_weight' and x.dtype in (torch.bfloat16, torch.float16) else ''}"
+                            f", got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on {x.device} (the device of x), got {tensor.device}")
     reference.validate_options(experts, top_k=top_k, gated=gated, activation=activation, scoring=scoring,
-                               normalize=normalize, capacity_factor=capacity_factor)
+                               normalize=normalize, capacity_factor=capacity_factor, num_groups=num_groups,
+                               topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
+                               weight_on=weight_on)
+    if selection_bias is not None:
+        reference._check_selection_bias(selection_bias, x, experts)
     check_expert_parallel_activation(activation)
+    reference.check_shared_expert(x, shared_w1, shared_w2, shared_gate, gated=gated)
     return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
                        None if capacity_factor is None else float(capacity_factor), router_bias is not None,
-                       b1 is not None, b2 is not None)
+                       b1 is not None, b2 is not None, selection_bias is not None, num_groups, topk_groups,
+                       float(routed_scaling_factor), weight_on, reference.router_f32(x.dtype, router_weight.dtype),
+                       shared_ffn(shared_w1, gated), shared_gate is not None)

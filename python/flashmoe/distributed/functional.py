@@ -29,6 +29,14 @@ def moe(
     router_bias: Optional[Tensor] = None,
     b1: Optional[Tensor] = None,
     b2: Optional[Tensor] = None,
+    selection_bias: Optional[Tensor] = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    weight_on: str = "output",
+    shared_w1: Optional[Tensor] = None,
+    shared_w2: Optional[Tensor] = None,
+    shared_gate: Optional[Tensor] = None,
     return_routing: bool = False,
     context: Optional[Context] = None,
     watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS,
@@ -52,6 +60,12 @@ def moe(
         capacity_factor: None (dropless), or capacity per (source rank, expert)
             ``ceil(capacity_factor · T_r · k / E)``.
         router_bias: ``[E]``; b1: ``[L, 2I]`` or ``[L, I]``; b2: ``[L, H]``. Optional.
+        selection_bias, num_groups, topk_groups, routed_scaling_factor, weight_on: the routing options of
+            :func:`flashmoe.moe`, the same on every rank; router_weight (and router_bias) may be float32 for
+            bf16/fp16 x. The routing is computed on each token's source rank.
+        shared_w1, shared_w2, shared_gate: a shared expert (``[2S or S, H]``, ``[H, S]``, optional
+            ``[1, H]``), as in :func:`flashmoe.moe`: replicated (the same on every rank), and each rank
+            runs it on its own tokens, with no dispatch.
         return_routing: also return this rank's :class:`flashmoe.Routing` (as :func:`flashmoe.moe`).
         context: an explicit :class:`Context`; by default one is created (collectively) on first use
             per group and configuration, and reused.
@@ -62,15 +76,19 @@ def moe(
         y ``[T_r, H]`` with x's dtype, bitwise equal to ``flashmoe.moe(x, router_weight, w1_all, w2_all, ...)``
         on this rank's tokens; or ``(y, routing)``.
 
-    Autograd: x, router_weight, w1, w2 and the biases get gradients. A local expert's gradient sums
-    every rank's tokens; router_weight's is this rank's own contribution (all-reduce it yourself, as
-    for any replicated Parameter). The backward is collective too.
+    Autograd: x, router_weight, w1, w2, the biases and the shared expert get gradients. A local
+    expert's gradient sums every rank's tokens; router_weight's and the shared expert's are this
+    rank's own contribution (all-reduce them yourself, as for any replicated Parameter). The backward
+    is collective too.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     config = layer_config(x, router_weight, w1, w2, top_k=top_k, gated=gated, activation=activation,
                           normalize=normalize, scoring=scoring, capacity_factor=capacity_factor,
-                          router_bias=router_bias, b1=b1, b2=b2)
+                          router_bias=router_bias, b1=b1, b2=b2, selection_bias=selection_bias,
+                          num_groups=num_groups, topk_groups=topk_groups,
+                          routed_scaling_factor=routed_scaling_factor, weight_on=weight_on, shared_w1=shared_w1,
+                          shared_w2=shared_w2, shared_gate=shared_gate)
     _, world_size = _group_rank_and_size(group)
     if config.num_experts % world_size:
         raise ValueError(f"router_weight has E={config.num_experts} experts, which the world size {world_size} "
@@ -85,9 +103,10 @@ def moe(
                               watchdog_seconds=watchdog_seconds)
     elif context.config != config:
         raise ValueError("context was created for another layer configuration")
-    tensors = [None if t is None else t.contiguous() for t in (x, router_weight, w1, w2, router_bias, b1, b2)]
+    tensors = [None if t is None else t.contiguous()
+               for t in (x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate)]
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = _ExpertParallel.apply(
-        context, None if capacity_factor is None else float(capacity_factor), *tensors)
+        context, None if capacity_factor is None else float(capacity_factor), selection_bias, *tensors)
     if return_routing:
         return y, Routing(topk_ids, topk_weights, expert_counts, dropped, router_logits)
     return y
@@ -95,17 +114,22 @@ def moe(
 
 class _ExpertParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, context, capacity_factor, x, router_weight, w1, w2, router_bias, b1, b2):
-        outputs = context.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor)
+    def forward(ctx, context, capacity_factor, selection_bias, x, router_weight, w1, w2, router_bias, b1, b2,
+                shared_w1, shared_w2, shared_gate):
+        shared = (shared_w1, shared_w2, shared_gate)
+        # selection_bias only chooses the picks: it gets no gradient.
+        outputs = context.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor,
+                                  None if selection_bias is None else selection_bias.detach(), shared=shared)
         ctx.context, ctx.capacity_factor = context, capacity_factor
-        ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, outputs[1])
+        ctx.save_for_backward(x, router_weight, w1, w2, router_bias, b1, b2, *shared, outputs[1])
         ctx.mark_non_differentiable(outputs[1], outputs[3], outputs[5])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_y, _grad_ids, grad_topk_weights, _grad_counts, grad_router_logits, _grad_dropped):
-        x, router_weight, w1, w2, router_bias, b1, b2, topk_ids = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[2:])
+        x, router_weight, w1, w2, router_bias, b1, b2, shared_w1, shared_w2, shared_gate, topk_ids = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[3:])
         grads = _backward(ctx.context, grad_y, grad_topk_weights, grad_router_logits, x, router_weight, w1, w2,
-                          router_bias, b1, b2, topk_ids, ctx.capacity_factor, needs)
-        return (None, None) + tuple(grads)
+                          router_bias, b1, b2, topk_ids, ctx.capacity_factor, needs,
+                          shared=(shared_w1, shared_w2, shared_gate))
+        return (None, None, None) + tuple(grads)

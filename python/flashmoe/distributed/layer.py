@@ -46,6 +46,10 @@ class ExpertParallelMoE(nn.Module):
             router_dtype=router_dtype, weight_on=weight_on, shared_ffn_size=shared_ffn_size, shared_gate=shared_gate,
             device="meta", dtype=dtype)
         reference.check_choice("transport", transport, TRANSPORTS)
+        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
+        reference.check_bool("shared_gate", shared_gate)
+        if shared_gate and not shared_ffn_size:
+            raise ValueError("shared_gate=True scales the shared expert's output, so it needs shared_ffn_size > 0")
         self.rank, self.world_size = _group_rank_and_size(group)
         if num_experts % self.world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
@@ -54,9 +58,9 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = num_experts // self.world_size
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
         self.capacity_factor = capacity_factor
-        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.routed_scaling_factor, self.weight_on = routed_scaling_factor, weight_on
+        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
         self.shared_ffn_size = shared_ffn_size
         factory = dict(device=device, dtype=dtype)
         router_factory = dict(device=device, dtype=router_dtype or dtype)
@@ -161,4 +165,6 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, num_experts={self.num_experts}, "
                 f"local_experts={self.local_experts}, top_k={self.top_k}, transport={self.transport!r}, "
-                f"gated={self.gated}, activation={self.activation!r}, capacity_factor={self.capacity_factor}")
+                f"gated={self.gated}, activation={self.activation!r}, capacity_factor={self.capacity_factor}"
+                + (f", shared_ffn_size={self.shared_ffn_size}, shared_gate={self.shared_gate is not None}"
+                   if self.shared_ffn_size else ""))

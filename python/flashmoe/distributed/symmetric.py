@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C, reference
-from ..ops import _address, _empty_outputs, problem_shape
+from ..ops import _address, _empty_outputs, _shared_addresses, problem_shape, selection_bias_values
 from .context import _bucket
 
 
@@ -78,7 +78,9 @@ class SymmetricHeaps:
         shape = problem_shape(config.hidden_size, config.ffn_size, config.num_experts, config.top_k,
                               gated=config.gated, activation=config.activation, normalize=config.normalize,
                               scoring=config.scoring, dtype=config.dtype, has_router_bias=config.router_bias,
-                              has_b1=config.expert_bias_b1, has_b2=config.expert_bias_b2)
+                              has_b1=config.expert_bias_b1, has_b2=config.expert_bias_b2,
+                              shared_ffn=config.shared_ffn_size, has_shared_gate=config.shared_gate,
+                              **config.routing_options())
         self._heaps = heaps
         self._cluster = _C.Cluster(shape=shape, world_size=context.world_size, max_tokens=max_tokens,
                                    threads_per_rank=context.threads, watchdog_seconds=context.watchdog_seconds,
@@ -94,7 +96,7 @@ class SymmetricHeaps:
         base = self._heaps.control_address(rank)
         return ctypes.c_int64.from_address(base), ctypes.c_int64.from_address(base + 8)
 
-    def _run(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity):
+    def _run(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias, shared):
         if self._cluster is None:
             raise RuntimeError("flashmoe.distributed: the symmetric heaps of this Context are gone "
                                "(destroyed, or a failed call broke them)")
@@ -103,7 +105,8 @@ class SymmetricHeaps:
         rank_tuple = (_address(x), x.shape[0], -1 if capacity is None else capacity, _address(y), _address(topk_ids),
                       _address(topk_weights), _address(expert_counts), _address(router_logits), _address(dropped))
         weights = dict(router_weight=_address(router_weight), router_bias=_address(router_bias), w1=_address(w1),
-                       b1=_address(b1), w2=_address(w2), b2=_address(b2))
+                       b1=_address(b1), w2=_address(w2), b2=_address(b2), selection_bias=_address(selection_bias),
+                       **_shared_addresses(*shared))
         try:
             self._cluster.forward(**weights, calls=[[rank_tuple]],
                                   first_expert=self.context.rank * self.context.local_experts)
@@ -113,8 +116,9 @@ class SymmetricHeaps:
                                f"(symmetric transport; a peer died, raised or stopped calling): {error}") from error
         return outputs
 
-    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor):
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias, shared):
         config = self.context.config
+        selection_bias = selection_bias_values(selection_bias, x)  # held until the calls return
         self.calls += 1
         tokens = x.shape[0]
         capacity = reference.expert_capacity(capacity_factor, tokens, config.top_k, config.num_experts)
@@ -123,7 +127,8 @@ class SymmetricHeaps:
             call_word, tokens_word = self._control(self.context.rank)
             tokens_word.value = tokens
             call_word.value = self.calls  # published by this epoch's release-stored dispatch signals
-        outputs = self._run(x[:0] if oversized else x, router_weight, w1, w2, router_bias, b1, b2, capacity)
+        outputs = self._run(x[:0] if oversized else x, router_weight, w1, w2, router_bias, b1, b2, capacity,
+                            selection_bias, shared)
         # Every rank acquired every peer's dispatch signals of this epoch, so their requests are visible.
         requests = []
         for peer in range(self.context.world_size):
@@ -135,5 +140,6 @@ class SymmetricHeaps:
         self._build(_bucket(max(requests)))
         self.calls = 0  # the new heaps' control pages start at zero
         self.calls += 1
-        rerun = self._run(x if oversized else x[:0], router_weight, w1, w2, router_bias, b1, b2, capacity)
+        rerun = self._run(x if oversized else x[:0], router_weight, w1, w2, router_bias, b1, b2, capacity,
+                          selection_bias, shared)
         return rerun if oversized else outputs
