@@ -173,9 +173,8 @@ def test_options_the_block_defines_cannot_be_passed():
 
 # --------------------------------------------------------------------------- parity with the HF block
 
-# Every family through the op's reference backend; through the native kernels, the families whose options
-# they compute (the routing options' native kernels land on their own branch: then every family).
-NATIVE_FAMILIES = ("qwen3-next", "qwen2-moe")
+# Every family through the op's reference backend and through the native kernels.
+NATIVE_FAMILIES = FAMILIES
 PARITY_CASES = [(kind, "reference") for kind in FAMILIES] + [(kind, "native") for kind in NATIVE_FAMILIES]
 TOKENS = (2, 9)  # 18 tokens: every tiny family hits most of its 16 experts
 
