@@ -286,7 +286,7 @@ def from_moe(rank, world_size):
 def from_moe_families(rank, world_size):
     """Issue 12's layers (DeepSeek-style routing with an fp32 router and a shared expert; Llama 4's
     weight_on) shard: the experts split, the router, selection bias and shared expert replicated, the
-    options carried. Where flashmoe.distributed does not carry an option yet, the forward names it."""
+    options carried, and each rank's output bitwise the single-process layer's."""
     torch.manual_seed(6)
     experts = 4 * world_size
     layers = [
@@ -309,14 +309,7 @@ def from_moe_families(rank, world_size):
         for name in ("num_groups", "topk_groups", "routed_scaling_factor", "weight_on", "scoring", "normalize",
                      "shared_ffn_size"):
             assert getattr(sharded, name) == getattr(layer, name), name
-    # (The forward of these options across ranks is flashmoe.distributed's to carry; until it does,
-    # ExpertParallelMoE names the options it cannot run rather than dropping them.)
-    try:
-        sharded(x)
-    except ValueError as error:
-        assert "does not carry" in str(error) and "flashmoe.MoE" in str(error)
-    else:
-        assert same_bits(sharded(x), layers[-1](x))
+        assert same_bits(sharded(x.to(layer.w1.dtype)), layer(x.to(layer.w1.dtype)))
 
 
 def guards(rank, world_size):

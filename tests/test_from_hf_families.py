@@ -173,10 +173,9 @@ def test_options_the_block_defines_cannot_be_passed():
 
 # --------------------------------------------------------------------------- parity with the HF block
 
-# The native kernels of the routing options and shared experts land with their own branches; until then the
-# functional op runs them in its reference backend.
-BACKENDS = ("reference",)
-PARITY_FAMILIES = FAMILIES
+# Every family through the op's reference backend and through the native kernels.
+NATIVE_FAMILIES = FAMILIES
+PARITY_CASES = [(kind, "reference") for kind in FAMILIES] + [(kind, "native") for kind in NATIVE_FAMILIES]
 TOKENS = (2, 9)  # 18 tokens: every tiny family hits most of its 16 experts
 
 
@@ -206,8 +205,7 @@ def _scale(tensor):
     return tensor.double().abs().max().item()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", PARITY_FAMILIES)
+@pytest.mark.parametrize("kind, backend", PARITY_CASES)
 def test_fp32_matches_the_block_with_gradients(kind, backend):
     block = make_block(kind, torch.float32, seed=1)
     layer = _layer(block, backend)
@@ -260,8 +258,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", PARITY_FAMILIES)
+@pytest.mark.parametrize("kind, backend", PARITY_CASES)
 def test_bf16_matches_the_block_with_gradients(kind, backend):
     block = make_block(kind, torch.bfloat16, seed=5)
     layer = _layer(block, backend)
