@@ -175,6 +175,9 @@ ROUTING_OPTION_CASES = [
     (dict(scoring="softmax_topk"), False),
     (dict(scoring="sigmoid", weight_on="input"), False),
     (dict(weight_on="input", routed_scaling_factor=0.5), True),
+    # The clamped SwiGLUs' options cross ranks in the layer configuration (GPT-OSS: swiglu_oai).
+    (dict(scoring="softmax_topk", activation="swiglu_oai", swiglu_limit=0.6, swiglu_alpha=1.5), False),
+    (dict(activation="swiglu_clamp", swiglu_limit=0.4), False),
 ]
 
 
@@ -326,13 +329,11 @@ def guards(rank, world_size):
         fd.moe(x, **dict(mine, w2=mine["w2"].double()), top_k=2)
     with pytest.raises(ValueError, match="top_k"):
         fd.moe(x, **mine, top_k=2 * world_size + 1)
-    # The clamped SwiGLUs' options do not cross ranks yet: a named error, never a silent default.
-    for activation in flashmoe.reference.GATED_ACTIVATIONS:
-        with pytest.raises(ValueError, match=f"activation='{activation}' is not supported by flashmoe.distributed"):
-            fd.moe(x, **mine, top_k=2, activation=activation)
-        with pytest.raises(ValueError, match="not supported by flashmoe.distributed"):
-            fd.ExpertParallelMoE.from_moe(flashmoe.MoE(H, I, 2 * world_size, 2, activation=activation,
-                                                       swiglu_limit=5.0))
+    # The clamped SwiGLUs' options are checked as in one process.
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        fd.moe(x, **mine, top_k=2, activation="swiglu_clamp")
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        fd.moe(x, **mine, top_k=2, activation="silu", swiglu_limit=5.0)
     # A group that spans hosts: symmetric refuses it on every rank, auto picks all_to_all.
     import flashmoe.distributed.context as context_module
     real_host_id = context_module.host_id

@@ -73,7 +73,8 @@ def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_fac
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, config.gated, config.activation,
                        config.normalize, config.scoring, capacity_factor, shared_w1=shared_w1, shared_gate=shared_gate,
                        selection_bias=bias_values, num_groups=config.num_groups, topk_groups=config.topk_groups,
-                       routed_scaling_factor=config.routed_scaling_factor, weight_on=config.weight_on)
+                       routed_scaling_factor=config.routed_scaling_factor, weight_on=config.weight_on,
+                       **config.activation_options())
     expert_offsets = torch.empty(experts + 1, dtype=torch.int64)
     pick_row = torch.empty(tokens * top_k, dtype=torch.int32)
     row_token = torch.empty(tokens * top_k, dtype=torch.int32)

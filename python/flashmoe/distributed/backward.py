@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops import RouterWeights, _activation_with_grad, _shared_backward
+from ..ops import RouterWeights, _activation_with_grad, _glu_with_grad, _shared_backward
 from ..reference import accumulate_dtype
 from .all_to_all import exchange_counts, exchange_rows
 
 
 def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *, gated, activation,
-                    weight_on="output", row_dtype=None):
+                    weight_on="output", row_dtype=None, swiglu_limit=0.0, swiglu_alpha=0.0):
     """One expert's rows: (grad_x_rows, grad_pick_weights, grad_w1, grad_b1, grad_w2, grad_b2), fp32/fp64.
     With weight_on="input" the expert's input is round(x · w) (in row_dtype) and its output weighs 1."""
     weight_on_input = weight_on == "input"
@@ -28,15 +28,15 @@ def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *
     z = x_rows @ w1_e.T + (0 if b1_e is None else b1_e)
     if gated:
         gate, up = z.chunk(2, dim=-1)
-        activated, activated_grad = _activation_with_grad(gate, activation)
-        h = activated * up
+        h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, swiglu_limit, swiglu_alpha)
     else:
         activated, activated_grad = _activation_with_grad(z, activation)
         h = activated
     out = h @ w2_e.T + (0 if b2_e is None else b2_e)
     grad_out = grad_y_rows if weight_on_input else pick_weights.unsqueeze(1) * grad_y_rows
     grad_h = grad_out @ w2_e
-    grad_z = torch.cat([grad_h * up * activated_grad, grad_h * activated], dim=-1) if gated else grad_h * activated_grad
+    grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
+        else grad_h * activated_grad
     grad_rows = grad_z @ w1_e
     if weight_on_input:
         grad_pick = (grad_rows * token_rows).sum(dim=-1)
@@ -92,7 +92,8 @@ def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_w
         upcast = [None if t is None else t[expert].to(accumulate) for t in (w1, b1, w2, b2)]
         grad_x_rows, grad_pick, g_w1, g_b1, g_w2, g_b2 = expert_backward(
             rows[:, :hidden], rows[:, hidden:2 * hidden], rows[:, 2 * hidden], *upcast,
-            gated=config.gated, activation=config.activation, weight_on=config.weight_on, row_dtype=x.dtype)
+            gated=config.gated, activation=config.activation, weight_on=config.weight_on, row_dtype=x.dtype,
+            swiglu_limit=config.swiglu_limit, swiglu_alpha=config.swiglu_alpha)
         reply[index, :hidden] = grad_x_rows
         reply[index, hidden] = grad_pick
         for grad, value in ((grad_w1, g_w1), (grad_b1, g_b1), (grad_w2, g_w2), (grad_b2, g_b2)):
@@ -112,8 +113,8 @@ def backward(context, grad_y, grad_topk_weights, grad_router_logits, x, router_w
     if grad_router_logits is not None:
         grad_logits = grad_logits + grad_router_logits.to(accumulate)
     grad_x += grad_logits @ router_weight_a
-    shared_grads = _shared_backward(grad_y, xa, grad_x, *shared, config.gated, config.activation, None, None,
-                                    needs_grad[7:10])
+    shared_grads = _shared_backward(grad_y, xa, grad_x, *shared, config.gated, config.activation,
+                                    **config.activation_options(), needs_grad=needs_grad[7:10])
     shared_grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(shared_grads, shared))
     grads = (grad_x.to(x.dtype) if needs_grad[0] else None,
              (grad_logits.T @ xa).to(router_weight.dtype) if needs_grad[1] else None,

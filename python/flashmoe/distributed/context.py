@@ -52,12 +52,19 @@ class LayerConfig:
     router_f32: bool = False
     shared_ffn_size: int = 0   # S of the replicated shared expert, 0 for none
     shared_gate: bool = False
+    # L and alpha of the clamped SwiGLUs (reference.activation_options: defaults filled in, 0.0 unused).
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 0.0
 
     def routing_options(self) -> dict:
         """The keyword arguments of ops.problem_shape for the routing options."""
         return dict(has_selection_bias=self.selection_bias, num_groups=self.num_groups, topk_groups=self.topk_groups,
                     routed_scaling_factor=self.routed_scaling_factor, weight_on=self.weight_on,
                     router_f32=self.router_f32)
+
+    def activation_options(self) -> dict:
+        """swiglu_limit / swiglu_alpha as flashmoe.moe and ops.problem_shape take them (None: unused)."""
+        return dict(swiglu_limit=self.swiglu_limit or None, swiglu_alpha=self.swiglu_alpha or None)
 
     def comparable(self) -> dict:
         return {field.name: (str(value) if isinstance(value, torch.dtype) else value)
@@ -227,18 +234,10 @@ def destroy_all() -> None:
 atexit.register(destroy_all)
 
 
-def check_expert_parallel_activation(activation) -> None:
-    """The activations whose options (swiglu_limit, swiglu_alpha) expert parallelism does not carry
-    yet are a named error, never a silent default. (A non-str activation is the validator's to name.)"""
-    if isinstance(activation, str) and activation in reference.GATED_ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not supported by flashmoe.distributed yet (its "
-                         f"swiglu_limit/swiglu_alpha are not carried across ranks); use flashmoe.moe or MoE "
-                         f"in one process, or one of {tuple(a for a in reference.ACTIVATIONS if a not in reference.GATED_ACTIVATIONS)}")
-
-
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,
                  router_bias, b1, b2, selection_bias=None, num_groups=1, topk_groups=1, routed_scaling_factor=1.0,
-                 weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None) -> LayerConfig:
+                 weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None, swiglu_limit=None,
+                 swiglu_alpha=None) -> LayerConfig:
     """The LayerConfig of one call, after validating its arguments (local experts in w1, w2, b1, b2)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [T, H], got {type(x).__name__}")
@@ -284,10 +283,11 @@ def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normaliz
                                weight_on=weight_on)
     if selection_bias is not None:
         reference._check_selection_bias(selection_bias, x, experts)
-    check_expert_parallel_activation(activation)
+    reference._check_activation_options(activation, gated, swiglu_limit, swiglu_alpha)
+    limit, alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
     reference.check_shared_expert(x, shared_w1, shared_w2, shared_gate, gated=gated)
     return LayerConfig(experts, hidden, ffn, top_k, x.dtype, gated, activation, scoring, normalize,
                        None if capacity_factor is None else float(capacity_factor), router_bias is not None,
                        b1 is not None, b2 is not None, selection_bias is not None, num_groups, topk_groups,
                        float(routed_scaling_factor), weight_on, reference.router_f32(x.dtype, router_weight.dtype),
-                       shared_ffn(shared_w1, gated), shared_gate is not None)
+                       shared_ffn(shared_w1, gated), shared_gate is not None, limit, alpha)

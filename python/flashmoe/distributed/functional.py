@@ -37,6 +37,8 @@ def moe(
     shared_w1: Optional[Tensor] = None,
     shared_w2: Optional[Tensor] = None,
     shared_gate: Optional[Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: Optional[float] = None,
     return_routing: bool = False,
     context: Optional[Context] = None,
     watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS,
@@ -88,7 +90,8 @@ def moe(
                           router_bias=router_bias, b1=b1, b2=b2, selection_bias=selection_bias,
                           num_groups=num_groups, topk_groups=topk_groups,
                           routed_scaling_factor=routed_scaling_factor, weight_on=weight_on, shared_w1=shared_w1,
-                          shared_w2=shared_w2, shared_gate=shared_gate)
+                          shared_w2=shared_w2, shared_gate=shared_gate, swiglu_limit=swiglu_limit,
+                          swiglu_alpha=swiglu_alpha)
     _, world_size = _group_rank_and_size(group)
     if config.num_experts % world_size:
         raise ValueError(f"router_weight has E={config.num_experts} experts, which the world size {world_size} "

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..layer import MoE
-from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, _group_rank_and_size, check_expert_parallel_activation
+from .context import DEFAULT_WATCHDOG_SECONDS, TRANSPORTS, _group_rank_and_size
 from .functional import moe
 
 
@@ -35,16 +35,17 @@ class ExpertParallelMoE(nn.Module):
                  selection_bias: bool = False, num_groups: int = 1, topk_groups: int = 1,
                  routed_scaling_factor: float = 1.0, router_dtype: Optional[torch.dtype] = None,
                  weight_on: str = "output", shared_ffn_size: int = 0, shared_gate: bool = False,
+                 swiglu_limit: Optional[float] = None, swiglu_alpha: Optional[float] = None,
                  watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
         super().__init__()
-        check_expert_parallel_activation(activation)
         # Validated as flashmoe.MoE validates them (a meta layer allocates nothing).
         MoE(hidden_size, ffn_size, num_experts, top_k, gated=gated, activation=activation, normalize=normalize,
             scoring=scoring, capacity_factor=capacity_factor, router_bias=router_bias, expert_bias=expert_bias,
             load_balancing_coef=load_balancing_coef, z_loss_coef=z_loss_coef, selection_bias=selection_bias,
             num_groups=num_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
             router_dtype=router_dtype, weight_on=weight_on, shared_ffn_size=shared_ffn_size, shared_gate=shared_gate,
-            device="meta", dtype=dtype)
+            swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, device="meta", dtype=dtype)
+        self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
         reference.check_choice("transport", transport, TRANSPORTS)
         reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
         reference.check_bool("shared_gate", shared_gate)
@@ -88,7 +89,8 @@ class ExpertParallelMoE(nn.Module):
 
     # The options of issue 12 (routing and shared experts), by the default that leaves a call as before.
     _OPTION_DEFAULTS = dict(selection_bias=None, num_groups=1, topk_groups=1, routed_scaling_factor=1.0,
-                            weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None)
+                            weight_on="output", shared_w1=None, shared_w2=None, shared_gate=None,
+                            swiglu_limit=None, swiglu_alpha=None)
 
     def _options(self) -> dict:
         """This layer's routing and shared-expert options that differ from the defaults, for
@@ -148,6 +150,7 @@ class ExpertParallelMoE(nn.Module):
                       topk_groups=layer.topk_groups, routed_scaling_factor=layer.routed_scaling_factor,
                       router_dtype=None if router_dtype == dtype else router_dtype, weight_on=layer.weight_on,
                       shared_ffn_size=layer.shared_ffn_size, shared_gate=layer.shared_gate is not None,
+                      swiglu_limit=layer.swiglu_limit, swiglu_alpha=layer.swiglu_alpha,
                       watchdog_seconds=watchdog_seconds, device="meta", dtype=dtype)
         mine = slice(rank * sharded.local_experts, (rank + 1) * sharded.local_experts)
         with torch.no_grad():

@@ -80,7 +80,7 @@ class SymmetricHeaps:
                               scoring=config.scoring, dtype=config.dtype, has_router_bias=config.router_bias,
                               has_b1=config.expert_bias_b1, has_b2=config.expert_bias_b2,
                               shared_ffn=config.shared_ffn_size, has_shared_gate=config.shared_gate,
-                              **config.routing_options())
+                              **config.routing_options(), **config.activation_options())
         self._heaps = heaps
         self._cluster = _C.Cluster(shape=shape, world_size=context.world_size, max_tokens=max_tokens,
                                    threads_per_rank=context.threads, watchdog_seconds=context.watchdog_seconds,
