@@ -288,8 +288,8 @@ def from_moe(rank, world_size):
 
 def from_moe_families(rank, world_size):
     """Issue 12's layers (DeepSeek-style routing with an fp32 router and a shared expert; Llama 4's
-    weight_on) shard: the experts split, the router, selection bias and shared expert replicated, the
-    options carried, and each rank's output bitwise the single-process layer's."""
+    weight_on; GPT-OSS's swiglu_oai) shard: the experts split, the router, selection bias and shared
+    expert replicated, the options carried, and each rank's output bitwise the single-process layer's."""
     torch.manual_seed(6)
     experts = 4 * world_size
     layers = [
@@ -297,6 +297,9 @@ def from_moe_families(rank, world_size):
                      routed_scaling_factor=2.5, router_dtype=torch.float32, shared_ffn_size=24, dtype=torch.bfloat16),
         flashmoe.MoE(H, I, experts, 1, scoring="sigmoid", normalize=False, weight_on="input", shared_ffn_size=I,
                      shared_gate=True),
+        # GPT-OSS: softmax over the top-k logits, swiglu_oai with its options, expert biases.
+        flashmoe.MoE(H, I, experts, 2, scoring="softmax_topk", activation="swiglu_oai", swiglu_limit=0.7,
+                     swiglu_alpha=1.6, router_bias=True, expert_bias=True),
     ]
     layers[0].selection_bias.normal_(0.0, 0.1)
     x = torch.randn(3 + rank, H)
@@ -310,7 +313,7 @@ def from_moe_families(rank, world_size):
             if full is not None:
                 assert same_bits(getattr(sharded, name), full), name
         for name in ("num_groups", "topk_groups", "routed_scaling_factor", "weight_on", "scoring", "normalize",
-                     "shared_ffn_size"):
+                     "shared_ffn_size", "activation", "swiglu_limit", "swiglu_alpha"):
             assert getattr(sharded, name) == getattr(layer, name), name
         assert same_bits(sharded(x.to(layer.w1.dtype)), layer(x.to(layer.w1.dtype)))
 
