@@ -593,12 +593,8 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
         pick_weights = weights[token, slot].unsqueeze(1)
         if weight_on_input:
             token_x, expert_x = expert_x, (expert_x * pick_weights).to(row_dtype or accumulate).to(accumulate)
-        z = expert_x @ w1_e.T + (0 if b1 is None else b1[expert].to(accumulate))
-        if gated:
-            gate, up = z.chunk(2, dim=-1)
-            h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, limit, alpha)
-        else:
-            h, grad_z_factor = _activation_with_grad(z, activation)
+        h, grad_z_of = _ffn_hidden_with_grad(expert_x, w1_e, None if b1 is None else b1[expert].to(accumulate),
+                                             gated, activation, limit, alpha)
         out = h @ w2_e.T + (0 if b2 is None else b2[expert].to(accumulate))
         grad_token = grad_y[token]
         if weight_on_input:
@@ -610,9 +606,7 @@ def _experts_backward(grad_y, xa, w1, w2, b1, b2, topk_ids, weights, admitted, g
             grad_w2[expert] = grad_out.T @ h
         if grad_b2 is not None:
             grad_b2[expert] = grad_out.sum(dim=0)
-        grad_h = grad_out @ w2_e
-        grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
-            else grad_h * grad_z_factor
+        grad_z = grad_z_of(grad_out @ w2_e)
         if grad_w1 is not None:
             grad_w1[expert] = grad_z.T @ expert_x
         if grad_b1 is not None:
@@ -640,12 +634,7 @@ def _shared_backward(grad_y, xa, grad_x, shared_w1, shared_w2, shared_gate, gate
     grad_y = grad_y.to(accumulate)
     w1_a, w2_a = shared_w1.to(accumulate), shared_w2.to(accumulate)
     limit, alpha = reference.activation_options(activation, swiglu_limit, swiglu_alpha)
-    z = xa @ w1_a.T
-    if gated:
-        gate, up = z.chunk(2, dim=-1)
-        h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, limit, alpha)
-    else:
-        h, grad_z_factor = _activation_with_grad(z, activation)
+    h, grad_z_of = _ffn_hidden_with_grad(xa, w1_a, None, gated, activation, limit, alpha)
     grad_out = grad_y
     grad_shared_gate = None
     if shared_gate is not None:
@@ -655,11 +644,23 @@ def _shared_backward(grad_y, xa, grad_x, shared_w1, shared_w2, shared_gate, gate
         grad_logit = (grad_y * (h @ w2_a.T)).sum(dim=-1, keepdim=True) * weight * (1 - weight)
         grad_x += grad_logit @ gate_a
         grad_shared_gate = grad_logit.T @ xa if need_gate else None
-    grad_h = grad_out @ w2_a
-    grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
-        else grad_h * grad_z_factor
+    grad_z = grad_z_of(grad_out @ w2_a)
     grad_x += grad_z @ w1_a
     return (grad_z.T @ xa if need_w1 else None, grad_out.T @ h if need_w2 else None, grad_shared_gate)
+
+
+def _ffn_hidden_with_grad(rows: Tensor, w1: Tensor, b1: Tensor | None, gated: bool, activation: str, limit: float,
+                          alpha: float):
+    """An FFN's hidden layer ``h = act(rows · W1ᵀ + b1)`` (or the GLU of its two halves) and the
+    map from ∂h to ∂z, ``z = rows · W1ᵀ + b1``: the one step every backward (experts, shared
+    expert, expert-parallel owner) takes through the first GEMM's activation."""
+    z = rows @ w1.T + (0 if b1 is None else b1)
+    if gated:
+        gate, up = z.chunk(2, dim=-1)
+        h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, limit, alpha)
+        return h, lambda grad_h: torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1)
+    h, grad_z_factor = _activation_with_grad(z, activation)
+    return h, lambda grad_h: grad_h * grad_z_factor
 
 
 def _activation_with_grad(v: Tensor, activation: str) -> tuple[Tensor, Tensor]:

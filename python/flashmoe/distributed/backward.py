@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..ops import RouterWeights, _activation_with_grad, _glu_with_grad, _shared_backward
+from ..ops import RouterWeights, _ffn_hidden_with_grad, _shared_backward
 from ..reference import accumulate_dtype
 from .all_to_all import exchange_counts, exchange_rows
 
@@ -25,18 +25,10 @@ def expert_backward(x_rows, grad_y_rows, pick_weights, w1_e, b1_e, w2_e, b2_e, *
     token_rows = x_rows
     if weight_on_input:
         x_rows = (x_rows * pick_weights.unsqueeze(1)).to(row_dtype).to(x_rows.dtype)
-    z = x_rows @ w1_e.T + (0 if b1_e is None else b1_e)
-    if gated:
-        gate, up = z.chunk(2, dim=-1)
-        h, grad_gate_factor, grad_up_factor = _glu_with_grad(gate, up, activation, swiglu_limit, swiglu_alpha)
-    else:
-        activated, activated_grad = _activation_with_grad(z, activation)
-        h = activated
+    h, grad_z_of = _ffn_hidden_with_grad(x_rows, w1_e, b1_e, gated, activation, swiglu_limit, swiglu_alpha)
     out = h @ w2_e.T + (0 if b2_e is None else b2_e)
     grad_out = grad_y_rows if weight_on_input else pick_weights.unsqueeze(1) * grad_y_rows
-    grad_h = grad_out @ w2_e
-    grad_z = torch.cat([grad_h * grad_gate_factor, grad_h * grad_up_factor], dim=-1) if gated \
-        else grad_h * activated_grad
+    grad_z = grad_z_of(grad_out @ w2_e)
     grad_rows = grad_z @ w1_e
     if weight_on_input:
         grad_pick = (grad_rows * token_rows).sum(dim=-1)

@@ -47,10 +47,6 @@ class ExpertParallelMoE(nn.Module):
             swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, device="meta", dtype=dtype)
         self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
         reference.check_choice("transport", transport, TRANSPORTS)
-        reference.check_count("shared_ffn_size", shared_ffn_size, minimum=0)
-        reference.check_bool("shared_gate", shared_gate)
-        if shared_gate and not shared_ffn_size:
-            raise ValueError("shared_gate=True scales the shared expert's output, so it needs shared_ffn_size > 0")
         self.rank, self.world_size = _group_rank_and_size(group)
         if num_experts % self.world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
