@@ -396,6 +396,19 @@ def test_experts_override_is_named_and_peers_are_skipped(tmp_path, capsys):
         assert row["weight_bytes_touched"] > configs.always_read_bytes(shape, torch.bfloat16)
 
 
+def test_shape_deepseek_v3_runs_its_routing_and_shared_expert_against_the_weight_floor(tmp_path, capsys):
+    """The issue's own command, `flashmoe-bench --shape deepseek-v3`, shrunk to fit a test."""
+    json_path = tmp_path / "bench.json"
+    exit_code = cli.main(["--shape", "deepseek-v3", "--experts", "16", "--hidden", "64", "--ffn", "32", *FAST,
+                          "--backend", "native", "--floors", "--json", str(json_path)])
+    captured = capsys.readouterr()
+    assert exit_code == 0, captured.err
+    assert "groups=4/8" in captured.out and "shared=" in captured.out
+    native = [row for row in json.loads(json_path.read_text())["rows"] if row["backend"] == "native"]
+    assert native and all(row["status"] == "ok" for row in native)
+    assert all(row["over_weight_floor"] > 0 and row["rel_err"] < 2e-2 for row in native)
+
+
 @pytest.mark.parametrize("experts", ["12", "8"])
 def test_experts_override_must_fit_the_groups(capsys, experts):
     assert cli.main(["--config", "deepseek-v3", "--experts", experts, "--tokens", "1"]) == 2

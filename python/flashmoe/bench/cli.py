@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flashmoe-bench", description="Time flashmoe MoE layers against baselines and floors.",
         epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = parser.add_argument_group("layer shape")
-    shape.add_argument("--config", type=_list_of(_choice(list(NAMED_CONFIGS), "config"), "config names"),
+    shape.add_argument("--config", "--shape", dest="config", type=_list_of(_choice(list(NAMED_CONFIGS), "config"), "config names"),
                        help=f"named shapes, comma-separated (default {DEFAULT_CONFIG} unless a custom "
                             "shape is given)")
     shape.add_argument("--hidden", type=_positive_int, help="H; overrides a named config, or defines a custom shape")
