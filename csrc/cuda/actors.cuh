@@ -80,7 +80,7 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
     if (task.kind == TaskKind::stop) return;
     switch (task.kind) {
       case TaskKind::gate:
-        gate_task<M>(buffers, smem, task.column_begin, task.columns, task.column_begin / token_tile);
+        gate_task<M>(buffers, smem, task, task.column_begin / token_tile);
         break;
       case TaskKind::route:
         route_task<M>(buffers, params.workspace.token_tiles());
@@ -112,7 +112,7 @@ struct Scheduler {
   const Control& control;
   uint8_t* base;
   Tiling tiling = gpu_tiling();
-  int64_t tiles, max_row_tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles;
+  int64_t tiles, gate_tasks, max_row_tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles;
   int32_t* gemm0_left;
   int32_t* gemm1_left;
   int32_t* cell_rows;
@@ -148,7 +148,8 @@ struct Scheduler {
     idle = reinterpret_cast<int32_t*>(base + w.idle);
     for (int32_t p_index = 0; p_index < p.processors; ++p_index) idle[p_index] = p.processors - 1 - p_index;
     idle_count = p.processors;
-    gates_left = dispatches_left = tiles;
+    dispatches_left = tiles;
+    gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
   }
 
   FLASHMOE_DEVICE SignalWord* signal(int64_t offset) const {
@@ -232,10 +233,12 @@ struct Scheduler {
       task.epoch = params.epoch;
       return true;
     }
-    if (gate_next < tiles) {
-      task = token_task(TaskKind::gate, gate_next++);
+    if (gate_next < gate_tasks) {
+      const int64_t column_tiles = GateColumns(params.problem).tiles();
+      task = token_task(TaskKind::gate, gate_next / column_tiles);
+      task.row_tile = int32_t(gate_next++ % column_tiles);  // the gate column tile
       // The gates come first (they lead to routing); the shared expert's tiles fill the wait.
-      if (gate_next == tiles && shared_pending) open_shared_cell();
+      if (gate_next == gate_tasks && shared_pending) open_shared_cell();
       return true;
     }
     return false;
@@ -296,7 +299,7 @@ struct Scheduler {
 
   FLASHMOE_DEVICE void run() {
     // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    int64_t bound = 2 * tiles + 1 + params.bound.initial(params.problem.tokens);
+    int64_t bound = gate_tasks + tiles + 1 + params.bound.initial(params.problem.tokens);
     int64_t done = 0;
     uint32_t head = 0;
     while (true) {
