@@ -19,13 +19,7 @@ py::tuple as_tuple(const fn::Version& v) { return py::make_tuple(v.major, v.mino
 
 PYBIND11_MODULE(_nvshmem, m) {
   m.doc() = "NVSHMEM bootstrap, symmetric memory and the device self-test (see flashmoe.distributed.nvshmem)";
-  py::register_exception_translator([](std::exception_ptr error) {
-    try {
-      if (error) std::rethrow_exception(error);
-    } catch (const std::invalid_argument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
+  // pybind11 turns std::invalid_argument into ValueError and std::runtime_error into RuntimeError.
   m.attr("compiled_version_string") = FLASHMOE_NVSHMEM_VERSION_STRING;
   m.attr("unique_id_bytes") = fn::kUniqueIdBytes;
   m.def("compiled_version", [] { return as_tuple(fn::compiled_version()); },
