@@ -170,3 +170,9 @@ def test_gpu_suite_model_step_without_a_gpu(tmp_path):
     assert "PREDICTIONS" in side_by_side.read_text()
     (summary,) = tmp_path.glob("*-summary.txt")
     assert "# every step passed" in summary.read_text()
+
+
+def test_the_docs_table_is_the_models():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cuda_kernel.md").read_text()
+    assert model.render_markdown() in doc, \
+        "docs/cuda_kernel.md's predicted table is stale: replace it with `python -m flashmoe.bench.model --markdown`"

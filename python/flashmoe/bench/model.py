@@ -572,6 +572,24 @@ def render_table(devices: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKDOWN_BEGIN = "<!-- perf-model-table: python -m flashmoe.bench.model --markdown -->"
+MARKDOWN_END = "<!-- end perf-model-table -->"
+
+
+def render_markdown() -> str:
+    """The predicted table of docs/cuda_kernel.md, both devices side by side (a test keeps the doc current)."""
+    names = list(DEVICES)
+    by_device = {name: predictions(DEVICES[name]) for name in names}
+    lines = [MARKDOWN_BEGIN, "| case (all PREDICTED) | " + " | ".join(DEVICES[n].label.replace("NVIDIA ", "")
+                                                                     for n in names) + " | unit |",
+             "|---|" + "---:|" * len(names) + "---|"]
+    for index, row in enumerate(by_device[names[0]]):
+        values = " | ".join(f"{by_device[name][index].value:.4g}" for name in names)
+        lines.append(f"| `{row.case}` | {values} | {row.unit} |")
+    lines.append(MARKDOWN_END)
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Predicted beside measured: which flashmoe-bench row (config, T, backend) and key checks a case.
 # The kernel that runs today is the one "today" predicts; the planned rows are shown for reference.
@@ -644,8 +662,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compare", nargs="+", metavar="JSON",
                         help="flashmoe-bench --json files: print each checked prediction beside its measurement "
                              "(the device is read from the files unless --device names one)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the predicted table of docs/cuda_kernel.md (every device)")
     args = parser.parse_args(argv)
     devices = args.device or list(DEVICES)
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
     if args.compare:
         for name in (args.device or [None]):
             sys.stdout.write(compare(args.compare, name))
