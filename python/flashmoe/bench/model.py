@@ -353,7 +353,7 @@ def planned_call_us(device: Device, call: Call, tile: TileConfig, detail: Option
     h, e = shape.hidden_size, shape.num_experts
     processors = device.sms - 1  # one CTA per SM; the OS CTA keeps one SM
     hand_off = fence + rt + device.poll_sleep_us + fence
-    claim = 2 * rt + fence + rt  # ticket, descriptor; completion release + counter
+    claim = 3 * rt + fence  # ticket, descriptor, completion counter; the completion's release
     bandwidth = device.hbm_effective_gbps * 1e3  # bytes/us
     parts: Dict[str, float] = {}
     parts["launch"] = device.launch_us
@@ -398,7 +398,7 @@ def dense_floor_us(device: Device, call: Call) -> float:
     """flashmoe-bench's dense-matmul-floor: the layer's FLOPs through cuBLAS, plus the GLU's passes
     (act(gate) reads and writes T·k·I, the product reads two and writes one: 5 passes)."""
     flops = useful_flops(call.shape, call.tokens)
-    glu = 5 * call.picks * call.shape.ffn_size * ELEMENT if call.shape.gated else 2 * call.picks * call.shape.ffn_size * ELEMENT
+    glu = (5 if call.shape.gated else 2) * call.picks * call.shape.ffn_size * ELEMENT
     return flops / (device.cublas_fraction * device.peak_flops_per_us()) + glu / (device.hbm_effective_gbps * 1e3)
 
 
