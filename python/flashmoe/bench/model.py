@@ -101,7 +101,7 @@ WARPS = 4  # kThreads = 128
 
 # ---------------------------------------------------------------------------------------------
 # The scheduler of today (one thread of CTA 0, csrc/cuda/actors.cuh at the commit this model was
-# written against): what one GEMM task costs it, counted from the code. Every fence.acq_rel.gpu
+# written against, main at 9670033): what one GEMM task costs it, counted from the code. Every fence.acq_rel.gpu
 # invalidates L1, and the scheduler's state is in global memory, so each dependent access below is
 # an L2 round trip.
 RECEIVE_ROUND_TRIPS = (
