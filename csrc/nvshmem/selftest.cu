@@ -94,7 +94,11 @@ SelftestResult put_signal_selftest(size_t bytes, uint64_t timeout_ns, uint32_t s
   } catch (const std::exception& error) {
     failure = error.what();
   }
-  if (status != nullptr) cudaFree(status);  // best effort: the first failure is the one reported
+  if (status != nullptr) {
+    const cudaError_t freed = cudaFree(status);
+    if (failure.empty() && freed != cudaSuccess) failure = "flashmoe._nvshmem: cudaFree(status) failed: " +
+                                                           std::string(cudaGetErrorString(freed));
+  }
   if (failure.empty() && host_status.error != 0) {
     // A peer that never signalled may still put later: keep its target buffers alive (leak them)
     // rather than free symmetric memory collectively with a PE that is gone.
