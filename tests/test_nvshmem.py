@@ -51,6 +51,46 @@ def test_build_info_reports_nvshmem():
         assert info["nvshmem_version"] is None
 
 
+class _FakeModule:
+    """Stands in for flashmoe._nvshmem to reach the Python guards without NVSHMEM."""
+
+    def __init__(self, initialized: bool = False):
+        self._initialized = initialized
+
+    def initialized(self) -> bool:
+        return self._initialized
+
+    def malloc(self, nbytes):  # pragma: no cover - the guards stop before it
+        raise AssertionError("reached the module")
+
+
+def test_init_refuses_a_foreign_libnvshmem_host(monkeypatch, tmp_path):
+    """NVSHMEM already brought in by someone else (torch's symmetric memory, say) from another copy."""
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule())
+    monkeypatch.setattr(nvshmem, "library_dir", lambda: tmp_path / "ours" / "lib")
+    monkeypatch.setattr(nvshmem, "loaded_host_libraries", lambda: ["/elsewhere/lib/libnvshmem_host.so.3"])
+    with pytest.raises(RuntimeError, match=r"another copy of libnvshmem_host is loaded.*/elsewhere/lib"):
+        nvshmem.init()
+    # Our own copy is not foreign; the next guard speaks.
+    ours = str(tmp_path / "ours" / "lib" / "libnvshmem_host.so.3")
+    monkeypatch.setattr(nvshmem, "loaded_host_libraries", lambda: [ours])
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        nvshmem.init()
+
+
+def test_init_twice_and_calls_before_init_are_refused(monkeypatch):
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule(initialized=True))
+    with pytest.raises(RuntimeError, match="already initialised by flashmoe"):
+        nvshmem.init()
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule(initialized=False))
+    for call in (nvshmem.my_pe, nvshmem.n_pes, nvshmem.barrier_all, nvshmem.finalize, nvshmem.put_signal_selftest):
+        with pytest.raises(RuntimeError, match=r"not initialised \(call init\(group\) first\)"):
+            call()
+    for bad in (0, -8, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="nbytes must be a positive int"):
+            nvshmem.malloc(bad)
+
+
 def _nvshmem_build_expected() -> bool:
     cuda = os.environ.get("FLASHMOE_CUDA", "AUTO").strip().upper()
     mode = os.environ.get("FLASHMOE_NVSHMEM", "AUTO").strip().upper()
@@ -70,6 +110,7 @@ def test_nvshmem_module_built_and_loads_when_it_could_be():
     for arch in flashmoe.build_info()["cuda_archs"]:
         assert any("put_signal_selftest_kernel" in line and f" {arch} " in line for line in table.splitlines()), table
     versions = nvshmem.version()
+    assert nvshmem.load().init_status() == 0 and nvshmem.initialized() is False
     assert versions["compiled"] == flashmoe.build_info()["nvshmem_version"]
     assert versions["runtime"] == versions["compiled"]
     assert str(versions["cuda_major"]) == flashmoe.build_info()["cuda_version"].split(".")[0]
