@@ -108,6 +108,41 @@ double relative_error(const std::vector<uint8_t>& a_bytes, const std::vector<uin
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// gate.cuh's documented order written out on its own (chunks of 8 to 32 lanes, fma in ascending h,
+// then the butterfly), to check logit_dot, which the kernel's logits are checked against.
+template <typename X, typename W>
+float documented_logit(const X* x, const W* w, int64_t H) {
+  float partials[32];
+  for (int lane = 0; lane < 32; ++lane) {
+    float acc = 0.0f;
+    for (int64_t chunk = lane; chunk * 8 < H; chunk += 32) {
+      for (int64_t h = chunk * 8; h < std::min<int64_t>(chunk * 8 + 8, H); ++h) {
+        acc = std::fma(to_float(x[h]), to_float(w[h]), acc);
+      }
+    }
+    partials[lane] = acc;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    for (int lane = 0; lane < offset; ++lane) partials[lane] = partials[lane] + partials[lane + offset];
+  }
+  return partials[0];
+}
+
+template <typename LoadX, typename LoadW>
+bool logit_order_matches(std::mt19937& rng) {
+  for (int64_t H : {1, 7, 8, 40, 257, 7168}) {
+    const auto x = random_values<typename LoadX::Type>(rng, size_t(H), 1.0f);
+    const auto w = random_values<typename LoadW::Type>(rng, size_t(H), 1.0f);
+    const float have = cuda::logit_dot<LoadX, LoadW>(x.data(), w.data(), H);
+    const float want = documented_logit(x.data(), w.data(), H);
+    if (std::memcmp(&have, &want, sizeof(float)) != 0) {
+      std::printf("FAIL logit_dot differs from the documented order at H=%lld\n", static_cast<long long>(H));
+      return false;
+    }
+  }
+  return true;
+}
+
 // One logit in gate.cuh's order (the router LoadW: x's Storage, or FloatStorage for router_f32), + bias.
 template <typename LoadW, typename X>
 float reference_logit(const X* x, const typename LoadW::Type* router, int64_t e, int64_t H, const void* bias) {
@@ -355,6 +390,15 @@ int main(int argc, char** argv) {
   }
   int passed = 0, failed = 0;
   uint64_t seed = 1234;
+  {
+    std::mt19937 rng{99};
+    const bool orders = logit_order_matches<cuda::Storage<Math::bf16>, cuda::Storage<Math::bf16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::bf16>, cuda::FloatStorage<Math::bf16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::f16>, cuda::FloatStorage<Math::f16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::f32>, cuda::Storage<Math::f32>>(rng);
+    passed += int(orders);
+    failed += int(!orders);
+  }
   if (cuda::gpu_tiling().token_tile > cuda::kGateTokenTile) {
     std::printf("FAIL the gate's shared partials hold %d tokens, a token tile has %lld\n", cuda::kGateTokenTile,
                 static_cast<long long>(cuda::gpu_tiling().token_tile));
