@@ -28,6 +28,52 @@ def test_scheduler_cost_is_the_counted_round_trips_and_fences():
     assert costs["receive_message"] == pytest.approx(2 * 0.1 + 2 * 0.5)
 
 
+def test_sched_v2_cost_is_the_counted_round_trips_and_fences():
+    # h-sched's rounds: per task 2 dependent L2 round trips, 8 shared-memory accesses and 3 stores;
+    # per round one more round trip (the empty poll), 2 fences and the head store; at most 32 a round.
+    device = dataclasses.replace(model.DEVICES["h100-sxm"], l2_latency_us=0.1, fence_us=0.5,
+                                 l1_latency_us=0.01, store_issue_us=0.001)
+    round_cost = 0.1 + 2 * 0.5 + 0.001
+    for batch in (1, 7, 32):
+        costs = model.scheduler_costs(device, "sched-v2", batch)
+        assert costs["per_task"] == pytest.approx(2 * 0.1 + 8 * 0.01 + 3 * 0.001 + round_cost / batch)
+        assert costs["fences"] == pytest.approx(2 / batch)
+    assert model.scheduler_costs(device, "sched-v2", 1000)["per_task"] == pytest.approx(
+        model.scheduler_costs(device, "sched-v2", 32)["per_task"])
+    # No __threadfence at a task's end: one fence fewer than today's finish.
+    today = model.scheduler_costs(device)
+    assert today["finish"] - model.scheduler_costs(device, "sched-v2")["finish"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="design"):
+        model.scheduler_costs(device, "sched-v3")
+
+
+def test_gate_and_combine_by_hand():
+    device = dataclasses.replace(model.DEVICES["h100-sxm"], l2_latency_us=0.1, hbm_latency_us=1.0,
+                                 l1_latency_us=0.01, fence_us=0.5)
+    shape = custom_shape(2048, 1024, 64, 8)
+    # Gate: 64 experts = 4 column tiles of 16; a task 4 passes of ceil(2048/256) = 8 steps. At T=16,
+    # 4 token groups: the first from HBM, three from L2, per step.
+    call = model.Call(shape, 16)
+    assert call.tasks_today()["gate"] == 4
+    body, route = model.gate_costs(device, call)
+    assert body == pytest.approx(4 * (8 * (1.0 + 3 * 0.1) + 0.1))
+    assert route == pytest.approx(0.1 + 0.5 + 3 * 64 * 0.01 + 16 * 8 * 0.01 + 2 * 0.1)
+    # 8 experts: one column tile, 2 passes.
+    assert model.gate_costs(device, model.Call(custom_shape(64, 64, 8, 2), 1))[0] == pytest.approx(2 * (1.0 + 0.1))
+    # Combine: H = 2048 is 256 chunks, 128 threads a token, 2 chunks each: 3 trips a token.
+    assert model.combine_body_us(device, call) == pytest.approx(16 * 3 * 0.1)
+    # H = 256: 32 chunks, 4 tokens a pass side by side, 1 chunk each.
+    assert model.combine_body_us(device, model.Call(custom_shape(256, 64, 8, 2), 16)) == pytest.approx(4 * 2 * 0.1)
+
+
+def test_sched_v2_is_never_slower_than_today():
+    for device in model.DEVICES.values():
+        for config in ("olmoe", "qwen3-30b-a3b", "mixtral", "deepseek-v3"):
+            for tokens in (1, 16, 4096):
+                call = model.Call(NAMED_CONFIGS[config], tokens)
+                assert model.call_us(device, call, "sched-v2") < model.call_us(device, call, "today")
+
+
 def test_tile_ceilings_by_hand():
     device = model.DEVICES["h100-sxm"]
     # 64x64, K-block 64: 2·64·64·64 FLOP over (64 + 64)·64·2 bytes = 32 FLOP/B; the GLU pair 42.7.

@@ -98,12 +98,19 @@ DEVICES: Dict[str, Device] = {
 ROW_TILE, COLUMN_TILE, TOKEN_TILE = 128, 128, 64
 MMA_TILE, K_BLOCK = 64, 64
 WARPS = 4  # kThreads = 128
+# main's gate (csrc/cuda/gate.cuh): kGateExperts router columns per task, kGateTokens tokens per warp
+# through a weight chunk, kLogitChunk elements (16 bytes of bf16) per lane per step.
+GATE_EXPERTS, GATE_TOKENS, LOGIT_CHUNK = 16, 4, 8
 
 # ---------------------------------------------------------------------------------------------
-# The scheduler of today (one thread of CTA 0, csrc/cuda/actors.cuh at the commit this model was
-# written against, main at 9670033): what one GEMM task costs it, counted from the code. Every fence.acq_rel.gpu
-# invalidates L1, and the scheduler's state is in global memory, so each dependent access below is
-# an L2 round trip.
+# Two schedulers, each counted from its source. The call model (call_us) takes either; everything
+# else in a call (gate, route, dispatch, GEMMs, combine) is main's at MAIN_COMMIT for both.
+#
+# "today": the scheduler of main (csrc/cuda/actors.cuh, unchanged in what it costs from 9670033, the
+# commit first counted, to MAIN_COMMIT, which only split the gate into column tiles). One thread of
+# CTA 0, its state in global memory; every fence.acq_rel.gpu invalidates L1, so each dependent
+# access below is an L2 round trip.
+MAIN_COMMIT = "81c5c3b"
 RECEIVE_ROUND_TRIPS = (
     ("poll of inbox_ready[slot] that finds the completion", "run(): ld_poll(&control.inbox_ready[slot])"),
     ("the 16-byte Message, after the acquire fence", "run(): control.inbox[slot]"),
@@ -125,31 +132,85 @@ HANDOUT_FENCES = (("release of the doorbell", "run(): st_release(&control.doorbe
 # Token tasks (gate, route, dispatch, combine) skip the queue and cell loads.
 TOKEN_HANDOUT_SKIPS = 2
 
+# "sched-v2": the rewrite on branch h-sched at SCHED_V2_COMMIT (not yet on main; it may still change
+# a little before it merges): rounds of at most kDrainPerRound messages, the state in CTA 0's shared
+# memory, hand-outs under one release fence, relaxed doorbells, no per-thread __threadfence, and at
+# W = 1 arrivals and returns straight into the bookkeeping. Per task the scheduler thread waits on
+# only two global loads; the rest is shared memory or stores nothing waits on.
+SCHED_V2_COMMIT = "h-sched 4f6b777"
+SCHED_V2_DRAIN = 32  # kDrainPerRound
+SCHED_V2_RECEIVE_ROUND_TRIPS = (
+    ("poll of inbox_ready[head + drained] that finds the completion", "run(): ld_poll(&control.inbox_ready[...])"),
+    ("the 16-byte Message, after the round's acquire fence", "run(): control.inbox[head % capacity]"),
+)
+SCHED_V2_RECEIVE_SHARED = (
+    ("idle[idle_count++] = processor", "completed()"),
+    ("running_cell[processor], running_kind[processor]", "completed()"),
+    ("cell_tile_base[cell] + running_tile[processor]", "completed(): gemm0"),
+    ("--gemm0_left[row_tile] / --gemm1_left[cell]", "completed()"),
+)
+SCHED_V2_HANDOUT_SHARED = (
+    ("gemm1_queue[gemm1_head] / gemm0_queue[gemm0_head]", "next_task()"),
+    ("tile_cell[row_tile] / cell_rows[expert]", "next_task()"),
+    ("cell_tile_base[cell]", "next_task(): gemm1"),
+    ("idle[--idle_count]", "run()"),
+)
+SCHED_V2_HANDOUT_STORES = (
+    ("the Task", "run(): control.task_slots[processor] = task"),
+    ("running_kind / running_cell / running_tile", "run() (shared memory)"),
+    ("the doorbell, relaxed, after the round's fence", "run(): st_relaxed(&control.doorbells[idle[i]], ...)"),
+)
+SCHED_V2_ROUND_ROUND_TRIPS = (
+    ("the poll that ends the drain (finds nothing)", "run(): ld_poll(...) != head + drained + 1"),
+)
+SCHED_V2_ROUND_FENCES = (
+    ("acquire for the round's messages", "run(): acquire_fence() if drained > 0"),
+    ("release before the inbox head and the doorbells", "run(): release_fence()"),
+)
 
-def scheduler_costs(device: Device) -> Dict[str, float]:
-    """Today's scheduler, in us: receive (a completion), hand-out (a GEMM task), their sum per task
-    (the serial cost that bounds the task rate), and the latency parts a dependent task adds."""
-    rt, fence = device.l2_latency_us, device.fence_us
-    receive = len(RECEIVE_ROUND_TRIPS) * rt + len(RECEIVE_FENCES) * fence
-    handout = len(HANDOUT_ROUND_TRIPS) * rt + len(HANDOUT_FENCES) * fence
-    token_handout = handout - TOKEN_HANDOUT_SKIPS * rt
-    # Processor side: wake (poll sleep, the doorbell's trip, acquire, the Task load) and finish
-    # (__threadfence, atomicAdd on the tail, poll of the head + acquire, release of inbox_ready).
+
+def scheduler_costs(device: Device, design: str = "today", batch: int = 1) -> Dict[str, float]:
+    """A scheduler's costs in us: receive (a completion), hand-out (a GEMM task), their sum per task
+    (the serial cost that bounds the task rate), and the latency parts a dependent task adds.
+    `batch`: messages per round (sched-v2 only; the round's poll and fences are shared by them)."""
+    rt, fence, l1, store = device.l2_latency_us, device.fence_us, device.l1_latency_us, device.store_issue_us
+    if design == "today":
+        receive = len(RECEIVE_ROUND_TRIPS) * rt + len(RECEIVE_FENCES) * fence
+        handout = len(HANDOUT_ROUND_TRIPS) * rt + len(HANDOUT_FENCES) * fence
+        token_handout = handout - TOKEN_HANDOUT_SKIPS * rt
+        # Processor side: wake (poll sleep, the doorbell's trip, acquire, the Task load) and finish
+        # (__threadfence, atomicAdd on the tail, poll of the head + acquire, release of inbox_ready).
+        wake = device.poll_sleep_us + 2 * rt + fence
+        finish = 2 * rt + 3 * fence
+        # An arrival or combine-ready message: poll + acquire + message + head release, no bookkeeping loads.
+        receive_message = 2 * rt + 2 * fence
+        post = 2 * rt + 2 * fence  # a subscriber's post: atomicAdd, head poll + acquire, release
+        return dict(receive=receive, handout=handout, per_task=receive + handout, token_handout=token_handout,
+                    token_per_task=receive + token_handout, token_issue=receive + token_handout, wake=wake,
+                    finish=finish, receive_message=receive_message, post=post,
+                    round_trips=len(RECEIVE_ROUND_TRIPS) + len(HANDOUT_ROUND_TRIPS),
+                    fences=len(RECEIVE_FENCES) + len(HANDOUT_FENCES))
+    if design != "sched-v2":
+        raise ValueError(f"design must be 'today' or 'sched-v2', got {design!r}")
+    batch = max(1, min(batch, SCHED_V2_DRAIN))
+    round_cost = len(SCHED_V2_ROUND_ROUND_TRIPS) * rt + len(SCHED_V2_ROUND_FENCES) * fence + store
+    receive = len(SCHED_V2_RECEIVE_ROUND_TRIPS) * rt + len(SCHED_V2_RECEIVE_SHARED) * l1
+    handout = len(SCHED_V2_HANDOUT_SHARED) * l1 + len(SCHED_V2_HANDOUT_STORES) * store
+    per_task = receive + handout + round_cost / batch
+    # Processor: wake as today; finish without the __threadfence (atomicAdd on the tail, poll of the
+    # head + acquire, the message, release of inbox_ready).
     wake = device.poll_sleep_us + 2 * rt + fence
-    finish = 2 * rt + 3 * fence
-    # An arrival or combine-ready message: poll + acquire + message + head release, no bookkeeping loads.
-    receive_message = 2 * rt + 2 * fence
-    post = 2 * rt + 2 * fence  # a subscriber's post: atomicAdd, head poll + acquire, release
-    return dict(receive=receive, handout=handout, per_task=receive + handout, token_handout=token_handout,
-                token_per_task=receive + token_handout, wake=wake, finish=finish,
-                receive_message=receive_message, post=post,
-                round_trips=len(RECEIVE_ROUND_TRIPS) + len(HANDOUT_ROUND_TRIPS),
-                fences=len(RECEIVE_FENCES) + len(HANDOUT_FENCES))
+    finish = 2 * rt + 2 * fence
+    return dict(receive=receive + round_cost / batch, handout=handout, per_task=per_task, token_handout=handout,
+                token_per_task=per_task, token_issue=handout, wake=wake, finish=finish,
+                receive_message=receive, post=0.0, round=round_cost,
+                round_trips=len(SCHED_V2_RECEIVE_ROUND_TRIPS) + len(SCHED_V2_ROUND_ROUND_TRIPS) / batch,
+                fences=len(SCHED_V2_ROUND_FENCES) / batch)
 
 
-def dependent_overhead(device: Device, token_task: bool = False) -> float:
+def dependent_overhead(device: Device, token_task: bool = False, design: str = "today") -> float:
     """What one task adds to a chain of dependent tasks beyond its body: hand-out, wake, finish, receive."""
-    s = scheduler_costs(device)
+    s = scheduler_costs(device, design)
     return (s["token_handout"] if token_task else s["handout"]) + s["wake"] + s["finish"] + s["receive"]
 
 
@@ -268,13 +329,19 @@ class Call:
         h, i = self.shape.hidden_size, self.shape.ffn_size
         return 2.0 * self.picks * self.shape.w1_rows * h, 2.0 * self.picks * h * i
 
+    def gate_column_tiles(self) -> int:
+        """Gate column tiles of a token tile (gate.cuh GateColumns): E router columns, plus the shared gate's."""
+        columns = self.shape.num_experts + (1 if self.shape.shared_ffn_size and self.shape.shared_gate else 0)
+        return math.ceil(columns / GATE_EXPERTS)
+
     def tasks_today(self) -> Dict[str, int]:
         cells = self.experts_hit
         h, i = self.shape.hidden_size, self.shape.ffn_size
         token_tiles = math.ceil(self.tokens / TOKEN_TILE)
         gemm0 = round(cells * self.row_tiles_per_cell * math.ceil(i / COLUMN_TILE))
         gemm1 = round(cells * self.row_tiles_per_cell * math.ceil(h / COLUMN_TILE))
-        return dict(gate=token_tiles, route=1, dispatch=token_tiles, gemm0=gemm0, gemm1=gemm1, combine=token_tiles)
+        return dict(gate=token_tiles * self.gate_column_tiles(), route=1, dispatch=token_tiles, gemm0=gemm0,
+                    gemm1=gemm1, combine=token_tiles)
 
 
 def _phase(count: int, body: float, processors: int, issue: float) -> float:
@@ -282,32 +349,78 @@ def _phase(count: int, body: float, processors: int, issue: float) -> float:
     return max((count - 1) * issue + body, math.ceil(count / processors) * body)
 
 
-def today_call_us(device: Device, call: Call, detail: Optional[Dict[str, float]] = None) -> float:
-    """Today's kernel, one call, in us: launch and memset, then the stages in order, each limited by the
+def gate_costs(device: Device, call: Call) -> Tuple[float, float]:
+    """main's gate (tasks.cuh gate_logits, gate_task; gate.cuh): the body of one gate task (a token
+    tile x GATE_EXPERTS router columns) and the routing its tile's last task adds, in us.
+
+    A task makes GATE_EXPERTS / WARPS passes, one column per warp; in a pass the warp carries
+    GATE_TOKENS tokens at a time through its column's H, 8 elements (16 bytes) per lane per step:
+    ceil(H / 256) steps, each a dependent load (the loop's FMAs use it: one load in flight per warp,
+    assumed; nvcc may unroll and overlap them) from HBM for the first token group, L2 after. The last
+    task of a tile (an acq_rel atomic) runs route_tile: per token one thread scans E three times
+    (max, sum, the picks' ranks) in shared memory, then one thread per expert counts its picks in
+    topk_ids (T·k L1 hits)."""
+    shape = call.shape
+    h, e, k = shape.hidden_size, shape.num_experts, shape.top_k
+    tokens = min(call.tokens, TOKEN_TILE)
+    steps = math.ceil(h / (32 * LOGIT_CHUNK))
+    groups = math.ceil(tokens / GATE_TOKENS)
+    columns = shape.num_experts + (1 if shape.shared_ffn_size and shape.shared_gate else 0)
+    passes = math.ceil(min(GATE_EXPERTS, columns) / WARPS)
+    rt, hbm, l1 = device.l2_latency_us, device.hbm_latency_us, device.l1_latency_us
+    body = passes * (steps * (hbm + (groups - 1) * rt) + rt)
+    route = rt + device.fence_us + 3 * e * l1 + tokens * k * l1 + 2 * rt
+    return body, route
+
+
+def combine_body_us(device: Device, call: Call) -> float:
+    """main's combine (tasks.cuh combine_task) of one token tile: each thread owns 8-element chunks of
+    a token's row (min(H/8, 128) threads per token, the rest of the CTA on other tokens); per token one
+    L2 trip for its pick rows and weights, then per chunk one L2 trip (the k picks' 16-byte loads
+    assumed in flight together) and a 16-byte store."""
+    h = call.shape.hidden_size
+    chunks = math.ceil(h / LOGIT_CHUNK)
+    lanes = min(chunks, WARPS * 32)
+    tokens_per_pass = (WARPS * 32) // lanes
+    passes = math.ceil(min(call.tokens, TOKEN_TILE) / tokens_per_pass)
+    rt = device.l2_latency_us
+    return passes * (rt + math.ceil(chunks / lanes) * rt)
+
+
+def call_us(device: Device, call: Call, design: str = "today", detail: Optional[Dict[str, float]] = None) -> float:
+    """One call of main's kernel (at MAIN_COMMIT) with the scheduler `design` ("today": main's;
+    "sched-v2": h-sched's), in us: launch and memset, then the stages in order, each limited by the
     scheduler's serial hand-outs, the processors, HBM bandwidth or the tile's compute ceiling."""
-    shape, s = call.shape, scheduler_costs(device)
+    shape, s = call.shape, scheduler_costs(device, design)
+    v2 = design == "sched-v2"
     rt, fence, hbm = device.l2_latency_us, device.fence_us, device.hbm_latency_us
     h, i, e = shape.hidden_size, shape.ffn_size, shape.num_experts
     processors = device.ctas_per_sm_today * device.sms - 1
     tasks = call.tasks_today()
+    token_tiles = tasks["dispatch"]
     tokens_per_tile = min(call.tokens, TOKEN_TILE)
     k_blocks_h, k_blocks_i = math.ceil(h / K_BLOCK), math.ceil(i / K_BLOCK)
-    token_overhead = dependent_overhead(device, token_task=True)
+    token_overhead = dependent_overhead(device, token_task=True, design=design)
     parts: Dict[str, float] = {}
     parts["launch"] = device.launch_us + device.memset_us
     parts["init"] = processors * device.store_issue_us  # idle[] filled by the scheduler thread
-    # Gate: the router GEMM of a token tile, one k-block (one HBM latency) at a time per 64 experts.
-    gate_body = math.ceil(e / MMA_TILE) * k_blocks_h * hbm + 2 * rt
-    parts["gate"] = _phase(tasks["gate"], gate_body, processors, s["token_per_task"]) + token_overhead
+    # Gate: token tiles x column tiles in parallel, then the last task of each tile routes it.
+    gate_body, gate_route = gate_costs(device, call)
+    parts["gate"] = _phase(tasks["gate"], gate_body, processors, s["token_issue"]) + gate_route + token_overhead
     # Route: one CTA; per expert a dependent scan over tiles, then thread 0's scan over E (L1 chain).
-    parts["route"] = tasks["gate"] * rt + e * device.l1_latency_us + 2 * rt + token_overhead
+    parts["route"] = token_tiles * rt + e * device.l1_latency_us + 2 * rt + token_overhead
     # Dispatch: each warp copies its picks' rows, 512 bytes per dependent load.
     rows_per_warp = math.ceil(tokens_per_tile * shape.top_k / WARPS)
     dispatch_body = 2 * rt + rows_per_warp * math.ceil(h * ELEMENT / 512) * rt
-    parts["dispatch"] = _phase(tasks["dispatch"], dispatch_body, processors, s["token_per_task"]) + token_overhead
-    # The scheduler publishes E dispatch flags, one release (a fence) each; a subscriber sees one and
-    # posts an arrival; the scheduler receives it.
-    parts["publish"] = e * fence + device.poll_sleep_us + rt + fence + s["post"] + s["receive_message"]
+    parts["dispatch"] = _phase(token_tiles, dispatch_body, processors, s["token_issue"]) + token_overhead
+    if v2:
+        # W = 1: the last dispatch's completion opens every cell from admitted[] and expert_offsets[]
+        # (two L2 misses per 32 experts, then L1) and a few shared-memory stores per cell (open_cell).
+        parts["publish"] = math.ceil(e / 32) * 2 * rt + e * 4 * device.l1_latency_us
+    else:
+        # The scheduler publishes E dispatch flags, one release (a fence) each; a subscriber sees one
+        # and posts an arrival; the scheduler receives it.
+        parts["publish"] = e * fence + device.poll_sleep_us + rt + fence + s["post"] + s["receive_message"]
     # Experts: GEMM0 and GEMM1 tasks. At decode a task is latency-bound (one stage of 64 weight rows
     # per HBM latency); at prefill compute-bound at the tile's ceiling on its share of the SM.
     row_blocks = math.ceil(min(call.rows_per_cell, ROW_TILE) / MMA_TILE)
@@ -322,24 +435,36 @@ def today_call_us(device: Device, call: Call, detail: Optional[Dict[str, float]]
     n0, n1 = tasks["gemm0"], tasks["gemm1"]
     bytes0, bytes1 = call.expert_bytes()
     fl0, fl1 = call.expert_flops()
-    scheduler_bound = (n0 + n1) * s["per_task"]
+    # sched-v2: completions come back in bursts (a stage's tasks end together); rounds of up to
+    # kDrainPerRound share the poll and fences. Taken as full rounds once a stage has that many tasks.
+    per_task = scheduler_costs(device, design, batch=min(n0, n1) if v2 else 1)["per_task"]
+    scheduler_bound = (n0 + n1) * per_task
     processor_bound = (n0 * body0 + n1 * body1) / processors
     bandwidth_bound = (bytes0 + bytes1) / device.hbm_effective_gbps / 1e3
     compute_bound = fl0 / (glu.peak_fraction(device) * device.peak_flops_per_us()) + \
         fl1 / (plain.peak_fraction(device) * device.peak_flops_per_us())
     parts["experts"] = max(scheduler_bound, processor_bound, bandwidth_bound, compute_bound) + body0 + body1 + \
-        2 * dependent_overhead(device)
-    # The last GEMM1 of a cell releases its return flag; the subscribers see all, post combine-ready.
-    parts["returns"] = fence + device.poll_sleep_us + rt + fence + rt + s["post"] + s["receive_message"]
-    # Combine: per element, the pick rows (L1 after the first) then the expert outputs (L2).
-    combine_body = math.ceil(tokens_per_tile * h / (WARPS * 32)) * (device.l1_latency_us + rt)
-    parts["combine"] = _phase(tasks["combine"], combine_body, processors, s["token_per_task"]) + token_overhead
-    # Stop: one release store (a fence) per processor, serially.
-    parts["stop"] = processors * fence
+        2 * dependent_overhead(device, design=design)
+    if v2:
+        parts["returns"] = 0.0  # W = 1: the last GEMM1's completion opens the combine in the bookkeeping
+    else:
+        # The last GEMM1 of a cell releases its return flag; the subscribers see all, post combine-ready.
+        parts["returns"] = fence + device.poll_sleep_us + rt + fence + rt + s["post"] + s["receive_message"]
+    parts["combine"] = _phase(token_tiles, combine_body_us(device, call), processors, s["token_issue"]) + \
+        token_overhead
+    if v2:
+        parts["stop"] = 2 * processors * device.store_issue_us + fence  # slots, one fence, relaxed doorbells
+    else:
+        parts["stop"] = processors * fence  # one release store (a fence) per processor, serially
     if detail is not None:
-        detail.update(parts, tasks=float(sum(tasks.values())), scheduler_bound=scheduler_bound,
-                      busy_processors=min(processors, body0 / s["per_task"]), body0=body0, body1=body1)
+        detail.update(parts, tasks=float(sum(tasks.values())), scheduler_bound=scheduler_bound, per_task=per_task,
+                      busy_processors=min(processors, body0 / per_task), body0=body0, body1=body1)
     return sum(parts.values())
+
+
+def today_call_us(device: Device, call: Call, detail: Optional[Dict[str, float]] = None) -> float:
+    """main's kernel with main's scheduler (call_us "today")."""
+    return call_us(device, call, "today", detail)
 
 
 def planned_call_us(device: Device, call: Call, tile: TileConfig, detail: Optional[Dict[str, float]] = None) -> float:
@@ -472,10 +597,24 @@ def predictions(device: Device) -> List[Prediction]:
         f"({device.ctas_per_sm_today * device.sms - 1} releases)")
     add("fixed_cost/planned", planned_call_us(device, fixed, TILES[PLANNED_TILE]), "us",
         "T=1: launch (no memset), gate, route scan, GEMM0, GEMM1, combine: each a hand-off plus a memory latency")
+    detail = {}
+    add("fixed_cost/sched_v2", call_us(device, fixed, "sched-v2", detail), "us",
+        f"{SCHED_V2_COMMIT}'s scheduler in main {MAIN_COMMIT}: the same 6 dependent tasks, no flags at W=1, "
+        f"stop one fence + {device.ctas_per_sm_today * device.sms - 1} relaxed stores ({detail['stop']:.1f} us)")
     add("scheduler/handout_today", s["per_task"], "us/task",
         f"{s['round_trips']} dependent L2 round trips x {device.l2_latency_us} us + {s['fences']} fences x "
         f"{device.fence_us} us per GEMM task (actors.cuh)")
     add("scheduler/task_rate_today", 1.0 / s["per_task"], "tasks/us", "1 / handout_today: one scheduler thread")
+    for batch in (1, SCHED_V2_DRAIN):
+        v2 = scheduler_costs(device, "sched-v2", batch)
+        add(f"scheduler/handout_sched_v2_round{batch}", v2["per_task"], "us/task",
+            f"{SCHED_V2_COMMIT}, {batch} message(s) a round: {len(SCHED_V2_RECEIVE_ROUND_TRIPS)} dependent L2 round "
+            f"trips + {len(SCHED_V2_RECEIVE_SHARED) + len(SCHED_V2_HANDOUT_SHARED)} shared-memory accesses x "
+            f"{device.l1_latency_us} us + {len(SCHED_V2_HANDOUT_STORES)} stores per task, and per round "
+            f"{len(SCHED_V2_ROUND_ROUND_TRIPS)} round trip + {len(SCHED_V2_ROUND_FENCES)} fences "
+            f"({v2['round']:.2f} us)")
+        add(f"scheduler/task_rate_sched_v2_round{batch}", 1.0 / v2["per_task"], "tasks/us",
+            f"1 / handout_sched_v2_round{batch}: one scheduler thread")
     add("scheduler/drain_per_message_today", s["receive_message"], "us",
         "poll + acquire + message + head release, per inbox message")
     add("scheduler/task_rate_planned", 1.0 / (2 * device.l2_latency_us + device.fence_us + device.l2_latency_us)
@@ -511,6 +650,13 @@ def predictions(device: Device) -> List[Prediction]:
                 f"~{detail['busy_processors']:.0f} CTAs busy; gate {detail['gate']:.0f}, combine "
                 f"{detail['combine']:.0f}, stop {detail['stop']:.0f} us")
             add(f"{prefix}/today_over_floor", today / floor, "x", "today / weight_floor")
+            detail = {}
+            v2 = call_us(device, call, "sched-v2", detail)
+            add(f"{prefix}/sched_v2", v2, "us",
+                f"{SCHED_V2_COMMIT}'s scheduler: experts scheduler-bound {detail['scheduler_bound']:.0f} us "
+                f"({detail['per_task']:.2f} us/task); gate {detail['gate']:.0f}, combine {detail['combine']:.0f}, "
+                f"stop {detail['stop']:.1f} us")
+            add(f"{prefix}/sched_v2_over_floor", v2 / floor, "x", "sched_v2 / weight_floor")
             add(f"{prefix}/planned", planned, "us", "issue 10 design, decode tile, weights at HBM speed")
             add(f"{prefix}/planned_over_floor", planned / floor, "x", "planned / weight_floor (goal <= 1.25)")
 
@@ -529,6 +675,13 @@ def predictions(device: Device) -> List[Prediction]:
         f"{detail['tasks']:.0f} tasks x {s['per_task']:.2f} us = {detail['scheduler_bound'] / 1e3:.1f} ms "
         f"scheduler-bound (compute at the 64x64 ceilings is less)")
     add(f"{prefix}/today_dense_fraction", dense / today, "fraction", "dense_cublas / today (bench %dense)")
+    detail = {}
+    v2 = call_us(device, call, "sched-v2", detail)
+    add(f"{prefix}/sched_v2", v2 / 1e3, "ms",
+        f"{SCHED_V2_COMMIT}'s scheduler: {detail['tasks']:.0f} tasks x {detail['per_task']:.2f} us = "
+        f"{detail['scheduler_bound'] / 1e3:.1f} ms scheduler-bound; the 64x64 tiles' compute "
+        f"{max(detail['experts'] - detail['body0'] - detail['body1'], 0) / 1e3:.1f} ms")
+    add(f"{prefix}/sched_v2_dense_fraction", dense / v2, "fraction", "dense_cublas / sched_v2 (bench %dense)")
     for name in ("hopper-128x128-ws4", "hopper-128x256-ws4", "hopper-128x256-ws4-mc2"):
         planned = planned_call_us(device, call, TILES[name])
         add(f"{prefix}/planned_{name}", planned / 1e3, "ms", f"issue 10 design with {name}")
@@ -592,15 +745,19 @@ def render_markdown() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Predicted beside measured: which flashmoe-bench row (config, T, backend) and key checks a case.
-# The kernel that runs today is the one "today" predicts; the planned rows are shown for reference.
+# The kernel that runs is main's: "today" predicts it with main's scheduler, "sched_v2" with h-sched's
+# (whichever the measured build holds); the planned rows are shown for reference.
 CHECKS: Tuple[Tuple[str, str, int, str, str, float], ...] = (
     ("fixed_cost/today", FIXED_COST_SHAPE.name, 1, "native", "median_ms", 1e3),
-    *[(f"decode/{c}/T={t}/today", c, t, "native", "median_ms", 1e3) for c in DECODE_CONFIGS for t in DECODE_TOKENS],
+    ("fixed_cost/sched_v2", FIXED_COST_SHAPE.name, 1, "native", "median_ms", 1e3),
+    *[(f"decode/{c}/T={t}/{design}", c, t, "native", "median_ms", 1e3)
+      for c in DECODE_CONFIGS for t in DECODE_TOKENS for design in ("today", "sched_v2")],
     *[(f"decode/{c}/T={t}/weight_floor", c, t, "native", "weight_floor_ms", 1e3)
       for c in DECODE_CONFIGS for t in DECODE_TOKENS],
     *[(f"decode/{c}/T={t}/today_over_floor", c, t, "native", "over_weight_floor", 1.0)
       for c in DECODE_CONFIGS for t in DECODE_TOKENS],
     (f"prefill/{PREFILL[0]}/T={PREFILL[1]}/today", PREFILL[0], PREFILL[1], "native", "median_ms", 1.0),
+    (f"prefill/{PREFILL[0]}/T={PREFILL[1]}/sched_v2", PREFILL[0], PREFILL[1], "native", "median_ms", 1.0),
     (f"prefill/{PREFILL[0]}/T={PREFILL[1]}/dense_cublas", PREFILL[0], PREFILL[1], "dense-matmul-floor", "median_ms", 1.0),
     (f"prefill/{PREFILL[0]}/T={PREFILL[1]}/grouped_mm", PREFILL[0], PREFILL[1], "grouped-mm", "median_ms", 1.0),
     (f"prefill/{PREFILL[0]}/T={PREFILL[1]}/today_dense_fraction", PREFILL[0], PREFILL[1], "native",
