@@ -34,6 +34,8 @@ elseif(NOT _fm_cuda_mode STREQUAL "AUTO")
 endif()
 
 # Reports a missing prerequisite: fatal under ON, a warning (and no CUDA backend) under AUTO.
+include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeVersion.cmake)
+
 macro(_flashmoe_cuda_unavailable reason)
   if(_fm_cuda_mode STREQUAL "ON")
     message(FATAL_ERROR "FLASHMOE_CUDA=ON but ${reason}")
@@ -93,13 +95,7 @@ if(_fm_with_cuda)
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)
 
-  file(STRINGS "${_fm_cutlass_include}/cutlass/version.h" _fm_cutlass_lines
-       REGEX "^#define CUTLASS_(MAJOR|MINOR|PATCH) +[0-9]+")
-  foreach(_part MAJOR MINOR PATCH)
-    string(REGEX MATCH "CUTLASS_${_part} +([0-9]+)" _ "${_fm_cutlass_lines}")
-    set(_fm_cutlass_${_part} "${CMAKE_MATCH_1}")
-  endforeach()
-  set(FLASHMOE_CUTLASS_VERSION "${_fm_cutlass_MAJOR}.${_fm_cutlass_MINOR}.${_fm_cutlass_PATCH}")
+  flashmoe_header_version("${_fm_cutlass_include}/cutlass/version.h" "CUTLASS_" "" FLASHMOE_CUTLASS_VERSION)
   string(REGEX MATCH "^[0-9]+\\.[0-9]+" FLASHMOE_CUDA_VERSION "${CMAKE_CUDA_COMPILER_VERSION}")
 
   # One SASS -gencode per arch, no PTX: "90a" must stay arch-specific (wgmma, setmaxnreg), and

@@ -18,6 +18,8 @@
 # <prefix>_HOME, <prefix>_INCLUDE_DIR, <prefix>_DEVICE_LIB, <prefix>_HOST_LIB, <prefix>_VERSION,
 # <prefix>_CUDA_MAJOR and <prefix>_REASON (why it was not found).
 
+include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeVersion.cmake)
+
 function(flashmoe_find_nvshmem nvcc_major prefix)
   set(_found OFF)
   set(_reason "")
@@ -88,13 +90,7 @@ print(home + "|" + ",".join(majors))
   endif()
 
   if(_found)
-    file(STRINGS "${_home}/include/non_abi/nvshmem_version.h" _lines
-         REGEX "^#define NVSHMEM_VENDOR_(MAJOR|MINOR|PATCH)_VERSION +[0-9]+")
-    foreach(_part MAJOR MINOR PATCH)
-      string(REGEX MATCH "NVSHMEM_VENDOR_${_part}_VERSION +([0-9]+)" _ "${_lines}")
-      set(_v_${_part} "${CMAKE_MATCH_1}")
-    endforeach()
-    set(_version "${_v_MAJOR}.${_v_MINOR}.${_v_PATCH}")
+    flashmoe_header_version("${_home}/include/non_abi/nvshmem_version.h" "NVSHMEM_VENDOR_" "_VERSION" _version)
     if(NOT _major)
       # The CUDA release NVSHMEM was compiled with is embedded in its host library's fatbinaries.
       file(STRINGS "${_host}" _release REGEX "Cuda compil[a-z]* tools, release [0-9]+\\.[0-9]+" LIMIT_COUNT 1)
