@@ -137,7 +137,7 @@ TOKEN_HANDOUT_SKIPS = 2
 # memory, hand-outs under one release fence, relaxed doorbells, no per-thread __threadfence, and at
 # W = 1 arrivals and returns straight into the bookkeeping. Per task the scheduler thread waits on
 # only two global loads; the rest is shared memory or stores nothing waits on.
-SCHED_V2_COMMIT = "h-sched 4f6b777"
+SCHED_V2_COMMIT = "h-sched 979cb9c"  # its merge of main's gate; run() as at 4f6b777
 SCHED_V2_DRAIN = 32  # kDrainPerRound
 SCHED_V2_RECEIVE_ROUND_TRIPS = (
     ("poll of inbox_ready[head + drained] that finds the completion", "run(): ld_poll(&control.inbox_ready[...])"),
