@@ -102,7 +102,10 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
     }
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) control.post(Message{kCompletion, self, 0, 0});
+    if (threadIdx.x == 0) {
+      FLASHMOE_COUNT(tasks, 1);
+      control.post(Message{kCompletion, self, 0, 0});
+    }
   }
 }
 
@@ -155,6 +158,7 @@ struct Scheduler {
     return reinterpret_cast<SignalWord*>(base + params.workspace.heap + offset);
   }
   FLASHMOE_DEVICE void publish(int64_t offset, int64_t rows, int64_t first_row) const {
+    FLASHMOE_COUNT(scheduler_global, 1);
     st_release(&signal(offset)->bits, SignalWord::make(params.epoch, rows, first_row).bits);
   }
 
@@ -175,6 +179,7 @@ struct Scheduler {
     task.local_expert = expert;
     task.row_tile = int32_t(row_tile);
     task.first_row = cell_first_row[expert] + row_tile * tiling.row_tile;
+    FLASHMOE_COUNT(scheduler_global, 2);
     const int64_t rows_left = cell_rows[expert] - row_tile * tiling.row_tile;
     task.rows = rows_left < tiling.row_tile ? rows_left : tiling.row_tile;
     const int64_t tile_width = kind == TaskKind::gemm0 ? tiling.ffn_tile : tiling.hidden_tile;
@@ -198,6 +203,7 @@ struct Scheduler {
     for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[cell * max_row_tiles + tile] = int32_t(shared_ffn_tiles);
     gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
     gemm0_queue[gemm0_tail++] = int32_t(cell);
+    FLASHMOE_COUNT(scheduler_global, 4 + row_tiles);
   }
 
   // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
@@ -208,6 +214,7 @@ struct Scheduler {
     }
     if (gemm1_head < gemm1_tail) {
       const int32_t cell = gemm1_queue[gemm1_head];
+      FLASHMOE_COUNT(scheduler_global, 1);
       task = cell_task(TaskKind::gemm1, int32_t(cell / max_row_tiles), cell % max_row_tiles, gemm1_cursor,
                        params.problem.hidden);
       if (++gemm1_cursor == hidden_tiles) gemm1_cursor = 0, ++gemm1_head;
@@ -215,6 +222,7 @@ struct Scheduler {
     }
     if (gemm0_head < gemm0_tail) {
       const int32_t expert = gemm0_queue[gemm0_head];
+      FLASHMOE_COUNT(scheduler_global, 2);  // the queue and cell_rows
       const int64_t column_tiles = cell_ffn_tiles(expert);
       task = cell_task(TaskKind::gemm0, expert, gemm0_cursor / column_tiles, gemm0_cursor % column_tiles,
                        cell_ffn(expert));
@@ -244,6 +252,7 @@ struct Scheduler {
   FLASHMOE_DEVICE void completed(int32_t processor) {
     idle[idle_count++] = processor;
     const Task& task = control.task_slots[processor];
+    FLASHMOE_COUNT(scheduler_global, 2);  // the idle stack and the read-back of the task
     const HeapLayout heap = params.workspace.heap_layout();
     switch (task.kind) {
       case TaskKind::gate:
@@ -258,14 +267,17 @@ struct Scheduler {
           const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
           const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
           for (int64_t e = 0; e < params.problem.experts; ++e) publish(heap.dispatch_flag(0, e), admitted[e], offsets[e]);
+          FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
         }
         break;
       case TaskKind::gemm0: {
         const int64_t cell = task.local_expert * max_row_tiles + task.row_tile;
-        if (--gemm0_left[cell] == 0) gemm1_queue[gemm1_tail++] = int32_t(cell);
+        FLASHMOE_COUNT(scheduler_global, 2);
+        if (--gemm0_left[cell] == 0) gemm1_queue[gemm1_tail++] = int32_t(cell), FLASHMOE_COUNT(scheduler_global, 1);
         break;
       }
       case TaskKind::gemm1:
+        FLASHMOE_COUNT(scheduler_global, 2);
         if (--gemm1_left[task.local_expert] != 0) break;
         if (is_shared(task.local_expert)) {  // no signal: the combine is this CTA's own
           shared_done = true;
@@ -273,6 +285,7 @@ struct Scheduler {
         } else {
           publish(heap.return_flag(0, task.local_expert), cell_rows[task.local_expert],
                   cell_first_row[task.local_expert]);
+          FLASHMOE_COUNT(scheduler_global, 2);
         }
         break;
       default:
@@ -284,6 +297,7 @@ struct Scheduler {
     bound -= params.bound.correction(rows);
     cell_rows[expert] = rows;
     cell_first_row[expert] = first_row;
+    FLASHMOE_COUNT(scheduler_global, 2);
     if (rows == 0) {
       publish(params.workspace.heap_layout().return_flag(0, expert), 0, first_row);
       return;
@@ -292,6 +306,7 @@ struct Scheduler {
     for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[expert * max_row_tiles + tile] = int32_t(ffn_tiles);
     gemm1_left[expert] = int32_t(row_tiles * hidden_tiles);
     gemm0_queue[gemm0_tail++] = expert;
+    FLASHMOE_COUNT(scheduler_global, 2 + row_tiles);
   }
 
   FLASHMOE_DEVICE void run() {
@@ -305,6 +320,7 @@ struct Scheduler {
         acquire_fence();
         const Message message = control.inbox[slot];
         st_release(&control.counters[kInboxHead], ++head);
+        FLASHMOE_COUNT(scheduler_global, 3);  // the poll that found it, the message, the head
         if (message.kind == kCompletion) {
           completed(message.a);
           ++done;
@@ -322,6 +338,8 @@ struct Scheduler {
         const int32_t processor = idle[--idle_count];
         control.task_slots[processor] = task;
         st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
+        FLASHMOE_COUNT(scheduler_global, 4);  // the idle stack, the task, the doorbell's read-back and store
+        FLASHMOE_COUNT(handouts, 1);
       }
 #if FLASHMOE_BOUNDED_WAITS
       spin_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
@@ -331,6 +349,7 @@ struct Scheduler {
     for (int32_t processor = 0; processor < params.processors; ++processor) {
       control.task_slots[processor].kind = TaskKind::stop;
       st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
+      FLASHMOE_COUNT(scheduler_global, 3);
     }
   }
 };

@@ -51,9 +51,15 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // Polls acquire directly here: ThreadSanitizer does not model standalone fences.
 inline uint32_t ld_poll(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
 inline uint64_t ld_poll(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
-inline void acquire_fence() {}
-inline void st_release(uint32_t* address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
-inline void st_release(uint64_t* address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+inline void acquire_fence() { FLASHMOE_COUNT(acquire_fences, 1); }
+inline void st_release(uint32_t* address, uint32_t value) {
+  FLASHMOE_COUNT(release_stores, 1);
+  __atomic_store_n(address, value, __ATOMIC_RELEASE);
+}
+inline void st_release(uint64_t* address, uint64_t value) {
+  FLASHMOE_COUNT(release_stores, 1);
+  __atomic_store_n(address, value, __ATOMIC_RELEASE);
+}
 inline uint64_t global_timer_ns() {
   return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
                       std::chrono::steady_clock::now().time_since_epoch()).count());

@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <string>
@@ -99,8 +100,34 @@ double relative_error(const std::vector<uint8_t>& a_bytes, const std::vector<uin
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// What one launch cost, from the emulation's counters (csrc/cuda/platform.h), per task run.
+struct Costs {
+  uint64_t tasks = 0, handouts = 0, acquire_fences = 0, release_fences = 0, release_stores = 0, thread_fences = 0;
+  uint64_t scheduler_global = 0;
+
+  static Costs read() {
+    const auto& c = cuda::emulation::counters;
+    Costs costs;
+    costs.tasks = c.tasks, costs.handouts = c.handouts, costs.acquire_fences = c.acquire_fences;
+    costs.release_fences = c.release_fences, costs.release_stores = c.release_stores;
+    costs.thread_fences = c.thread_fences, costs.scheduler_global = c.scheduler_global;
+    return costs;
+  }
+  double per_task(uint64_t count) const { return tasks > 0 ? double(count) / double(tasks) : 0.0; }
+  void print(const std::string& name, int processors) const {
+    std::printf("  costs %-28s processors=%d tasks=%llu per task: handouts %.2f, acquire fences %.2f, release fences "
+                "%.2f, release stores %.2f, thread fences %.2f, scheduler global accesses %.2f\n",
+                name.c_str(), processors, static_cast<unsigned long long>(tasks), per_task(handouts),
+                per_task(acquire_fences), per_task(release_fences), per_task(release_stores), per_task(thread_fences),
+                per_task(scheduler_global));
+  }
+};
+
+// Runs case `c` on each grid of `grids` processor CTAs against the CPU backend; with `costs`, also
+// records the counters of the last grid's launch there.
 template <typename T, Math M>
-bool run_case(const Case& c, uint64_t seed, bool verbose) {
+bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<int> grids = {1, 2, 5},
+              Costs* costs = nullptr) {
   Problem problem = c.problem;
   problem.dtype = dtype_of<T>();
   const int64_t T_ = problem.tokens, H = problem.hidden, I = problem.ffn, E = problem.experts, k = problem.top_k;
@@ -165,7 +192,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
 
   bool ok = true;
   std::vector<uint8_t> first_y;
-  for (int processors : {1, 2, 5}) {
+  for (int processors : grids) {
     Outputs got = fresh_outputs();
     cuda::Pointers pointers;
     pointers.x = x.data();
@@ -194,7 +221,9 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     std::memset(workspace.get(), 0xab, size_t(params.workspace.total));
     std::memset(workspace.get(), 0, size_t(params.workspace.zeroed_bytes()));
     params.pointers.workspace = workspace.get();
+    cuda::emulation::counters.reset();
     emulate_launch<M>(params);
+    if (costs) *costs = Costs::read();
 
     auto fail = [&](const std::string& what) {
       std::printf("FAIL %s (processors=%d): %s\n", c.name.c_str(), processors, what.c_str());
@@ -290,6 +319,29 @@ std::vector<Case> cases() {
   return all;
 }
 
+// Shapes whose scheduling costs the test prints: decode (a few tokens over many experts) and
+// prefill (many row tiles per expert), each also with capacity drops.
+constexpr int kCostGrid = 8;
+
+std::vector<Case> cost_cases() {
+  std::vector<Case> all;
+  auto add = [&](std::string name, int64_t tokens, int64_t experts, int64_t top_k, int64_t hidden, int64_t ffn,
+                 double capacity) {
+    Case c;
+    c.name = name;
+    Problem& p = c.problem;
+    p.tokens = tokens, p.hidden = hidden, p.ffn = ffn, p.experts = experts, p.top_k = top_k;
+    p.gated = true, p.activation = Activation::silu, p.scoring = Scoring::softmax, p.normalize = true;
+    c.capacity_factor = capacity;
+    all.push_back(c);
+  };
+  add("decode T=8 E=64 k=8", 8, 64, 8, 64, 256, 0);
+  add("decode drops T=16 E=32 k=4", 16, 32, 4, 64, 256, 0.5);
+  add("prefill T=1024 E=8 k=2", 1024, 8, 2, 64, 256, 0);
+  add("prefill drops T=1024 E=8 k=2", 1024, 8, 2, 64, 256, 0.7);
+  return all;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -308,6 +360,15 @@ int main(int argc, char** argv) {
     const bool bf16 = run_case<bfloat16, Math::bf16>(c, ++seed, verbose);
     passed += int(f32) + int(bf16);
     failed += int(!f32) + int(!bf16);
+  }
+  // What the scheduling costs at decode and prefill shapes, with drops, on a grid of 8 processors.
+  for (const Case& c : cost_cases()) {
+    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
+    Costs costs;
+    const bool ok = run_case<bfloat16, Math::bf16>(c, ++seed, verbose, {kCostGrid}, &costs);
+    costs.print(c.name, kCostGrid);
+    passed += int(ok);
+    failed += int(!ok);
   }
   std::printf("cuda_emulation: %d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
