@@ -100,7 +100,8 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
       default:
         break;
     }
-    __threadfence();
+    // No fence per thread: the barrier orders every thread's writes of the task before thread 0's
+    // release of the completion, which is cumulative (docs/protocol.md §8.1).
     __syncthreads();
     if (threadIdx.x == 0) {
       FLASHMOE_COUNT(tasks, 1);
@@ -263,10 +264,15 @@ struct Scheduler {
         break;
       case TaskKind::dispatch:
         if (--dispatches_left == 0) {
-          // Every row is in place: signal each cell, empty ones included (the protocol's local write).
+          // Every row is in place: signal each cell, empty ones included (the protocol's local write),
+          // one fence for all of them.
           const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
           const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
-          for (int64_t e = 0; e < params.problem.experts; ++e) publish(heap.dispatch_flag(0, e), admitted[e], offsets[e]);
+          release_fence();
+          for (int64_t e = 0; e < params.problem.experts; ++e) {
+            st_relaxed(&signal(heap.dispatch_flag(0, e))->bits, SignalWord::make(params.epoch, admitted[e], offsets[e]).bits);
+          }
+          FLASHMOE_COUNT(scheduler_global, params.problem.experts);
           FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
         }
         break;
@@ -346,11 +352,15 @@ struct Scheduler {
                               done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
 #endif
     }
+    // The stop broadcast: every slot, one fence, then the doorbells.
     for (int32_t processor = 0; processor < params.processors; ++processor) {
       control.task_slots[processor].kind = TaskKind::stop;
-      st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
-      FLASHMOE_COUNT(scheduler_global, 3);
     }
+    release_fence();
+    for (int32_t processor = 0; processor < params.processors; ++processor) {
+      st_relaxed(&control.doorbells[processor], control.doorbells[processor] + 1);
+    }
+    FLASHMOE_COUNT(scheduler_global, 3 * params.processors);
   }
 };
 

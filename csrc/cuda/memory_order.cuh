@@ -32,6 +32,19 @@ __device__ __forceinline__ uint64_t ld_poll(const uint64_t* address) {
 
 __device__ __forceinline__ void acquire_fence() { asm volatile("fence.acq_rel.gpu;" : : : "memory"); }
 
+// Before a broadcast: one fence, then st_relaxed of each flag. The fence's release pattern orders
+// every write before it (this thread's, and what a CTA barrier made it see) before each of the
+// relaxed stores, for whoever polls one and fences: one membar instead of one per flag.
+__device__ __forceinline__ void release_fence() { asm volatile("fence.acq_rel.gpu;" : : : "memory"); }
+
+__device__ __forceinline__ void st_relaxed(uint32_t* address, uint32_t value) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" : : "l"(address), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed(uint64_t* address, uint64_t value) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
 __device__ __forceinline__ void st_release(uint32_t* address, uint32_t value) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" : : "l"(address), "r"(value) : "memory");
 }
@@ -52,6 +65,11 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 inline uint32_t ld_poll(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
 inline uint64_t ld_poll(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
 inline void acquire_fence() { FLASHMOE_COUNT(acquire_fences, 1); }
+// The fence of a broadcast is counted; its relaxed stores are release stores here, for the same
+// reason (to ThreadSanitizer they carry the ordering the fence gives them on the GPU).
+inline void release_fence() { FLASHMOE_COUNT(release_fences, 1); }
+inline void st_relaxed(uint32_t* address, uint32_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+inline void st_relaxed(uint64_t* address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
 inline void st_release(uint32_t* address, uint32_t value) {
   FLASHMOE_COUNT(release_stores, 1);
   __atomic_store_n(address, value, __ATOMIC_RELEASE);
