@@ -112,6 +112,10 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
 
 // The scheduler's bookkeeping, all in its own thread: no other thread reads these arrays.
 struct Scheduler {
+  // Messages booked per round at most before work is handed out: a burst of completions (one per
+  // processor, hundreds at a time) does not keep the processors it frees idle until it is all read.
+  static constexpr int kDrainPerRound = 32;
+
   const KernelParams& params;
   const Control& control;
   uint8_t* base;
@@ -130,8 +134,11 @@ struct Scheduler {
   int64_t dispatch_next = 0, dispatches_left = 0;
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
-  bool combine_open = false, returns_done = false, shared_done = true, shared_pending = false;
+  bool combine_open = false, returns_done = true, shared_pending = false;
   int64_t combine_next = 0;
+  int64_t cells_left = 0;  // own cells (the shared expert's included) not yet complete
+  int64_t bound = 0;       // the task-count bound, corrected as cells arrive
+  int64_t done = 0;        // tasks completed
 
   FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c) : params(p), control(c) {
     base = static_cast<uint8_t*>(p.pointers.workspace);
@@ -142,7 +149,9 @@ struct Scheduler {
     hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
     shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
     shared_pending = p.problem.has_shared_expert() && p.problem.tokens > 0;
-    shared_done = !shared_pending;
+    cells_left = p.problem.experts + (shared_pending ? 1 : 0);
+    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
+    bound = 2 * tiles + 1 + p.bound.initial(p.problem.tokens);
     gemm0_left = reinterpret_cast<int32_t*>(base + w.gemm0_left);
     gemm1_left = reinterpret_cast<int32_t*>(base + w.gemm1_left);
     cell_rows = reinterpret_cast<int32_t*>(base + w.cell_rows);
@@ -153,14 +162,6 @@ struct Scheduler {
     for (int32_t p_index = 0; p_index < p.processors; ++p_index) idle[p_index] = p.processors - 1 - p_index;
     idle_count = p.processors;
     gates_left = dispatches_left = tiles;
-  }
-
-  FLASHMOE_DEVICE SignalWord* signal(int64_t offset) const {
-    return reinterpret_cast<SignalWord*>(base + params.workspace.heap + offset);
-  }
-  FLASHMOE_DEVICE void publish(int64_t offset, int64_t rows, int64_t first_row) const {
-    FLASHMOE_COUNT(scheduler_global, 1);
-    st_release(&signal(offset)->bits, SignalWord::make(params.epoch, rows, first_row).bits);
   }
 
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
@@ -254,7 +255,6 @@ struct Scheduler {
     idle[idle_count++] = processor;
     const Task& task = control.task_slots[processor];
     FLASHMOE_COUNT(scheduler_global, 2);  // the idle stack and the read-back of the task
-    const HeapLayout heap = params.workspace.heap_layout();
     switch (task.kind) {
       case TaskKind::gate:
         route_ready = --gates_left == 0;
@@ -264,15 +264,12 @@ struct Scheduler {
         break;
       case TaskKind::dispatch:
         if (--dispatches_left == 0) {
-          // Every row is in place: signal each cell, empty ones included (the protocol's local write),
-          // one fence for all of them.
+          // Every row is in place. The cells are this rank's own (world size 1): each one's arrival
+          // goes straight into the bookkeeping, no flag, subscriber or inbox between (the flags
+          // carry only what peers send).
           const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
           const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
-          release_fence();
-          for (int64_t e = 0; e < params.problem.experts; ++e) {
-            st_relaxed(&signal(heap.dispatch_flag(0, e))->bits, SignalWord::make(params.epoch, admitted[e], offsets[e]).bits);
-          }
-          FLASHMOE_COUNT(scheduler_global, params.problem.experts);
+          for (int32_t e = 0; e < int32_t(params.problem.experts); ++e) arrived(e, admitted[e], offsets[e]);
           FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
         }
         break;
@@ -285,27 +282,27 @@ struct Scheduler {
       case TaskKind::gemm1:
         FLASHMOE_COUNT(scheduler_global, 2);
         if (--gemm1_left[task.local_expert] != 0) break;
-        if (is_shared(task.local_expert)) {  // no signal: the combine is this CTA's own
-          shared_done = true;
-          combine_open = returns_done;
-        } else {
-          publish(heap.return_flag(0, task.local_expert), cell_rows[task.local_expert],
-                  cell_first_row[task.local_expert]);
-          FLASHMOE_COUNT(scheduler_global, 2);
-        }
+        cell_returned();  // the shared expert's, or an own cell's: no return flag to self
         break;
       default:
         break;
     }
   }
 
-  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row, int64_t& bound) {
+  // A cell is complete (its last GEMM1 ran, or it was empty); the combine opens after the last,
+  // the shared expert's included, once every peer's return flag is in too.
+  FLASHMOE_DEVICE void cell_returned() {
+    --cells_left;
+    combine_open = cells_left == 0 && returns_done;
+  }
+
+  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row) {
     bound -= params.bound.correction(rows);
     cell_rows[expert] = rows;
     cell_first_row[expert] = first_row;
     FLASHMOE_COUNT(scheduler_global, 2);
     if (rows == 0) {
-      publish(params.workspace.heap_layout().return_flag(0, expert), 0, first_row);
+      cell_returned();
       return;
     }
     const int64_t row_tiles = tiling.row_tiles(rows);
@@ -315,37 +312,49 @@ struct Scheduler {
     FLASHMOE_COUNT(scheduler_global, 2 + row_tiles);
   }
 
+  // One round: take at most kDrainPerRound messages from the inbox (polls, then one acquire fence
+  // for all of them), book them, hand ready tasks to idle processors, then publish the round with
+  // one release fence: the inbox head (producers' room) and every doorbell rung, relaxed.
   FLASHMOE_DEVICE void run() {
-    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    int64_t bound = 2 * tiles + 1 + params.bound.initial(params.problem.tokens);
-    int64_t done = 0;
     uint32_t head = 0;
     while (true) {
-      const int64_t slot = int64_t(head) % control.inbox_capacity;
-      if (ld_poll(&control.inbox_ready[slot]) == head + 1) {
-        acquire_fence();
-        const Message message = control.inbox[slot];
-        st_release(&control.counters[kInboxHead], ++head);
-        FLASHMOE_COUNT(scheduler_global, 3);  // the poll that found it, the message, the head
+      int drained = 0;
+      while (drained < kDrainPerRound &&
+             ld_poll(&control.inbox_ready[int64_t(head + drained) % control.inbox_capacity]) == head + drained + 1) {
+        ++drained;
+      }
+      if (drained > 0) acquire_fence();
+      for (int i = 0; i < drained; ++i, ++head) {
+        const Message message = control.inbox[int64_t(head) % control.inbox_capacity];
+        FLASHMOE_COUNT(scheduler_global, 2);  // the poll that found it, the message
         if (message.kind == kCompletion) {
           completed(message.a);
           ++done;
         } else if (message.kind == kArrival) {
-          arrived(message.a, message.b, message.c, bound);
-        } else {
+          arrived(message.a, message.b, message.c);
+        } else {  // kCombineReady: every peer's return flag is in
           returns_done = true;
-          combine_open = shared_done;
+          combine_open = cells_left == 0;
         }
-        continue;  // drain the inbox before handing out work
       }
       if (done == bound) break;
+      int handed = 0;
       Task task;
       while (idle_count > 0 && next_task(task)) {
         const int32_t processor = idle[--idle_count];
         control.task_slots[processor] = task;
-        st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
-        FLASHMOE_COUNT(scheduler_global, 4);  // the idle stack, the task, the doorbell's read-back and store
+        ++handed;
+        FLASHMOE_COUNT(scheduler_global, 2);  // the idle stack, the task
         FLASHMOE_COUNT(handouts, 1);
+      }
+      if (drained > 0 || handed > 0) {
+        release_fence();
+        if (drained > 0) st_relaxed(&control.counters[kInboxHead], head), FLASHMOE_COUNT(scheduler_global, 1);
+        // This round's processors are still above the idle stack's top.
+        for (int64_t i = idle_count; i < idle_count + handed; ++i) {
+          st_relaxed(&control.doorbells[idle[i]], control.doorbells[idle[i]] + 1);
+          FLASHMOE_COUNT(scheduler_global, 3);  // the idle stack, the doorbell's read-back and store
+        }
       }
 #if FLASHMOE_BOUNDED_WAITS
       spin_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
@@ -364,27 +373,33 @@ struct Scheduler {
   }
 };
 
-// Subscriber `index` of `count`: cells index, index + count, ...
+// Subscriber `index` of `count`: the flag path, for the cells that peers signal. A peer's dispatch
+// signal becomes an arrival in the scheduler's inbox, and the combine waits for every peer's return
+// flag. At world size 1 there are none: the scheduler books its own cells' arrivals and returns
+// directly, and the subscribers leave at once.
 FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count) {
   const Control control(params);
   uint8_t* heap = static_cast<uint8_t*>(params.pointers.workspace) + params.workspace.heap;
   const HeapLayout layout = params.workspace.heap_layout();
-  const int64_t E = params.problem.experts;
+  const int64_t self = 0, local = layout.placement.local_experts();
+  const int64_t peer_cells = (layout.placement.world_size - 1) * local;
+  auto peer = [&](int64_t cell) { return cell / local < self ? cell / local : cell / local + 1; };
   int64_t mine = 0;
-  for (int64_t e = index; e < E; e += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(0, e));
+  for (int64_t cell = index; cell < peer_cells; cell += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(peer(cell), cell % local));
     SignalWord word;
     spin_until([&] { return (word.bits = ld_poll(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32,
                params.wait_limit_ns);
-    control.post(Message{kArrival, int32_t(e), int32_t(word.rows()), int32_t(word.first_row())});
+    control.post(Message{kArrival, int32_t(cell % local), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
-  for (int64_t e = index; e < E; e += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(0, e));
+  for (int64_t cell = index; cell < peer_cells; cell += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(peer(cell), cell % local));
     spin_until([&] { return SignalWord{ld_poll(flag)}.is_epoch(params.epoch); }, "return signal", 64,
                params.wait_limit_ns);
   }
-  if (mine > 0 && atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(E)) {
+  if (mine > 0 &&
+      atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(peer_cells)) {
     control.post(Message{kCombineReady, 0, 0, 0});
   }
 }
