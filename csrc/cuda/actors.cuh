@@ -2,11 +2,13 @@
 // warps 1..3 are subscribers — and every other CTA is a processor driven by its doorbell.
 //
 //   processor p:  waits for doorbells[p] to change, runs task_slots[p], posts a completion.
-//   scheduler:    drains its inbox (completions, cell arrivals, combine-ready), tracks the task
-//                 dependencies and the task-count bound (core/task_bound.h), hands ready tasks to
-//                 idle processors, and stops them when the completed count meets the bound.
-//   subscribers:  turn the dispatch signals of the heap into cell arrivals for the scheduler, then
-//                 wait for every return signal and release the combine.
+//   scheduler:    in rounds: books at most kDrainPerRound messages of its inbox, tracks the task
+//                 dependencies and the task-count bound (core/task_bound.h) in its private state
+//                 (CTA 0's shared memory), hands ready tasks to idle processors, publishes the round
+//                 with one fence, and stops the processors when the completed count meets the bound.
+//                 At world size 1 it books its own cells' arrivals and returns directly.
+//   subscribers:  the flag path for cells of peers: their dispatch signals become arrivals for the
+//                 scheduler; they wait for every peer's return signal and release the combine.
 //
 // A shared expert is one more cell (index E) of the T tokens, read from x: the scheduler opens it
 // itself once every gate task is handed out, runs its GEMM0/GEMM1 tiles like any cell's, and opens
@@ -27,6 +29,8 @@
 #include "cuda/tasks.cuh"
 
 namespace flashmoe::cuda {
+
+static_assert(kSchedulerSmemBytes <= kTileSmemBytes, "the scheduler's state fits the shared memory every CTA has");
 
 struct Control {
   uint32_t* inbox_ready;
@@ -110,7 +114,9 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
   }
 }
 
-// The scheduler's bookkeeping, all in its own thread: no other thread reads these arrays.
+// The scheduler's bookkeeping, all in its own thread, in SchedulerState's arrays (workspace.h): in
+// CTA 0's shared memory when they fit, else in the workspace. No other thread touches them, and the
+// scheduler never reads back from global memory what it wrote there itself.
 struct Scheduler {
   // Messages booked per round at most before work is handed out: a burst of completions (one per
   // processor, hundreds at a time) does not keep the processors it frees idle until it is all read.
@@ -120,14 +126,17 @@ struct Scheduler {
   const Control& control;
   uint8_t* base;
   Tiling tiling = gpu_tiling();
-  int64_t tiles, max_row_tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles;
-  int32_t* gemm0_left;
-  int32_t* gemm1_left;
-  int32_t* cell_rows;
-  int32_t* cell_first_row;
-  int32_t* gemm0_queue;
-  int32_t* gemm1_queue;
-  int32_t* idle;
+  int64_t tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles, row_tile_capacity;
+  // [processors]: the idle stack; what each one runs (its task's kind, cell, row tile in the cell);
+  // how often its doorbell was rung.
+  int32_t *idle, *running_kind, *running_cell, *running_tile, *rung;
+  // [cells]: rows, first dispatch row, first row tile (in the row-tile arrays), GEMM1s left; the
+  // queue of cells whose GEMM0s wait.
+  int32_t *cell_rows, *cell_first_row, *cell_tile_base, *gemm1_left, *gemm0_queue;
+  // [row tiles], numbered in the order their cells open: GEMM0s left, the queue of row tiles whose
+  // GEMM1s wait, and each one's cell.
+  int32_t *gemm0_left, *gemm1_queue, *tile_cell;
+  int64_t row_tiles_open = 0;
   int64_t idle_count = 0;
   int64_t gate_next = 0, gates_left = 0;
   bool route_ready = false, route_issued = false, dispatch_open = false;
@@ -140,11 +149,10 @@ struct Scheduler {
   int64_t bound = 0;       // the task-count bound, corrected as cells arrive
   int64_t done = 0;        // tasks completed
 
-  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c) : params(p), control(c) {
+  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c, int32_t* state) : params(p), control(c) {
     base = static_cast<uint8_t*>(p.pointers.workspace);
     const Workspace& w = p.workspace;
     tiles = w.token_tiles();
-    max_row_tiles = w.max_row_tiles();
     ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
     hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
     shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
@@ -152,14 +160,16 @@ struct Scheduler {
     cells_left = p.problem.experts + (shared_pending ? 1 : 0);
     // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
     bound = 2 * tiles + 1 + p.bound.initial(p.problem.tokens);
-    gemm0_left = reinterpret_cast<int32_t*>(base + w.gemm0_left);
-    gemm1_left = reinterpret_cast<int32_t*>(base + w.gemm1_left);
-    cell_rows = reinterpret_cast<int32_t*>(base + w.cell_rows);
-    cell_first_row = reinterpret_cast<int32_t*>(base + w.cell_first_row);
-    gemm0_queue = reinterpret_cast<int32_t*>(base + w.gemm0_queue);
-    gemm1_queue = reinterpret_cast<int32_t*>(base + w.gemm1_queue);
-    idle = reinterpret_cast<int32_t*>(base + w.idle);
-    for (int32_t p_index = 0; p_index < p.processors; ++p_index) idle[p_index] = p.processors - 1 - p_index;
+    const SchedulerState layout = w.scheduler_layout();
+    row_tile_capacity = layout.row_tiles;
+    int32_t** arrays[SchedulerState::kArrays] = {&idle, &running_kind, &running_cell, &running_tile, &rung,
+                                                 &cell_rows, &cell_first_row, &cell_tile_base, &gemm1_left,
+                                                 &gemm0_queue, &gemm0_left, &gemm1_queue, &tile_cell};
+    for (int32_t a = 0; a < SchedulerState::kArrays; ++a) *arrays[a] = state + layout.offset(a);
+    for (int32_t p_index = 0; p_index < p.processors; ++p_index) {
+      idle[p_index] = p.processors - 1 - p_index;
+      rung[p_index] = 0;  // the doorbells start zeroed with the control block
+    }
     idle_count = p.processors;
     gates_left = dispatches_left = tiles;
   }
@@ -174,15 +184,14 @@ struct Scheduler {
     return task;
   }
 
-  FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t expert, int64_t row_tile, int64_t column_tile, int64_t width) const {
+  FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t cell, int64_t row_tile, int64_t column_tile, int64_t width) const {
     Task task;
     task.kind = kind;
     task.epoch = params.epoch;
-    task.local_expert = expert;
+    task.local_expert = cell;
     task.row_tile = int32_t(row_tile);
-    task.first_row = cell_first_row[expert] + row_tile * tiling.row_tile;
-    FLASHMOE_COUNT(scheduler_global, 2);
-    const int64_t rows_left = cell_rows[expert] - row_tile * tiling.row_tile;
+    task.first_row = cell_first_row[cell] + row_tile * tiling.row_tile;
+    const int64_t rows_left = cell_rows[cell] - row_tile * tiling.row_tile;
     task.rows = rows_left < tiling.row_tile ? rows_left : tiling.row_tile;
     const int64_t tile_width = kind == TaskKind::gemm0 ? tiling.ffn_tile : tiling.hidden_tile;
     task.column_begin = column_tile * tile_width;
@@ -196,16 +205,32 @@ struct Scheduler {
   FLASHMOE_DEVICE int64_t cell_ffn(int64_t cell) const { return is_shared(cell) ? params.problem.shared_ffn : params.problem.ffn; }
   FLASHMOE_DEVICE int64_t cell_ffn_tiles(int64_t cell) const { return is_shared(cell) ? shared_ffn_tiles : ffn_tiles; }
 
+  // A cell of `rows` > 0 rows from `first_row` is ready: its row tiles take the next numbers, and
+  // its GEMM0s join the queue.
+  FLASHMOE_DEVICE void open_cell(int32_t cell, int64_t rows, int64_t first_row) {
+    const int64_t row_tiles = tiling.row_tiles(rows);
+    if (row_tiles_open + row_tiles > row_tile_capacity) {  // Workspace::row_tile_capacity is a bound, not a guess
+#if FLASHMOE_BOUNDED_WAITS
+      printf("flashmoe: scheduler row tiles exceed their capacity %lld\n", static_cast<long long>(row_tile_capacity));
+#endif
+      __trap();
+    }
+    cell_rows[cell] = int32_t(rows);
+    cell_first_row[cell] = int32_t(first_row);
+    cell_tile_base[cell] = int32_t(row_tiles_open);
+    for (int64_t tile = 0; tile < row_tiles; ++tile) {
+      gemm0_left[row_tiles_open + tile] = int32_t(cell_ffn_tiles(cell));
+      tile_cell[row_tiles_open + tile] = cell;
+    }
+    row_tiles_open += row_tiles;
+    gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
+    gemm0_queue[gemm0_tail++] = cell;
+  }
+
   // The shared expert's cell: rows 0..T-1 (token order), ready as soon as it is opened.
   FLASHMOE_DEVICE void open_shared_cell() {
-    const int64_t cell = params.problem.experts, rows = params.problem.tokens, row_tiles = tiling.row_tiles(rows);
     shared_pending = false;
-    cell_rows[cell] = int32_t(rows);
-    cell_first_row[cell] = 0;
-    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[cell * max_row_tiles + tile] = int32_t(shared_ffn_tiles);
-    gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
-    gemm0_queue[gemm0_tail++] = int32_t(cell);
-    FLASHMOE_COUNT(scheduler_global, 4 + row_tiles);
+    open_cell(int32_t(params.problem.experts), params.problem.tokens, 0);
   }
 
   // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
@@ -215,16 +240,13 @@ struct Scheduler {
       return true;
     }
     if (gemm1_head < gemm1_tail) {
-      const int32_t cell = gemm1_queue[gemm1_head];
-      FLASHMOE_COUNT(scheduler_global, 1);
-      task = cell_task(TaskKind::gemm1, int32_t(cell / max_row_tiles), cell % max_row_tiles, gemm1_cursor,
-                       params.problem.hidden);
+      const int32_t row_tile = gemm1_queue[gemm1_head], cell = tile_cell[row_tile];
+      task = cell_task(TaskKind::gemm1, cell, row_tile - cell_tile_base[cell], gemm1_cursor, params.problem.hidden);
       if (++gemm1_cursor == hidden_tiles) gemm1_cursor = 0, ++gemm1_head;
       return true;
     }
     if (gemm0_head < gemm0_tail) {
       const int32_t expert = gemm0_queue[gemm0_head];
-      FLASHMOE_COUNT(scheduler_global, 2);  // the queue and cell_rows
       const int64_t column_tiles = cell_ffn_tiles(expert);
       task = cell_task(TaskKind::gemm0, expert, gemm0_cursor / column_tiles, gemm0_cursor % column_tiles,
                        cell_ffn(expert));
@@ -253,9 +275,8 @@ struct Scheduler {
 
   FLASHMOE_DEVICE void completed(int32_t processor) {
     idle[idle_count++] = processor;
-    const Task& task = control.task_slots[processor];
-    FLASHMOE_COUNT(scheduler_global, 2);  // the idle stack and the read-back of the task
-    switch (task.kind) {
+    const int32_t cell = running_cell[processor];
+    switch (TaskKind(running_kind[processor])) {
       case TaskKind::gate:
         route_ready = --gates_left == 0;
         break;
@@ -274,14 +295,12 @@ struct Scheduler {
         }
         break;
       case TaskKind::gemm0: {
-        const int64_t cell = task.local_expert * max_row_tiles + task.row_tile;
-        FLASHMOE_COUNT(scheduler_global, 2);
-        if (--gemm0_left[cell] == 0) gemm1_queue[gemm1_tail++] = int32_t(cell), FLASHMOE_COUNT(scheduler_global, 1);
+        const int32_t row_tile = cell_tile_base[cell] + running_tile[processor];
+        if (--gemm0_left[row_tile] == 0) gemm1_queue[gemm1_tail++] = row_tile;
         break;
       }
       case TaskKind::gemm1:
-        FLASHMOE_COUNT(scheduler_global, 2);
-        if (--gemm1_left[task.local_expert] != 0) break;
+        if (--gemm1_left[cell] != 0) break;
         cell_returned();  // the shared expert's, or an own cell's: no return flag to self
         break;
       default:
@@ -298,18 +317,8 @@ struct Scheduler {
 
   FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row) {
     bound -= params.bound.correction(rows);
-    cell_rows[expert] = rows;
-    cell_first_row[expert] = first_row;
-    FLASHMOE_COUNT(scheduler_global, 2);
-    if (rows == 0) {
-      cell_returned();
-      return;
-    }
-    const int64_t row_tiles = tiling.row_tiles(rows);
-    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[expert * max_row_tiles + tile] = int32_t(ffn_tiles);
-    gemm1_left[expert] = int32_t(row_tiles * hidden_tiles);
-    gemm0_queue[gemm0_tail++] = expert;
-    FLASHMOE_COUNT(scheduler_global, 2 + row_tiles);
+    if (rows == 0) cell_returned();
+    else open_cell(expert, rows, first_row);
   }
 
   // One round: take at most kDrainPerRound messages from the inbox (polls, then one acquire fence
@@ -343,8 +352,11 @@ struct Scheduler {
       while (idle_count > 0 && next_task(task)) {
         const int32_t processor = idle[--idle_count];
         control.task_slots[processor] = task;
+        running_kind[processor] = int32_t(task.kind);
+        running_cell[processor] = task.local_expert;
+        running_tile[processor] = task.row_tile;
         ++handed;
-        FLASHMOE_COUNT(scheduler_global, 2);  // the idle stack, the task
+        FLASHMOE_COUNT(scheduler_global, 1);  // the task
         FLASHMOE_COUNT(handouts, 1);
       }
       if (drained > 0 || handed > 0) {
@@ -352,12 +364,12 @@ struct Scheduler {
         if (drained > 0) st_relaxed(&control.counters[kInboxHead], head), FLASHMOE_COUNT(scheduler_global, 1);
         // This round's processors are still above the idle stack's top.
         for (int64_t i = idle_count; i < idle_count + handed; ++i) {
-          st_relaxed(&control.doorbells[idle[i]], control.doorbells[idle[i]] + 1);
-          FLASHMOE_COUNT(scheduler_global, 3);  // the idle stack, the doorbell's read-back and store
+          st_relaxed(&control.doorbells[idle[i]], uint32_t(++rung[idle[i]]));
+          FLASHMOE_COUNT(scheduler_global, 1);
         }
       }
-#if FLASHMOE_BOUNDED_WAITS
-      spin_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
+#if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
+      wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
                               done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
 #endif
     }
@@ -367,9 +379,9 @@ struct Scheduler {
     }
     release_fence();
     for (int32_t processor = 0; processor < params.processors; ++processor) {
-      st_relaxed(&control.doorbells[processor], control.doorbells[processor] + 1);
+      st_relaxed(&control.doorbells[processor], uint32_t(++rung[processor]));
     }
-    FLASHMOE_COUNT(scheduler_global, 3 * params.processors);
+    FLASHMOE_COUNT(scheduler_global, 2 * params.processors);
   }
 };
 
@@ -411,7 +423,10 @@ FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) {
       const Control control(params);
-      Scheduler(params, control).run();
+      const Workspace& w = params.workspace;
+      int32_t* state = reinterpret_cast<int32_t*>(
+          w.scheduler_in_smem() ? smem : static_cast<uint8_t*>(params.pointers.workspace) + w.scheduler_state);
+      Scheduler(params, control, state).run();
     } else if (threadIdx.x >= 32) {
       subscriber(params, int(threadIdx.x) - 32, kThreads - 32);
     }

@@ -90,10 +90,10 @@ inline uint64_t global_timer_ns() {
 #endif
 
 // Spins until `ready()` (which polls with ld_poll) holds, sleeping `sleep_ns` between polls
-// (0: poll flat out), then fences so that what follows reads as after an acquire. Debug builds
-// give up after `limit_ns` (KernelParams::wait_limit_ns), naming the wait, instead of hanging.
+// (0: poll flat out), with no fence: the caller acquires what it then reads. Debug builds give up
+// after `limit_ns` (KernelParams::wait_limit_ns), naming the wait, instead of hanging.
 template <typename Ready>
-FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns, uint64_t limit_ns) {
+FLASHMOE_DEVICE void wait_until(Ready ready, const char* what, unsigned sleep_ns, uint64_t limit_ns) {
 #if FLASHMOE_BOUNDED_WAITS
   const uint64_t start = global_timer_ns();
 #endif
@@ -110,6 +110,12 @@ FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns
     (void)limit_ns;
 #endif
   }
+}
+
+// wait_until, then one fence so that what follows reads as after an acquire.
+template <typename Ready>
+FLASHMOE_DEVICE void spin_until(Ready ready, const char* what, unsigned sleep_ns, uint64_t limit_ns) {
+  wait_until(ready, what, sleep_ns, limit_ns);
   acquire_fence();
 }
 

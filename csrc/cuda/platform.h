@@ -59,7 +59,8 @@ class Barrier {
 //   handouts         tasks handed to a processor (a doorbell rung), stops excluded
 //   scheduler_global global-memory loads and stores by the scheduler thread: every word or Task
 //                    it reads or writes there, and each poll that found a message; empty polls
-//                    are not counted (they wait, they do not add work)
+//                    are not counted (they wait, they do not add work), nor its own state's
+//                    arrays, which live in shared memory unless the tests move them
 struct Counters {
   std::atomic<uint64_t> acquire_fences{0}, release_fences{0}, release_stores{0}, thread_fences{0};
   std::atomic<uint64_t> tasks{0}, handouts{0}, scheduler_global{0};
