@@ -6,11 +6,13 @@
 #   3. sanitizer  scripts/compute_sanitizer.sh (memcheck, racecheck, synccheck, initcheck)
 #   4. bench      flashmoe-bench over the named configurations in bf16: fused (native) vs reference
 #                 vs expert-loop vs grouped-mm, with the dense-GEMM and copy floors; then the targets
+#   5. model      the performance model's PREDICTIONS (python -m flashmoe.bench.model) beside what the
+#                 bench step measured, plus a T=1 tiny-shape run for the fixed cost per call
 # Every step runs even when an earlier one failed; the exit status is 1 when any step failed.
 # Raw logs and JSON go to bench/results/<UTC timestamp>-<device>-*.
 #
 # Settings (environment variables):
-#   FLASHMOE_SUITE_STEPS        steps to run, comma-separated (default build,test,sanitizer,bench)
+#   FLASHMOE_SUITE_STEPS        steps to run, comma-separated (default build,test,sanitizer,bench,model)
 #   FLASHMOE_SUITE_CONFIGS      bench configs (default mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper)
 #   FLASHMOE_SUITE_TOKENS       bench token counts (default 1,16,128,1024,4096,16384; paper adds 8192)
 #   FLASHMOE_SUITE_BACKENDS     bench backends (default native,reference,expert-loop,grouped-mm)
@@ -30,7 +32,7 @@ self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.."
 
 python_bin=${PYTHON:-python3}
-steps=",${FLASHMOE_SUITE_STEPS:-build,test,sanitizer,bench},"
+steps=",${FLASHMOE_SUITE_STEPS:-build,test,sanitizer,bench,model},"
 configs=${FLASHMOE_SUITE_CONFIGS:-mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper}
 tokens=${FLASHMOE_SUITE_TOKENS:-1,16,128,1024,4096,16384}
 bench_backends=${FLASHMOE_SUITE_BACKENDS:-native,reference,expert-loop,grouped-mm}
@@ -99,6 +101,31 @@ bench() {
   return $status
 }
 
+# Predicted (docs/cuda_kernel.md, "Performance model") beside measured: the model's TSV for this run,
+# the fixed cost per call measured on its tiny shape (flashmoe.bench.model.FIXED_COST_SHAPE), then
+# each checked prediction next to this run's flashmoe-bench rows.
+model() {
+  local status=0 files
+  "$python_bin" -m flashmoe.bench.model --write "$prefix-model-predictions.tsv" || status=1
+  if nvidia-smi -L >/dev/null 2>&1; then
+    echo "# ---- flashmoe-bench: the fixed cost per call (T=1, H=64, I=64, E=8, k=2)"
+    "$python_bin" -m flashmoe.bench --hidden 64 --ffn 64 --experts 8 --top-k 2 --tokens 1 --dtype bf16 \
+      --backend native --device cuda --budget "$budget" --json "$prefix-model-fixed.json" | tee "$prefix-model-fixed.txt"
+    [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+  fi
+  shopt -s nullglob
+  files=("$prefix"-bench-*.json)
+  [[ -f $prefix-model-fixed.json ]] && files+=("$prefix-model-fixed.json")
+  if [[ ${#files[@]} -gt 0 ]]; then
+    "$python_bin" -m flashmoe.bench.model --compare "${files[@]}" | tee "$prefix-model-vs-measured.txt"
+    [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+  else
+    { echo "# no flashmoe-bench JSON in this run: the predictions alone"; cat "$prefix-model-predictions.tsv"; } |
+      tee "$prefix-model-vs-measured.txt"
+  fi
+  return $status
+}
+
 # A step runs as this script again ("--step NAME") so that `timeout` has a process to limit.
 if [[ ${1:-} == --step ]]; then
   prefix=$FLASHMOE_SUITE_PREFIX
@@ -107,6 +134,7 @@ if [[ ${1:-} == --step ]]; then
     test) gpu_tests ;;
     sanitizer) PYTHON=$python_bin scripts/compute_sanitizer.sh ;;
     bench) bench ;;
+    model) model ;;
     *) echo "gpu_suite.sh: unknown step ${2:-}" >&2; exit 2 ;;
   esac
   exit $?
@@ -149,11 +177,12 @@ run_step() {
   return 0
 }
 
-for step in build test sanitizer bench; do
+for step in build test sanitizer bench model; do
   [[ $steps == *,$step,* ]] && run_step "$step"
 done
 
 [[ -f $prefix-targets.txt ]] && cat "$prefix-targets.txt" >> "$summary"
+[[ -f $prefix-model-vs-measured.txt ]] && cat "$prefix-model-vs-measured.txt" >> "$summary"
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "# FAILED steps: ${failed[*]}" | tee -a "$summary"
 else

@@ -182,21 +182,5 @@ else()
   message(STATUS "flashmoe: CUDA backend OFF (FLASHMOE_CUDA=${FLASHMOE_CUDA})")
 endif()
 
-# NVSHMEM: detected and reported only; no kernel uses it yet, and the build never needs it.
-set(FLASHMOE_NVSHMEM_FOUND OFF)
-set(_fm_nvshmem_home "$ENV{NVSHMEM_HOME}")
-if(NOT _fm_nvshmem_home)
-  execute_process(
-    COMMAND "${Python_EXECUTABLE}" -c
-      "import importlib.util, os; s = importlib.util.find_spec('nvidia.nvshmem'); print(list(s.submodule_search_locations)[0] if s and s.submodule_search_locations else '')"
-    OUTPUT_VARIABLE _fm_nvshmem_home OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
-endif()
-if(_fm_nvshmem_home AND EXISTS "${_fm_nvshmem_home}/include/nvshmem.h"
-   AND EXISTS "${_fm_nvshmem_home}/lib/libnvshmem_device.a")
-  set(FLASHMOE_NVSHMEM_FOUND ON)
-endif()
-if(FLASHMOE_NVSHMEM_FOUND)
-  message(STATUS "flashmoe: FLASHMOE_NVSHMEM_FOUND=ON (${_fm_nvshmem_home}); not linked yet")
-else()
-  message(STATUS "flashmoe: FLASHMOE_NVSHMEM_FOUND=OFF (set NVSHMEM_HOME or pip install nvidia-nvshmem-cu13)")
-endif()
+# The NVSHMEM module (flashmoe._nvshmem): FLASHMOE_NVSHMEM=AUTO|ON|OFF.
+include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeNvshmem.cmake)

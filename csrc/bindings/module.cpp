@@ -457,6 +457,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
 
+  // The NVSHMEM version flashmoe._nvshmem was built with (cmake/FlashmoeNvshmem.cmake), read
+  // without loading that module or libnvshmem_host.
+#ifdef FLASHMOE_NVSHMEM_VERSION_STRING
+  m.attr("nvshmem_version") = FLASHMOE_NVSHMEM_VERSION_STRING;
+#else
+  m.attr("nvshmem_version") = py::none();
+#endif
 #if FLASHMOE_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.def("cuda_build_info", [] {

@@ -16,8 +16,9 @@ def build_info() -> dict:
         ``cuda_archs``       the SASS targets it was compiled for, e.g. ``["sm_90a", "sm_80"]``; ``[]`` without it.
         ``cuda_version``     the nvcc version it was compiled with, e.g. ``"13.0"``, or None.
         ``cutlass_version``  the CuTe/CUTLASS headers it was compiled with, e.g. ``"4.2.0"``, or None.
-        ``nvshmem``          whether NVSHMEM is compiled in (multi-GPU); False for now.
-        ``nvshmem_version``  its version, or None.
+        ``nvshmem``          whether the NVSHMEM module ``flashmoe._nvshmem`` was built (``FLASHMOE_NVSHMEM``).
+        ``nvshmem_version``  the NVSHMEM version it was compiled against, e.g. ``"3.8.0"``, or None.
+                             Read from ``_C``: neither ``_nvshmem`` nor libnvshmem_host is loaded.
         ``torch_cuda``       ``torch.version.cuda``: the CUDA version of the running torch, None for a CPU build.
         ``gpu_available``    ``torch.cuda.is_available()``.
     """
@@ -27,6 +28,8 @@ def build_info() -> dict:
 
     cuda = bool(getattr(_C, "cuda_compiled", False))
     cuda_info = dict(_C.cuda_build_info()) if cuda else {}
+    nvshmem_version = getattr(_C, "nvshmem_version", None)
+    nvshmem_version = str(nvshmem_version) if nvshmem_version else None
     return {
         "version": __version__,
         "cpu": True,
@@ -35,8 +38,8 @@ def build_info() -> dict:
         "cuda_archs": [str(arch) for arch in cuda_info.get("archs", [])],
         "cuda_version": str(cuda_info["cuda_version"]) if cuda_info.get("cuda_version") else None,
         "cutlass_version": str(cuda_info["cutlass_version"]) if cuda_info.get("cutlass_version") else None,
-        "nvshmem": False,
-        "nvshmem_version": None,
+        "nvshmem": nvshmem_version is not None,
+        "nvshmem_version": nvshmem_version,
         "torch_cuda": torch.version.cuda,
         "gpu_available": bool(torch.cuda.is_available()),
     }

@@ -10,6 +10,7 @@ memory    will a configuration fit
 report    header, table, JSON
 cli       argument parsing and the sweep
 targets   bench/README.md's performance targets, read off the JSON
+model     the performance model of the CUDA kernel: predictions, and predicted beside measured
 """
 
 from .cli import main

@@ -1,0 +1,324 @@
+"""The NVSHMEM module flashmoe._nvshmem: its lazy loader, build_info's fields, that ``import flashmoe``
+never loads libnvshmem_host, the CMake detection (cmake/FlashmoeNvshmem.cmake) on fake NVSHMEM
+installs, and, marked ``gpu``, the W = 1 bootstrap, symmetric memory and the device self-test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import flashmoe
+from flashmoe.distributed import nvshmem
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = nvshmem.is_built()
+
+
+# --------------------------------------------------------------------------- loader and build_info
+
+def test_loader_names_the_missing_module(monkeypatch):
+    monkeypatch.setattr(nvshmem, "MODULE_NAME", "flashmoe._no_such_nvshmem_module")
+    monkeypatch.setattr(nvshmem, "_module", None)
+    assert nvshmem.is_built() is False
+    with pytest.raises(nvshmem.NvshmemUnavailableError, match=r"built without its NVSHMEM module.*nvshmem-cu13"):
+        nvshmem.load()
+    with pytest.raises(ImportError, match="FLASHMOE_NVSHMEM=ON"):
+        nvshmem.my_pe()  # every entry point goes through the loader
+
+
+@pytest.mark.skipif(BUILT, reason="this build has flashmoe._nvshmem")
+def test_loader_error_in_a_build_without_nvshmem():
+    with pytest.raises(nvshmem.NvshmemUnavailableError, match="flashmoe._nvshmem"):
+        nvshmem.version()
+    assert nvshmem.initialized() is False
+
+
+def test_build_info_reports_nvshmem():
+    info = flashmoe.build_info()
+    assert info["nvshmem"] is BUILT
+    if BUILT:
+        major, minor, patch = info["nvshmem_version"].split(".")
+        assert all(part.isdigit() for part in (major, minor, patch))
+        assert info["cuda"] is True  # the NVSHMEM module is only built beside the CUDA backend
+    else:
+        assert info["nvshmem_version"] is None
+
+
+class _FakeModule:
+    """Stands in for flashmoe._nvshmem to reach the Python guards without NVSHMEM."""
+
+    def __init__(self, initialized: bool = False):
+        self._initialized = initialized
+
+    def initialized(self) -> bool:
+        return self._initialized
+
+    def malloc(self, nbytes):  # pragma: no cover - the guards stop before it
+        raise AssertionError("reached the module")
+
+
+def test_init_refuses_a_foreign_libnvshmem_host(monkeypatch, tmp_path):
+    """NVSHMEM already brought in by someone else (torch's symmetric memory, say) from another copy."""
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule())
+    monkeypatch.setattr(nvshmem, "library_dir", lambda: tmp_path / "ours" / "lib")
+    monkeypatch.setattr(nvshmem, "loaded_host_libraries", lambda: ["/elsewhere/lib/libnvshmem_host.so.3"])
+    with pytest.raises(RuntimeError, match=r"another copy of libnvshmem_host is loaded.*/elsewhere/lib"):
+        nvshmem.init()
+    # Our own copy is not foreign; the next guard speaks.
+    ours = str(tmp_path / "ours" / "lib" / "libnvshmem_host.so.3")
+    monkeypatch.setattr(nvshmem, "loaded_host_libraries", lambda: [ours])
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        nvshmem.init()
+
+
+def test_init_twice_and_calls_before_init_are_refused(monkeypatch):
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule(initialized=True))
+    with pytest.raises(RuntimeError, match="already initialised by flashmoe"):
+        nvshmem.init()
+    monkeypatch.setattr(nvshmem, "_module", _FakeModule(initialized=False))
+    for call in (nvshmem.my_pe, nvshmem.n_pes, nvshmem.barrier_all, nvshmem.finalize, nvshmem.put_signal_selftest):
+        with pytest.raises(RuntimeError, match=r"not initialised \(call init\(group\) first\)"):
+            call()
+    for bad in (0, -8, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="nbytes must be a positive int"):
+            nvshmem.malloc(bad)
+
+
+def _nvshmem_build_expected() -> bool:
+    cuda = os.environ.get("FLASHMOE_CUDA", "AUTO").strip().upper()
+    mode = os.environ.get("FLASHMOE_NVSHMEM", "AUTO").strip().upper()
+    off = ("OFF", "0", "FALSE", "NO")
+    return (shutil.which("nvcc") is not None and cuda not in off and mode not in off
+            and nvshmem.library_dir() is not None)
+
+
+@pytest.mark.skipif(not _nvshmem_build_expected(), reason="no nvcc, no NVSHMEM wheel or NVSHMEM_HOME, or turned off")
+def test_nvshmem_module_built_and_loads_when_it_could_be():
+    """With nvcc and NVSHMEM at hand the AUTO build must have built flashmoe._nvshmem, its self-test
+    kernel is in the installed resource report, and it loads (no GPU needed for that)."""
+    assert BUILT, "nvcc and NVSHMEM are available but flashmoe was built without flashmoe._nvshmem"
+    from importlib import resources
+
+    table = resources.files("flashmoe").joinpath("_nvshmem_resource_usage.txt").read_text()
+    for arch in flashmoe.build_info()["cuda_archs"]:
+        assert any("put_signal_selftest_kernel" in line and f" {arch} " in line for line in table.splitlines()), table
+    versions = nvshmem.version()
+    assert nvshmem.load().init_status() == 0 and nvshmem.initialized() is False
+    assert versions["compiled"] == flashmoe.build_info()["nvshmem_version"]
+    assert versions["runtime"] == versions["compiled"]
+    assert str(versions["cuda_major"]) == flashmoe.build_info()["cuda_version"].split(".")[0]
+
+
+# --------------------------------------------------------------------------- import isolation
+
+ISOLATION = textwrap.dedent("""\
+    import json, sys
+    import torch
+    import flashmoe, flashmoe.distributed, flashmoe.distributed.nvshmem as fn
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 16, generator=g)
+    y = flashmoe.moe(x, torch.randn(4, 16, generator=g), torch.randn(4, 16, 16, generator=g),
+                     torch.randn(4, 16, 8, generator=g), top_k=2)
+    assert torch.isfinite(y).all()
+    flashmoe.build_info(); fn.is_built(); fn.library_dir()
+    before = ("flashmoe._nvshmem" in sys.modules, fn.loaded_host_libraries())
+    after = None
+    if sys.argv[1] == "load":
+        fn.load()
+        after = ("flashmoe._nvshmem" in sys.modules, fn.loaded_host_libraries())
+    print(json.dumps({"before": before, "after": after}))
+    """)
+
+
+def _isolation(mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", ISOLATION, mode], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_flashmoe_does_not_load_libnvshmem_host():
+    """import flashmoe, build_info(), the single-GPU op and importing the nvshmem loader map no
+    libnvshmem_host and import no flashmoe._nvshmem; in a build that has it, load() maps both, so
+    the check sees them when they are there."""
+    result = _isolation("load" if BUILT else "plain")
+    assert result["before"] == [False, []]
+    if BUILT:
+        loaded, libraries = result["after"]
+        assert loaded and any(Path(path).name.startswith("libnvshmem_host") for path in libraries)
+
+
+def test_loaded_host_libraries_reads_the_maps():
+    assert all("libnvshmem_host" in path for path in nvshmem.loaded_host_libraries())
+
+
+# --------------------------------------------------------------------------- CMake detection
+
+PROBE_PROJECT = textwrap.dedent("""\
+    cmake_minimum_required(VERSION 3.18)
+    project(nvshmem_probe LANGUAGES NONE)
+    # What cmake/FlashmoeCuda.cmake hands over: the CUDA backend and nvcc's version.
+    set(_fm_with_cuda ${PROBE_WITH_CUDA})
+    set(CMAKE_CUDA_COMPILER_VERSION "${PROBE_NVCC_VERSION}")
+    set(FLASHMOE_CUDA "${PROBE_WITH_CUDA}")
+    if(PROBE_FUNCTION_ONLY)  # the detection alone, as a matching install passes it
+      set(FLASHMOE_NVSHMEM_FUNCTIONS_ONLY ON)
+      include("${FLASHMOE_ROOT}/cmake/FlashmoeNvshmem.cmake")
+      string(REGEX MATCH "^[0-9]+" _major "${PROBE_NVCC_VERSION}")
+      flashmoe_find_nvshmem("${_major}" P)
+      message(STATUS "probe: found=${P_FOUND} version=${P_VERSION} cuda=${P_CUDA_MAJOR} device=${P_DEVICE_LIB} host=${P_HOST_LIB}")
+      return()
+    endif()
+    include("${FLASHMOE_ROOT}/cmake/FlashmoeNvshmem.cmake")
+    message(STATUS "probe: with_nvshmem=${_fm_with_nvshmem}")
+    """)
+
+
+def _fake_nvshmem(root: Path, cuda_release: str, device_lib: bool = True) -> Path:
+    """An NVSHMEM install as CMake sees it: headers with a version, a device archive and a host
+    library carrying the CUDA release string NVSHMEM's fatbinaries have."""
+    (root / "include" / "non_abi").mkdir(parents=True)
+    (root / "lib").mkdir()
+    (root / "include" / "nvshmem.h").write_text("// fake\n")
+    (root / "include" / "non_abi" / "nvshmem_version.h").write_text(
+        "#define NVSHMEM_VENDOR_MAJOR_VERSION 3\n#define NVSHMEM_VENDOR_MINOR_VERSION 7\n"
+        "#define NVSHMEM_VENDOR_PATCH_VERSION 2\n")
+    if device_lib:
+        (root / "lib" / "libnvshmem_device.a").write_bytes(b"!<arch>\n")
+    (root / "lib" / "libnvshmem_host.so.3").write_bytes(
+        b"\x7fELF\0\0junk\0Cuda compilation tools, release " + cuda_release.encode() + b", V0\0more\0")
+    return root
+
+
+def _configure(tmp_path: Path, *, nvcc: str = "13.0.88", with_cuda: str = "ON", mode: str = "AUTO",
+               home: Path | None = None, env: dict | None = None,
+               function_only: bool = False) -> subprocess.CompletedProcess:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("no cmake on PATH")
+    source = tmp_path / "src"
+    source.mkdir(exist_ok=True)
+    (source / "CMakeLists.txt").write_text(PROBE_PROJECT)
+    build = tmp_path / f"build-{len(list(tmp_path.iterdir()))}"
+    run_env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_HOME"}
+    run_env.update(env or {})
+    args = [cmake, "-S", str(source), "-B", str(build), f"-DFLASHMOE_ROOT={ROOT}", f"-DPROBE_NVCC_VERSION={nvcc}",
+            f"-DPROBE_WITH_CUDA={with_cuda}", f"-DFLASHMOE_NVSHMEM={mode}", f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DNVSHMEM_HOME={home or ''}", f"-DPROBE_FUNCTION_ONLY={'ON' if function_only else 'OFF'}"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=run_env)
+
+
+def test_cmake_cuda_major_mismatch_is_a_fatal_error(tmp_path):
+    home = _fake_nvshmem(tmp_path / "nvshmem", "12.8")
+    proc = _configure(tmp_path, nvcc="13.0.88", home=home)
+    assert proc.returncode != 0
+    err = " ".join(proc.stderr.split())
+    assert "NVSHMEM's CUDA major does not match nvcc's" in err
+    assert "built for CUDA 12, nvcc is CUDA 13" in err and "nvidia-nvshmem-cu13" in err
+
+
+def test_cmake_finds_a_matching_nvshmem_home(tmp_path):
+    home = _fake_nvshmem(tmp_path / "nvshmem", "12.8")
+    proc = _configure(tmp_path, nvcc="12.9.41", home=home, function_only=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"probe: found=ON version=3.7.2 cuda=12 device={home}/lib/libnvshmem_device.a "
+            f"host={home}/lib/libnvshmem_host.so.3") in proc.stdout
+    proc = _configure(tmp_path, nvcc="13.0.88", home=home, function_only=True)
+    assert proc.returncode != 0 and "built for CUDA 12, nvcc is CUDA 13" in " ".join(proc.stderr.split())
+
+
+def test_cmake_wheel_major_comes_from_its_name(tmp_path):
+    """No NVSHMEM_HOME: the wheel in the build Python's environment (found through nvidia.nvshmem and
+    its distribution's name, nvidia-nvshmem-cu12) is checked against nvcc 13."""
+    site = tmp_path / "site"
+    _fake_nvshmem(site / "nvidia" / "nvshmem", "13.0")  # the name wins over the release string
+    (site / "nvidia" / "nvshmem" / "__init__.py").write_text("")
+    dist_info = site / "nvidia_nvshmem_cu12-3.7.2.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-nvshmem-cu12\nVersion: 3.7.2\n")
+    proc = _configure(tmp_path, nvcc="13.0.88", env={"PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"})
+    assert proc.returncode != 0
+    err = " ".join(proc.stderr.split())
+    assert "the nvidia-nvshmem wheel" in err and "built for CUDA 12, nvcc is CUDA 13" in err
+
+
+def test_cmake_on_without_nvshmem_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _configure(tmp_path, mode="ON", home=empty)
+    assert proc.returncode != 0
+    assert "FLASHMOE_NVSHMEM=ON but NVSHMEM_HOME" in proc.stderr and "include/nvshmem.h" in proc.stderr
+    no_device = _fake_nvshmem(tmp_path / "nodev", "13.0", device_lib=False)
+    proc = _configure(tmp_path, mode="ON", home=no_device)
+    assert proc.returncode != 0 and "libnvshmem_device.a" in proc.stderr
+    proc = _configure(tmp_path, mode="ON", with_cuda="OFF", home=no_device)
+    assert proc.returncode != 0 and "the CUDA backend is not built" in proc.stderr
+
+
+def test_cmake_auto_without_nvshmem_builds_without_it(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _configure(tmp_path, mode="AUTO", home=empty)
+    assert proc.returncode == 0, proc.stderr
+    assert "NVSHMEM module OFF (FLASHMOE_NVSHMEM=AUTO)" in proc.stdout and "with_nvshmem=OFF" in proc.stdout
+    proc = _configure(tmp_path, mode="bogus", home=empty)
+    assert proc.returncode != 0 and "FLASHMOE_NVSHMEM must be AUTO, ON or OFF" in proc.stderr
+
+
+# --------------------------------------------------------------------------- on a GPU (W = 1)
+
+GPU_SCRIPT = textwrap.dedent("""\
+    import json, os, sys, tempfile
+    import torch, torch.distributed as dist
+    import flashmoe.distributed.nvshmem as fn
+    backend = sys.argv[1]
+    dist.init_process_group(backend, init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    out = {"versions": fn.version()}
+    fn.init()
+    out["pe"] = [fn.my_pe(), fn.n_pes()]
+    address = fn.malloc(1 << 20)
+    out["ptr_self"] = fn.ptr(address, 0) == address
+    try:
+        fn.malloc(1 << 50)
+        out["oversize"] = None
+    except RuntimeError as error:
+        out["oversize"] = str(error)
+    out["selftest"] = fn.put_signal_selftest(nbytes=1 << 16, timeout_seconds=10)
+    try:
+        fn.put_signal_selftest(nbytes=4096, timeout_seconds=0.2, put=False)
+        out["timeout"] = None
+    except RuntimeError as error:
+        out["timeout"] = str(error)
+    fn.free(address)
+    fn.finalize()
+    dist.destroy_process_group()
+    print(json.dumps(out))
+    """)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_nvshmem_w1_bootstrap_malloc_ptr_and_selftest(backend):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if not BUILT:
+        pytest.skip("flashmoe._nvshmem is not built")
+    proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT, backend], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pe"] == [0, 1]
+    assert out["ptr_self"] is True
+    assert out["oversize"] is not None and "NVSHMEM_SYMMETRIC_SIZE" in out["oversize"]
+    assert out["selftest"] == {"target_pe": 0, "source_pe": 0, "signal_value": 1, "mismatched_words": 0}
+    assert out["timeout"] is not None
+    assert "PE 0 timed out" in out["timeout"] and "flag from PE 0" in out["timeout"]
