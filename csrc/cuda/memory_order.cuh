@@ -62,8 +62,14 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 #else  // host emulation: the same orderings through the compiler's atomics
 
 // Polls acquire directly here: ThreadSanitizer does not model standalone fences.
-inline uint32_t ld_poll(const uint32_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
-inline uint64_t ld_poll(const uint64_t* address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+inline uint32_t ld_poll(const uint32_t* address) {
+  emulation::chaos_point();
+  return __atomic_load_n(address, __ATOMIC_ACQUIRE);
+}
+inline uint64_t ld_poll(const uint64_t* address) {
+  emulation::chaos_point();
+  return __atomic_load_n(address, __ATOMIC_ACQUIRE);
+}
 inline void acquire_fence() { FLASHMOE_COUNT(acquire_fences, 1); }
 // The fence of a broadcast is counted; its relaxed stores are release stores here, for the same
 // reason (to ThreadSanitizer they carry the ordering the fence gives them on the GPU).

@@ -12,7 +12,9 @@
 #else  // host emulation
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -72,6 +74,19 @@ struct Counters {
   }
 };
 inline Counters counters;
+
+// Chaos for the tests: with a seed set, every poll (memory_order.cuh) may yield or sleep a little,
+// so each launch runs another interleaving of the actors; results must not change by a bit.
+inline std::atomic<uint64_t> chaos_seed{0};  // 0: off
+inline void chaos_point() {
+  const uint64_t seed = chaos_seed.load(std::memory_order_relaxed);
+  if (seed == 0) return;
+  thread_local uint64_t state = 0;
+  if (state == 0) state = seed ^ (uint64_t(std::hash<std::thread::id>{}(std::this_thread::get_id())) | 1);
+  state ^= state << 13, state ^= state >> 7, state ^= state << 17;  // xorshift64
+  if (state % 2048 == 0) std::this_thread::sleep_for(std::chrono::microseconds(10 + state / 2048 % 50));
+  else if (state % 8 == 0) std::this_thread::yield();
+}
 
 inline thread_local Index thread_index;
 inline thread_local Index block_index;

@@ -7,7 +7,8 @@
 //       the routing options (selection bias, group limit, scale, softmax_topk, weight_on_input)
 //       go through the same route_token and dispatch/combine rules as the CPU backend;
 //   (b) every element of every output written (outputs and workspace start as NaN/garbage);
-//   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule);
+//   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule),
+//       the 5 under chaos: every poll may yield or sleep (emulation::chaos_seed), another interleaving;
 //   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1);
 //   (e) with a shared expert (its own cell of every token, with and without its gate), y still matches;
 //   (f) every launch keeps the scheduler's per-task budget of fences, hand-outs and global accesses
@@ -257,7 +258,9 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
     std::memset(workspace.get(), 0, size_t(params.workspace.zeroed_bytes()));
     params.pointers.workspace = workspace.get();
     cuda::emulation::counters.reset();
+    cuda::emulation::chaos_seed = processors == 5 ? seed : 0;  // one grid under chaos
     emulate_launch<M>(params);
+    cuda::emulation::chaos_seed = 0;
     const Costs launch_costs = Costs::read();
     if (costs) *costs = launch_costs;
 
@@ -357,6 +360,41 @@ std::vector<Case> cases() {
   return all;
 }
 
+// Workspace::row_tile_capacity, which sizes the scheduler's row-tile arrays, is a bound: random
+// splits of up to T·min(k, E) admitted rows over E cells (at most T rows each) never need more row
+// tiles, and the worst split (every cell one row past a whole tile) needs exactly that many.
+bool row_tile_capacity_holds() {
+  std::mt19937 rng{77};
+  const int64_t row_tile = cuda::gpu_tiling().row_tile;
+  for (int trial = 0; trial < 2000; ++trial) {
+    cuda::Workspace w;
+    w.tokens = std::uniform_int_distribution<int64_t>(1, 3000)(rng);
+    w.experts = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+    w.top_k = std::uniform_int_distribution<int64_t>(1, 10)(rng);
+    int64_t rows_left = w.tokens * std::min(w.top_k, w.experts), row_tiles = 0;
+    for (int64_t e = 0; e < w.experts && rows_left > 0; ++e) {
+      const int64_t rows = std::min({rows_left, w.tokens, std::uniform_int_distribution<int64_t>(0, 2 * row_tile)(rng)});
+      rows_left -= rows;
+      row_tiles += cuda::gpu_tiling().row_tiles(rows);
+    }
+    if (row_tiles > w.row_tile_capacity()) {
+      std::printf("FAIL row_tile_capacity: T=%lld E=%lld k=%lld needs %lld row tiles, capacity %lld\n",
+                  static_cast<long long>(w.tokens), static_cast<long long>(w.experts),
+                  static_cast<long long>(w.top_k), static_cast<long long>(row_tiles),
+                  static_cast<long long>(w.row_tile_capacity()));
+      return false;
+    }
+  }
+  cuda::Workspace tight;  // 3 cells of 129 rows: 6 row tiles from T·k = 387 rows
+  tight.tokens = 129, tight.experts = 3, tight.top_k = 3;
+  if (tight.row_tile_capacity() != 6) {
+    std::printf("FAIL row_tile_capacity: %lld for three cells of 129 rows, not 6\n",
+                static_cast<long long>(tight.row_tile_capacity()));
+    return false;
+  }
+  return true;
+}
+
 // Shapes whose scheduling costs the test prints: decode (a few tokens over many experts) and
 // prefill (many row tiles per expert), each also with capacity drops.
 constexpr int kCostGrid = 8;
@@ -398,6 +436,11 @@ int main(int argc, char** argv) {
     const bool bf16 = run_case<bfloat16, Math::bf16>(c, ++seed, verbose);
     passed += int(f32) + int(bf16);
     failed += int(!f32) + int(!bf16);
+  }
+  if (only.empty()) {
+    const bool holds = row_tile_capacity_holds();
+    passed += int(holds);
+    failed += int(!holds);
   }
   // What the scheduling costs at decode and prefill shapes, with drops, on a grid of 8 processors.
   for (const Case& c : cost_cases()) {
