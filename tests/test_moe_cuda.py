@@ -231,6 +231,20 @@ def test_option_grid(index):
     check_parity(problem, top_k=top_k, gated=gated, activation=activation, normalize=normalize, scoring=scoring)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=dtype_id)
+@pytest.mark.parametrize("scoring, hidden", [("softmax", 7168), ("sigmoid", 264)])
+def test_fp32_router_of_half_x(scoring, hidden, dtype):
+    """A float32 router (weight and bias) with bf16/fp16 x (issue 12, router precision): the gate task
+    upcasts x and sums the logits in gate.cuh's fixed fp32 order, within the contract's logit bound
+    at DeepSeek-V3's H = 7168, and the routing and y match the float64 reference."""
+    problem = make_problem(4100 + hidden, tokens=19, hidden=hidden, ffn=32, experts=16, dtype=dtype,
+                           router_bias=True, top_k=4, scoring=scoring)
+    g = torch.Generator().manual_seed(hidden)
+    problem["router_weight"] = torch.randn(16, hidden, generator=g) / math.sqrt(hidden)
+    problem["router_bias"] = torch.randn(16, generator=g) * 0.5
+    check_parity(problem, top_k=4, scoring=scoring)
+
+
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("activation", reference.ELEMENTWISE_ACTIVATIONS)
 @pytest.mark.parametrize("gated", (True, False), ids=("gated", "plain"))

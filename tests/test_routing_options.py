@@ -388,28 +388,13 @@ def test_routing_from_outside_with_weight_on_input(dtype):
     assert _rel_err(grad, grad_ref) <= max(TOLERANCE[dtype] * 5, 1e-10)
 
 
-def test_cuda_refuses_the_routing_options_it_lacks():
-    """The CUDA kernel's launcher asks _C which options it lacks (a NotImplementedError, never a
-    silent default): only the fp32 router of bf16/fp16 x; the gate task computes the others
-    (tests/cpp/test_cuda_emulation.cpp). The question is host code, checked here without a GPU."""
-    from flashmoe import ops
-    x, router_weight, w1, w2 = _args(torch.bfloat16)
-    base = dict(top_k=2, gated=True, activation="silu", normalize=True, scoring="softmax", capacity_factor=None)
-
-    def lacks(**changes):
-        options = {**base, **changes}
-        problem = ops._problem(x, w1, changes.pop("router", router_weight), None, None, None, options["top_k"],
-                               options["gated"], options["activation"], options["normalize"], options["scoring"],
-                               None, **{k: v for k, v in changes.items() if k in ops.ROUTING_OPTIONS})
-        return _C_lacks(problem)
-
-    from flashmoe import _C
-    _C_lacks = _C.cuda_lacks_routing_options
-    assert not lacks()
-    for changes in (dict(scoring="softmax_topk"), dict(selection_bias=torch.zeros(8)),
-                    dict(num_groups=4, topk_groups=2), dict(routed_scaling_factor=2.0), dict(weight_on="input")):
-        assert not lacks(**changes), changes
-    assert lacks(router=router_weight.float())
+def test_cuda_computes_every_routing_option():
+    """The CUDA kernel refuses no routing option: the fp32 router of bf16/fp16 x runs in its gate task
+    like the rest (tests/cpp/test_cuda_emulation.cpp checks it against the CPU backend), so neither _C
+    nor the op keeps a refusal to consult."""
+    from flashmoe import _C, ops
+    assert not hasattr(_C, "cuda_lacks_routing_options")
+    assert not hasattr(ops, "_refuse_cuda_routing_options")
 
 
 def test_opcheck_with_routing_options():

@@ -42,11 +42,6 @@ void require_shared_expert(const Problem& problem, uintptr_t shared_w1, uintptr_
   require(problem.has_shared_gate == (shared_gate != 0), "flashmoe: has_shared_gate disagrees with shared_gate");
 }
 
-// The routing options the CUDA kernel does not compute yet: refused, never defaulted. (Its gate
-// task runs route_token, so selection bias, groups, scale and softmax_topk are there; the fp32
-// router of bf16/fp16 x is not.)
-bool cuda_lacks_routing_options(const Problem& p) { return p.router_f32; }
-
 void moe_forward_cpu(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
@@ -190,8 +185,6 @@ void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weig
                       uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
                      uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
-  require(!cuda_lacks_routing_options(problem),
-          "flashmoe: the CUDA kernel has no fp32 router for bf16/fp16 x yet (router_f32)");
   require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
   cuda::Pointers pointers;
   pointers.selection_bias = as_ptr<const float>(selection_bias);
@@ -452,8 +445,6 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("scores"), py::arg("top_k"), py::arg("normalize"), py::arg("fp64"),
      "The native top-k of one token's scores: (ids in pick order, weights).");
 
-  m.def("cuda_lacks_routing_options", &cuda_lacks_routing_options, py::arg("problem"),
-        "Whether `problem` uses a routing option the CUDA kernel does not compute yet.");
   m.def("empty_cache", &cpu::empty_cache,
         "Frees the CPU backend's cached single-rank clusters (heaps kept between calls); returns bytes freed.");
 

@@ -122,30 +122,53 @@ FLASHMOE_HD int64_t route_scratch(const Problem& p) {
   return p.experts + (group_limited(p) ? 2 * p.num_groups : 0);
 }
 
-// kept[g] = 1 for the topk_groups best groups, else 0 (groups: num_groups scratch values). A
-// group's score is the sum of its two best keys (best first; its one key for groups of one);
-// groups are ranked as experts are: outranks(), then the lower index.
+// The score of group g: the sum of its two best keys (best first; its one key for groups of one).
+template <typename Acc>
+FLASHMOE_HD Acc group_score(const Problem& p, const SelectionKeys<Acc>& keys, int64_t g) {
+  const int64_t size = p.experts / p.num_groups;
+  const int32_t first = int32_t(g * size);
+  int32_t best = first, second = -1;
+  for (int32_t e = first + 1; e < first + size; ++e) {
+    if (picked_before(keys, e, best)) {
+      second = best;
+      best = e;
+    } else if (second < 0 || picked_before(keys, e, second)) {
+      second = e;
+    }
+  }
+  return second < 0 ? keys[best] : keys[best] + keys[second];
+}
+
+// Whether group g is among the topk_groups best of groups[num_groups] (ranked as experts are:
+// outranks(), then the lower index): Acc(1) when kept, else Acc(0).
+template <typename Acc>
+FLASHMOE_HD Acc group_kept(const Problem& p, const Acc* groups, int64_t g) {
+  int64_t ahead = 0;
+  for (int64_t h = 0; h < p.num_groups; ++h) ahead += picked_before(groups, int32_t(h), int32_t(g));
+  return ahead < p.topk_groups ? Acc(1) : Acc(0);
+}
+
+// kept[g] = 1 for the topk_groups best groups, else 0 (groups: num_groups scratch values).
 template <typename Acc>
 FLASHMOE_HD void keep_best_groups(const Problem& p, const SelectionKeys<Acc>& keys, Acc* groups, Acc* kept) {
-  const int64_t G = p.num_groups, size = p.experts / p.num_groups;
-  for (int64_t g = 0; g < G; ++g) {
-    const int32_t first = int32_t(g * size);
-    int32_t best = first, second = -1;
-    for (int32_t e = first + 1; e < first + size; ++e) {
-      if (picked_before(keys, e, best)) {
-        second = best;
-        best = e;
-      } else if (second < 0 || picked_before(keys, e, second)) {
-        second = e;
-      }
-    }
-    groups[g] = second < 0 ? keys[best] : keys[best] + keys[second];
+  for (int64_t g = 0; g < p.num_groups; ++g) groups[g] = group_score(p, keys, g);
+  for (int64_t g = 0; g < p.num_groups; ++g) kept[g] = group_kept(p, groups, g);
+}
+
+// The weights of the picks topk_ids [k] (in pick order) from the scores they were chosen by (the
+// raw logits under softmax_topk): softmax over the k logits, or the scores normalised when asked;
+// then the routed scaling factor.
+template <typename Acc>
+FLASHMOE_HD void weigh_picks(const Problem& p, const Acc* scores, const int32_t* topk_ids, Acc* topk_weights) {
+  const int64_t k = p.top_k;
+  for (int64_t j = 0; j < k; ++j) topk_weights[j] = scores[topk_ids[j]];
+  if (p.scoring == Scoring::softmax_topk) {
+    score_experts(topk_weights, k, Scoring::softmax, topk_weights);  // in place: reads each logit first
+  } else if (p.normalize) {
+    normalize_weights(topk_weights, k);
   }
-  for (int64_t g = 0; g < G; ++g) {
-    int64_t ahead = 0;
-    for (int64_t h = 0; h < G; ++h) ahead += picked_before(groups, int32_t(h), int32_t(g));
-    kept[g] = ahead < p.topk_groups ? Acc(1) : Acc(0);
-  }
+  const Acc scale = Acc(p.routed_scaling_factor);
+  for (int64_t j = 0; j < k; ++j) topk_weights[j] *= scale;
 }
 
 // One token's routing from its logits [E] (router bias included) under every option of the
@@ -164,14 +187,7 @@ FLASHMOE_HD void route_token(const Problem& p, const Acc* logits, const Acc* sel
     keys.kept = scratch + E + p.num_groups;
   }
   pick_top_k(keys, E, k, topk_ids);
-  for (int64_t j = 0; j < k; ++j) topk_weights[j] = scores[topk_ids[j]];
-  if (topk_softmax) {
-    score_experts(topk_weights, k, Scoring::softmax, topk_weights);  // in place: reads each logit first
-  } else if (p.normalize) {
-    normalize_weights(topk_weights, k);
-  }
-  const Acc scale = Acc(p.routed_scaling_factor);
-  for (int64_t j = 0; j < k; ++j) topk_weights[j] *= scale;
+  weigh_picks(p, scores, topk_ids, topk_weights);
 }
 
 }  // namespace flashmoe

@@ -13,7 +13,8 @@ enum class TaskKind : uint32_t {
   gemm1 = 2,    // out[rows, columns) of a row tile: h · W2ᵀ + b2, written to the source's heap
   combine = 3,  // y for tokens [column_begin, column_begin + columns): weighted sum over picks
   // The CUDA kernel also runs its gate and dispatch as tasks (the CPU backend's ranks do these inline).
-  gate = 4,      // router GEMM, scores and top-k of tokens [column_begin, column_begin + columns)
+  gate = 4,      // router logits of tokens [column_begin, column_begin + columns) × gate column tile row_tile;
+                 // the tile's last one also routes it (scores, top-k) (cuda/gate.cuh)
   route = 5,     // ordered prefix of the gate tiles' expert histograms: slots and expert offsets
   dispatch = 6,  // copy the admitted picks of tokens [column_begin, ...) into the dispatch rows
   stop = 7,      // the processor leaves its loop

@@ -84,7 +84,7 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
     if (task.kind == TaskKind::stop) return;
     switch (task.kind) {
       case TaskKind::gate:
-        gate_task<M>(buffers, smem, task.column_begin, task.columns, task.column_begin / token_tile);
+        gate_task<M>(buffers, smem, task, task.column_begin / token_tile);
         break;
       case TaskKind::route:
         route_task<M>(buffers, params.workspace.token_tiles());
@@ -126,7 +126,7 @@ struct Scheduler {
   const Control& control;
   uint8_t* base;
   Tiling tiling = gpu_tiling();
-  int64_t tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles, row_tile_capacity;
+  int64_t tiles, gate_tasks, ffn_tiles, hidden_tiles, shared_ffn_tiles, row_tile_capacity;
   // [processors]: the idle stack; what each one runs (its task's kind, cell, row tile in the cell);
   // how often its doorbell was rung.
   int32_t *idle, *running_kind, *running_cell, *running_tile, *rung;
@@ -158,8 +158,6 @@ struct Scheduler {
     shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
     shared_pending = p.problem.has_shared_expert() && p.problem.tokens > 0;
     cells_left = p.problem.experts + (shared_pending ? 1 : 0);
-    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    bound = 2 * tiles + 1 + p.bound.initial(p.problem.tokens);
     const SchedulerState layout = w.scheduler_layout();
     row_tile_capacity = layout.row_tiles;
     int32_t** arrays[SchedulerState::kArrays] = {&idle, &running_kind, &running_cell, &running_tile, &rung,
@@ -171,7 +169,10 @@ struct Scheduler {
       rung[p_index] = 0;  // the doorbells start zeroed with the control block
     }
     idle_count = p.processors;
-    gates_left = dispatches_left = tiles;
+    dispatches_left = tiles;
+    gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
+    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
+    bound = gate_tasks + tiles + 1 + p.bound.initial(p.problem.tokens);
   }
 
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
@@ -264,10 +265,12 @@ struct Scheduler {
       task.epoch = params.epoch;
       return true;
     }
-    if (gate_next < tiles) {
-      task = token_task(TaskKind::gate, gate_next++);
+    if (gate_next < gate_tasks) {
+      const int64_t column_tiles = GateColumns(params.problem).tiles();
+      task = token_task(TaskKind::gate, gate_next / column_tiles);
+      task.row_tile = int32_t(gate_next++ % column_tiles);  // the gate column tile
       // The gates come first (they lead to routing); the shared expert's tiles fill the wait.
-      if (gate_next == tiles && shared_pending) open_shared_cell();
+      if (gate_next == gate_tasks && shared_pending) open_shared_cell();
       return true;
     }
     return false;

@@ -21,8 +21,8 @@ BuildInfo build_info();
 // Raw device pointers of one call. Optional inputs are null when absent.
 struct Pointers {
   const void* x = nullptr;              // [T, H] dtype
-  const void* router_weight = nullptr;  // [E, H] dtype; null when problem.routing_given
-  const void* router_bias = nullptr;    // [E] dtype
+  const void* router_weight = nullptr;  // [E, H] dtype, or fp32 with problem.router_f32; null when routing_given
+  const void* router_bias = nullptr;    // [E] dtype, or fp32 with problem.router_f32
   const void* w1 = nullptr;             // [E, I or 2I, H] dtype
   const void* b1 = nullptr;             // [E, I or 2I] dtype
   const void* w2 = nullptr;             // [E, H, I] dtype

@@ -168,7 +168,6 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   require(problem.has_shared_gate == (pointers.shared_gate != nullptr), "has_shared_gate disagrees with shared_gate");
   require(problem.has_selection_bias == (pointers.selection_bias != nullptr),
           "has_selection_bias disagrees with selection_bias");
-  require(!problem.router_f32, "the CUDA kernel has no fp32 router for bf16/fp16 x yet (router_f32)");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device);
   if (problem.tokens == 0) {

@@ -9,6 +9,7 @@
 #include "core/capacity.h"
 #include "core/routing.h"
 #include "core/task.h"
+#include "cuda/gate.cuh"
 #include "cuda/kernel_params.h"
 #include "cuda/storage.cuh"
 #include "cuda/tile_mma.cuh"
@@ -59,54 +60,173 @@ struct Buffers {
   }
 };
 
-// Router GEMM of tokens [first, first + count) into router_logits, then scores and top-k per
-// token (core/routing.h) into topk_ids and topk_weights.
-template <Math M>
-FLASHMOE_DEVICE void route_tokens(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count) {
+// Router logits of tokens [first, first + count) × gate columns [column_begin, column_end) (gate.cuh's
+// order): column e < E is x·router_weight[e]ᵀ (+ router_bias[e]) into router_logits; column E is the
+// shared gate, σ(x·shared_gateᵀ) into shared_weight. The router is LoadW (x's dtype, or fp32 with
+// problem.router_f32: x upcast). A pass covers one column per warp: the warp carries kGateTokens
+// tokens at a time through its column's weight chunks, its lanes' partials of every token meet in
+// shared memory (`partials`: 4 warps · kGateTokenTile tokens · 32 lanes floats), and one thread per
+// logit adds them. Two barriers per pass, which every thread reaches.
+template <Math M, typename LoadW>
+FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int64_t first, int64_t count,
+                                 int64_t column_begin, int64_t column_end) {
   using S = Storage<M>;
+  using T = typename S::Type;
+  using W = typename LoadW::Type;
+  constexpr int kWarps = kThreads / 32;
   const Problem& problem = buffers.params.problem;
-  const int64_t E = problem.experts, H = problem.hidden, k = problem.top_k;
-  float* logits = buffers.params.pointers.router_logits;
-  const auto* bias = buffers.router_bias();
-  const Operand tokens{buffers.x() + first * H, count, H};
-  for (int64_t e0 = 0; e0 < E; e0 += kTileN) {
-    const Operand experts{buffers.router_weight() + e0 * H, E - e0 < kTileN ? E - e0 : kTileN, H};
-    gemm_tile<M, false>(smem, tokens, experts, experts, H, [&](int m, int n, float value, float) {
-      if (m < count && e0 + n < E) {
-        logits[(first + m) * E + e0 + n] = value + (bias ? S::load(bias[e0 + n]) : 0.0f);
+  const int64_t E = problem.experts, H = problem.hidden;
+  const T* x = buffers.x() + first * H;
+  const W* router = static_cast<const W*>(buffers.params.pointers.router_weight);
+  const W* bias = static_cast<const W*>(buffers.params.pointers.router_bias);
+  const T* shared_gate = buffers.shared_gate();
+  auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15) == 0; };
+  static_assert(kWarps * kGateTokenTile * kLogitLanes * sizeof(float) + sizeof(uint32_t) <= kTileSmemBytes,
+                "the gate's partials and flag fit the tile's shared memory");
+  const bool chunks = H % kLogitChunk == 0 && aligned(x);
+  const bool router_vector = chunks && aligned(router), gate_vector = chunks && aligned(shared_gate);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  for (int64_t e0 = column_begin; e0 < column_end; e0 += kWarps) {
+    const int64_t e = e0 + warp;
+    if (e < column_end) {
+      for (int64_t t0 = 0; t0 < count; t0 += kGateTokens) {
+        const int tokens = int(count - t0 < kGateTokens ? count - t0 : kGateTokens);
+        float partial[kGateTokens];
+        if (e == E) {
+          logit_partials<S, S, kGateTokens>(x + t0 * H, tokens, shared_gate, H, lane, gate_vector, partial);
+        } else {
+          logit_partials<S, LoadW, kGateTokens>(x + t0 * H, tokens, router + e * H, H, lane, router_vector, partial);
+        }
+        FLASHMOE_UNROLL
+        for (int t = 0; t < kGateTokens; ++t) {
+          if (t < tokens) partials[((warp * kGateTokenTile) + t0 + t) * kLogitLanes + lane] = partial[t];
+        }
       }
-    });
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < kWarps * count; i += kThreads) {
+      const int64_t column = i / count, t = i - column * count, c = e0 + column, token = first + t;
+      if (c >= column_end) continue;
+      const float logit = sum_lane_partials(partials + (column * kGateTokenTile + t) * kLogitLanes);
+      if (c == E) {
+        buffers.shared_weight()[token] = 1.0f / (1.0f + std::exp(-logit));
+      } else {
+        buffers.params.pointers.router_logits[token * E + c] = bias ? logit + LoadW::load(bias[c]) : logit;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// route_token (core/routing.h) of tokens [first, first + count) by the whole CTA, with its exact
+// arithmetic: the order-free parts (each expert's score, each group's score and rank, each pick's
+// place) one thread per (token, item); the ordered sums (the softmax's max and denominator, the
+// pick weights) one thread per token, in route_token's order. A pick's place is its rank, the
+// number of experts picked_before it, so the k picks land in pick order with no sort.
+// `per_token`: 2·count floats of shared memory.
+template <Math M>
+FLASHMOE_DEVICE void route_tile(const Buffers<M>& buffers, float* per_token, int64_t first, int64_t count) {
+  const Problem& problem = buffers.params.problem;
+  const int64_t E = problem.experts, k = problem.top_k, G = problem.num_groups;
+  const int64_t stride = buffers.params.workspace.scores_per_token;
+  const float* logits = buffers.params.pointers.router_logits + first * E;
+  float* scratch = buffers.scores() + first * stride;
+  const bool topk_softmax = problem.scoring == Scoring::softmax_topk;
+  const int64_t items = count * E;
+  if (problem.scoring == Scoring::sigmoid) {
+    for (int64_t i = threadIdx.x; i < items; i += kThreads) {
+      const int64_t t = i / E, e = i - t * E;
+      scratch[t * stride + e] = 1.0f / (1.0f + std::exp(-logits[t * E + e]));
+    }
+  } else if (!topk_softmax) {  // score_experts' softmax
+    for (int64_t t = threadIdx.x; t < count; t += kThreads) {
+      const float* row = logits + t * E;
+      float max_logit = row[0];
+      for (int64_t e = 1; e < E; ++e) max_logit = row[e] > max_logit ? row[e] : max_logit;
+      per_token[t] = max_logit;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < items; i += kThreads) {
+      const int64_t t = i / E, e = i - t * E;
+      scratch[t * stride + e] = std::exp(logits[t * E + e] - per_token[t]);
+    }
+    __syncthreads();
+    for (int64_t t = threadIdx.x; t < count; t += kThreads) {
+      float sum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) sum += scratch[t * stride + e];
+      per_token[count + t] = sum;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < items; i += kThreads) {
+      const int64_t t = i / E, e = i - t * E;
+      scratch[t * stride + e] /= per_token[count + t];
+    }
   }
   __syncthreads();
-  const int64_t scratch = buffers.params.workspace.scores_per_token;
+  auto keys_of = [&](int64_t t) {
+    const float* scores = topk_softmax ? logits + t * E : scratch + t * stride;
+    return SelectionKeys<float>{scores, buffers.params.pointers.selection_bias, nullptr, E / G};
+  };
+  if (group_limited(problem)) {  // keep_best_groups, a thread per (token, group)
+    for (int64_t i = threadIdx.x; i < count * G; i += kThreads) {
+      const int64_t t = i / G, g = i - t * G;
+      scratch[t * stride + E + g] = group_score(problem, keys_of(t), g);
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < count * G; i += kThreads) {
+      const int64_t t = i / G, g = i - t * G;
+      scratch[t * stride + E + G + g] = group_kept(problem, scratch + t * stride + E, g);
+    }
+    __syncthreads();
+  }
+  int32_t* ids = buffers.params.pointers.topk_ids + first * k;
+  for (int64_t i = threadIdx.x; i < items; i += kThreads) {
+    const int64_t t = i / E;
+    const int32_t e = int32_t(i - t * E);
+    SelectionKeys<float> keys = keys_of(t);
+    if (group_limited(problem)) keys.kept = scratch + t * stride + E + G;
+    int64_t rank = 0;
+    for (int32_t other = 0; other < E && rank < k; ++other) rank += picked_before(keys, other, e);
+    if (rank < k) ids[t * k + rank] = e;
+  }
+  __syncthreads();
   for (int64_t t = threadIdx.x; t < count; t += kThreads) {
-    const int64_t token = first + t;
-    route_token<float>(problem, logits + token * E, buffers.params.pointers.selection_bias,
-                       buffers.scores() + token * scratch, buffers.params.pointers.topk_ids + token * k,
-                       buffers.params.pointers.topk_weights + token * k);
+    weigh_picks(problem, topk_softmax ? logits + t * E : scratch + t * stride, ids + t * k,
+                buffers.params.pointers.topk_weights + (first + t) * k);
   }
   __syncthreads();
 }
 
-// Gate of tokens [first, first + count): route_tokens, then this tile's expert histogram for the
-// ordered prefix. With routing from outside (problem.routing_given) topk_ids is an input and the
-// router is skipped: only the histogram is left.
-//
-// With a shared gate, also σ(x·shared_gateᵀ) of each token (fp32 accumulation, ascending h) for the combine.
+// One gate task: the logits of token tile `tile` (tokens [first, first + count)) × gate column tile
+// task.row_tile (gate.cuh GateColumns). The task that completes the tile's last column tile (a
+// counter per tile in the workspace, acq_rel) then routes the tile (route_tile) and writes its
+// expert histogram for the ordered prefix. With routing from outside (problem.routing_given)
+// topk_ids is an input and the router is skipped: only the shared gate and the histogram are left.
 template <Math M>
-FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, int64_t first, int64_t count, int64_t tile) {
-  using S = Storage<M>;
+FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
   const Problem& problem = buffers.params.problem;
-  if (problem.has_shared_gate) {
-    const int64_t H = problem.hidden;
-    for (int64_t t = threadIdx.x; t < count; t += kThreads) {
-      const auto* row = buffers.x() + (first + t) * H;
-      float logit = 0.0f;
-      for (int64_t n = 0; n < H; ++n) logit += S::load(row[n]) * S::load(buffers.shared_gate()[n]);
-      buffers.shared_weight()[first + t] = 1.0f / (1.0f + std::exp(-logit));
-    }
+  const int64_t first = task.column_begin, count = task.columns;
+  const GateColumns columns(problem);
+  float* scratch = reinterpret_cast<float*>(smem);  // partials, then the per-token values
+  uint32_t* last = reinterpret_cast<uint32_t*>(smem + kTileSmemBytes) - 1;
+  const int64_t begin = columns.tile_begin(task.row_tile), end = columns.tile_end(task.row_tile);
+  if (problem.router_f32) {
+    gate_logits<M, FloatStorage<M>>(buffers, scratch, first, count, begin, end);
+  } else {
+    gate_logits<M, Storage<M>>(buffers, scratch, first, count, begin, end);
   }
-  if (!problem.routing_given) route_tokens(buffers, smem, first, count);
+  if (columns.tiles() > 1) {
+    // The barrier orders the CTA's logits before thread 0's release; its acquire, before the
+    // barrier that lets every thread read the other tasks' logits.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t* done = buffers.template at<uint32_t>(buffers.params.workspace.gate_done) + tile;
+      *last = atomic_add_acq_rel(done, 1u) + 1u == uint32_t(columns.tiles());
+    }
+    __syncthreads();
+    if (!*last) return;
+  }
+  if (!problem.routing_given) route_tile(buffers, scratch, first, count);
   const int64_t E = problem.experts, k = problem.top_k;
   const int32_t* ids = buffers.params.pointers.topk_ids + first * k;
   for (int64_t e = threadIdx.x; e < E; e += kThreads) {
@@ -268,31 +388,91 @@ FLASHMOE_DEVICE void gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const 
   }
 }
 
+// Adds weight · chunk h0.. of `row` (kLogitChunk elements, those at or past `valid` as zeros) to sum,
+// element by element as sum += weight · value: the combine's one expression.
+template <typename S>
+FLASHMOE_DEVICE void add_weighted_chunk(float (&sum)[kLogitChunk], float weight, const typename S::Type* row,
+                                        bool vector, int64_t valid) {
+  float values[kLogitChunk];
+  load_chunk<S>(row, vector, valid, values);
+  FLASHMOE_UNROLL
+  for (int i = 0; i < kLogitChunk; ++i) sum[i] += weight * values[i];
+}
+
+// Picks of a token the combine keeps in registers; a token with more reads the rest from memory.
+constexpr int kCombinePicks = 16;
+
 // Combine of tokens [first, first + count): y[t] = Σ_j weight[t, j] · out[row(t, j)], in
 // ascending j with fp32 accumulation, then + g[t] · shared_out[t] with a shared expert (g = 1 without
 // its gate); a dropped pick adds nothing. No atomics.
+//
+// Each thread owns 8-element chunks of one token's row (16-byte loads and stores when H % 8 == 0
+// and the rows are aligned; element by element otherwise): `lanes` threads per token, and
+// tokens_per_pass tokens side by side when a row has fewer chunks than the CTA has threads. The
+// index arithmetic is per task, not per element. A token's pick rows and weights sit in registers.
 template <Math M>
 FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int64_t count) {
   using S = Storage<M>;
+  using T = typename S::Type;
   const Problem& problem = buffers.params.problem;
   const int64_t H = problem.hidden, k = problem.top_k;
   const int32_t* rows = buffers.pick_row();
   const float* weights = buffers.params.pointers.topk_weights;
-  const auto* outputs = buffers.return_row(0);  // the return rows are contiguous, H apart
-  auto* y = buffers.y();
-  for (int64_t i = threadIdx.x; i < count * H; i += kThreads) {
-    const int64_t token = first + i / H, n = i % H;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t row = rows[token * k + j];
-      const float weight = problem.weight_on_input ? 1.0f : weights[token * k + j];
-      if (row >= 0) sum += weight * S::load(outputs[int64_t(row) * H + n]);
+  const T* outputs = buffers.return_row(0);  // the return rows are contiguous, H apart
+  const T* shared_out = problem.has_shared_expert() ? buffers.shared_out() : nullptr;
+  const float* shared_weight = problem.has_shared_gate ? buffers.shared_weight() : nullptr;
+  T* y = buffers.y();
+  auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15) == 0; };
+  const bool vector = H % kLogitChunk == 0 && aligned(outputs) && aligned(y) && (!shared_out || aligned(shared_out));
+  const int64_t chunks = (H + kLogitChunk - 1) / kLogitChunk;
+  const int64_t lanes = chunks < kThreads ? chunks : kThreads;
+  const int64_t tokens_per_pass = kThreads / lanes;
+  const int64_t slot = int64_t(threadIdx.x) / lanes, lane = int64_t(threadIdx.x) - slot * lanes;
+  if (slot >= tokens_per_pass) return;
+  for (int64_t token = first + slot; token < first + count; token += tokens_per_pass) {
+    int32_t pick_rows[kCombinePicks];
+    float pick_weights[kCombinePicks];
+    FLASHMOE_UNROLL
+    for (int j = 0; j < kCombinePicks; ++j) {
+      pick_rows[j] = j < k ? rows[token * k + j] : -1;
+      pick_weights[j] = j < k && !problem.weight_on_input ? weights[token * k + j] : 1.0f;
     }
-    if (problem.has_shared_expert()) {
-      const float weight = problem.has_shared_gate ? buffers.shared_weight()[token] : 1.0f;
-      sum += weight * S::load(buffers.shared_out()[token * H + n]);
+    const float shared = shared_weight ? shared_weight[token] : 1.0f;
+    for (int64_t chunk = lane; chunk < chunks; chunk += lanes) {
+      const int64_t h0 = chunk * kLogitChunk, valid = H - h0;
+      float sum[kLogitChunk];
+      FLASHMOE_UNROLL
+      for (int i = 0; i < kLogitChunk; ++i) sum[i] = 0.0f;
+      FLASHMOE_UNROLL
+      for (int j = 0; j < kCombinePicks; ++j) {
+        if (pick_rows[j] >= 0) {
+          add_weighted_chunk<S>(sum, pick_weights[j], outputs + int64_t(pick_rows[j]) * H + h0, vector, valid);
+        }
+      }
+      for (int64_t j = kCombinePicks; j < k; ++j) {
+        const int32_t row = rows[token * k + j];
+        const float weight = problem.weight_on_input ? 1.0f : weights[token * k + j];
+        if (row >= 0) add_weighted_chunk<S>(sum, weight, outputs + int64_t(row) * H + h0, vector, valid);
+      }
+      if (shared_out) add_weighted_chunk<S>(sum, shared, shared_out + token * H + h0, vector, valid);
+      alignas(16) T values[kLogitChunk];
+      FLASHMOE_UNROLL
+      for (int i = 0; i < kLogitChunk; ++i) values[i] = S::store(sum[i]);
+      T* destination = y + token * H + h0;
+      if (vector) {
+        constexpr int kPerVector = 16 / int(sizeof(T));
+        FLASHMOE_UNROLL
+        for (int v = 0; v < kLogitChunk / kPerVector; ++v) {
+#if defined(__CUDACC__)
+          reinterpret_cast<uint4*>(destination)[v] = reinterpret_cast<const uint4*>(values)[v];
+#else
+          std::memcpy(destination + v * kPerVector, values + v * kPerVector, 16);
+#endif
+        }
+      } else {
+        for (int64_t i = 0; i < valid && i < kLogitChunk; ++i) destination[i] = values[i];
+      }
     }
-    y[token * H + n] = S::store(sum);
   }
 }
 

@@ -6,6 +6,7 @@
 //     inbox            Message [inbox_capacity]  the scheduler's inbox (completions, arrivals)
 //     counters         uint32 [kCounters]        inbox tail and head, return flags seen
 //     doorbells        uint32 [processors]       sequence number of the processor's current task
+//     gate_done        uint32 [token_tiles]      gate tasks finished per token tile (tasks.cuh gate_task)
 //   heap      HeapLayout of world size 1; its flags (first 2·flags_bytes) are zeroed with the control
 //   task_slots          Task [processors]
 //   tile_counts         int32 [token_tiles][E]    expert histogram of each gate tile
@@ -102,7 +103,7 @@ struct Workspace {
   int64_t scores_per_token = 0;  // route_scratch(problem); 0 means E
 
   // Offsets, filled by plan().
-  int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, control_end = 0;
+  int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, gate_done = 0, control_end = 0;
   int64_t heap = 0, heap_flags_end = 0;
   int64_t task_slots = 0, tile_counts = 0, tile_base = 0, expert_offsets = 0, admitted = 0, scores = 0;
   int64_t pick_row = 0, scheduler_state = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
@@ -155,6 +156,7 @@ struct Workspace {
     take(&Workspace::inbox, inbox_capacity_n * N(int64_t(sizeof(Message))));
     take(&Workspace::counters, N(kCounters) * four);
     take(&Workspace::doorbells, N(processors) * four);
+    take(&Workspace::gate_done, token_tiles_n * four);
     if (record) record->control_end = plain_value(at);
     take(&Workspace::heap, layout.total_bytes<N>());
     if (record) record->heap_flags_end = record->heap + 2 * layout.flags_bytes();

@@ -360,7 +360,6 @@ def _moe_forward_cuda(x, router_weight, w1, w2, router_bias, b1, b2, top_k, gate
     _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, router_weight, router_bias, b1, b2, top_k, gated, activation, normalize, scoring,
                        capacity_factor, swiglu_limit, swiglu_alpha, shared_w1, shared_gate, **routing)
-    _refuse_cuda_routing_options(problem)
     outputs = _empty_outputs(x, router_weight, top_k)
     y, topk_ids, topk_weights, expert_counts, router_logits, dropped = outputs
     _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
@@ -405,15 +404,6 @@ def _launch_cuda(problem, x, router_weight, router_bias, w1, b1, w2, b2, y, topk
             device=device, stream=torch.cuda.current_stream(device).cuda_stream, **_shared_addresses(*shared),
             selection_bias=_address(selection_bias),
         )
-
-
-def _refuse_cuda_routing_options(problem) -> None:
-    """The routing option the CUDA kernel does not compute yet (a float32 router with bf16/fp16 x):
-    a named error, never a silent default (the native CPU op and the reference compute it)."""
-    if _C.cuda_lacks_routing_options(problem):
-        raise NotImplementedError(
-            "flashmoe::moe_forward's CUDA kernel has no float32 router for bf16/fp16 x yet; pass router_weight "
-            "(and router_bias) in x's dtype, run on the CPU, or use flashmoe.moe(..., backend='reference')")
 
 
 @moe_forward.register_fake
@@ -805,7 +795,6 @@ def _moe_experts_forward_cuda(x, w1, w2, b1, b2, topk_ids, topk_weights, gated, 
                    shared=(shared_w1, shared_w2, shared_gate))
     problem = _problem(x, w1, None, None, b1, b2, topk_ids.shape[1], gated, activation, None, None, capacity_factor,
                        swiglu_limit, swiglu_alpha, shared_w1, shared_gate, weight_on=weight_on)
-    _refuse_cuda_routing_options(problem)
     y, expert_counts, dropped = _empty_experts_outputs(x, w1)
     _launch_cuda(problem, x, None, None, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts, None, dropped,
                  (shared_w1, shared_w2, shared_gate))

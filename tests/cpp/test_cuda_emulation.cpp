@@ -13,6 +13,8 @@
 //   (e) with a shared expert (its own cell of every token, with and without its gate), y still matches;
 //   (f) every launch keeps the scheduler's per-task budget of fences, hand-outs and global accesses
 //       (over_budget), counted by the emulation; the costs of decode and prefill shapes are printed.
+//   (g) router_logits bit for bit in gate.cuh's order (a float32 router for bf16/fp16 x included),
+//       whichever gate task of a token tile finishes last and routes it.
 // Under ThreadSanitizer this also checks that every hand-off between actors is ordered by the
 // kernel's acquire/release pairs.
 //
@@ -48,6 +50,7 @@ struct Case {
   std::string name;
   Problem problem;
   double capacity_factor = 0;  // 0: dropless
+  bool router_f32 = false;     // a float32 router (weight and bias) for the bf16/fp16 runs
 };
 
 template <Math M>
@@ -57,7 +60,7 @@ void emulate_launch(const cuda::KernelParams& params) {
   std::vector<std::unique_ptr<emu::Barrier>> barriers;
   for (int c = 0; c < ctas; ++c) barriers.push_back(std::make_unique<emu::Barrier>(cuda::kThreads));
   std::vector<Task> tasks(static_cast<size_t>(ctas));
-  // Each CTA's dynamic shared memory (the scheduler keeps its state in CTA 0's).
+  // Each CTA's dynamic shared memory (the gate task keeps its partials and flags there, the scheduler its state in CTA 0's).
   std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> smem;
   for (int c = 0; c < ctas; ++c) {
     smem.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(cuda::kSmemAlignment, cuda::kTileSmemBytes)), &std::free);
@@ -156,6 +159,49 @@ std::string over_budget(const Costs& c, int64_t experts, int64_t processors) {
   return error;
 }
 
+// gate.cuh's documented order written out on its own (chunks of 8 to 32 lanes, fma in ascending h,
+// then the butterfly), to check logit_dot, which the kernel's logits are checked against.
+template <typename X, typename W>
+float documented_logit(const X* x, const W* w, int64_t H) {
+  float partials[32];
+  for (int lane = 0; lane < 32; ++lane) {
+    float acc = 0.0f;
+    for (int64_t chunk = lane; chunk * 8 < H; chunk += 32) {
+      for (int64_t h = chunk * 8; h < std::min<int64_t>(chunk * 8 + 8, H); ++h) {
+        acc = std::fma(to_float(x[h]), to_float(w[h]), acc);
+      }
+    }
+    partials[lane] = acc;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    for (int lane = 0; lane < offset; ++lane) partials[lane] = partials[lane] + partials[lane + offset];
+  }
+  return partials[0];
+}
+
+template <typename LoadX, typename LoadW>
+bool logit_order_matches(std::mt19937& rng) {
+  for (int64_t H : {1, 7, 8, 40, 257, 7168}) {
+    const auto x = random_values<typename LoadX::Type>(rng, size_t(H), 1.0f);
+    const auto w = random_values<typename LoadW::Type>(rng, size_t(H), 1.0f);
+    const float have = cuda::logit_dot<LoadX, LoadW>(x.data(), w.data(), H);
+    const float want = documented_logit(x.data(), w.data(), H);
+    if (std::memcmp(&have, &want, sizeof(float)) != 0) {
+      std::printf("FAIL logit_dot differs from the documented order at H=%lld\n", static_cast<long long>(H));
+      return false;
+    }
+  }
+  return true;
+}
+
+// One logit in gate.cuh's order (the router LoadW: x's Storage, or FloatStorage for router_f32), + bias.
+template <typename LoadW, typename X>
+float reference_logit(const X* x, const typename LoadW::Type* router, int64_t e, int64_t H, const void* bias) {
+  constexpr Math kM = std::is_same_v<X, bfloat16> ? Math::bf16 : std::is_same_v<X, float16> ? Math::f16 : Math::f32;
+  const float logit = cuda::logit_dot<cuda::Storage<kM>, LoadW>(x, router + e * H, H);
+  return bias ? logit + LoadW::load(static_cast<const typename LoadW::Type*>(bias)[e]) : logit;
+}
+
 // Runs case `c` on each grid of `grids` processor CTAs against the CPU backend; with `costs`, also
 // records the counters of the last grid's launch there.
 template <typename T, Math M>
@@ -163,6 +209,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
               Costs* costs = nullptr) {
   Problem problem = c.problem;
   problem.dtype = dtype_of<T>();
+  problem.router_f32 = c.router_f32 && !std::is_same_v<T, float>;
   const int64_t T_ = problem.tokens, H = problem.hidden, I = problem.ffn, E = problem.experts, k = problem.top_k;
   const int64_t n0 = problem.gemm0_cols();
   problem.expert_capacity = c.capacity_factor > 0 ? expert_capacity(c.capacity_factor, T_, k, E) : kDropless;
@@ -170,6 +217,13 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
   const auto x = random_values<T>(rng, size_t(T_ * H), 1.0f);
   const auto router = random_values<T>(rng, size_t(E * H), 1.0f / std::sqrt(float(H)));
   const auto router_bias = random_values<T>(rng, size_t(E), 0.5f);
+  const auto router32 = random_values<float>(rng, size_t(E * H), 1.0f / std::sqrt(float(H)));
+  const auto router_bias32 = random_values<float>(rng, size_t(E), 0.5f);
+  const void* router_weight = problem.routing_given ? nullptr
+                              : problem.router_f32 ? static_cast<const void*>(router32.data()) : router.data();
+  const void* router_bias_pointer = !problem.has_router_bias ? nullptr
+                                    : problem.router_f32 ? static_cast<const void*>(router_bias32.data())
+                                                         : router_bias.data();
   const auto w1 = random_values<T>(rng, size_t(E * n0 * H), 1.0f / std::sqrt(float(H)));
   const auto b1 = random_values<T>(rng, size_t(E * n0), 0.1f);
   const auto w2 = random_values<T>(rng, size_t(E * H * I), 1.0f / std::sqrt(float(I)));
@@ -212,8 +266,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
   // The CPU backend: the reference of this test.
   Outputs expected = fresh_outputs();
   {
-    const cpu::ExpertWeights weights{problem.routing_given ? nullptr : router.data(),
-                                     optional(problem.has_router_bias, router_bias), w1.data(),
+    const cpu::ExpertWeights weights{router_weight, router_bias_pointer, w1.data(),
                                      optional(problem.has_b1, b1), w2.data(), optional(problem.has_b2, b2), 0,
                                      selection, optional(S > 0, shared_w1), optional(S > 0, shared_w2),
                                      optional(problem.has_shared_gate, shared_gate)};
@@ -229,8 +282,8 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
     Outputs got = fresh_outputs();
     cuda::Pointers pointers;
     pointers.x = x.data();
-    pointers.router_weight = problem.routing_given ? nullptr : router.data();
-    pointers.router_bias = optional(problem.has_router_bias, router_bias);
+    pointers.router_weight = router_weight;
+    pointers.router_bias = router_bias_pointer;
     pointers.w1 = w1.data();
     pointers.b1 = optional(problem.has_b1, b1);
     pointers.w2 = w2.data();
@@ -284,6 +337,20 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
     for (size_t i = 0; i < (problem.routing_given ? 0 : got.router_logits.size()); ++i) {
       if (!(std::fabs(got.router_logits[i] - expected.router_logits[i]) <= 1e-4f * (1 + std::fabs(expected.router_logits[i])))) {
         fail("router_logits[" + std::to_string(i) + "] differs");
+        break;
+      }
+    }
+    // The logits bit for bit against gate.cuh's order run on one host thread.
+    for (int64_t t = 0; t < (problem.routing_given ? 0 : T_); ++t) {
+      bool same = true;
+      for (int64_t e = 0; e < E && same; ++e) {
+        const float want = problem.router_f32 ? reference_logit<cuda::FloatStorage<M>>(x.data() + t * H, router32.data(), e, H, router_bias_pointer)
+                                              : reference_logit<cuda::Storage<M>>(x.data() + t * H, router.data(), e, H, router_bias_pointer);
+        const float have = got.router_logits[size_t(t * E + e)];
+        same = std::memcmp(&want, &have, sizeof(float)) == 0;
+      }
+      if (!same) {
+        fail("router_logits of token " + std::to_string(t) + " differ from gate.cuh's order");
         break;
       }
     }
@@ -357,6 +424,21 @@ std::vector<Case> cases() {
   all.back().problem.weight_on_input = true, all.back().problem.routed_scaling_factor = 0.5;
   add("given routing weight_on_input", 40, 32, 24, 6, 2, true, Activation::silu, Scoring::softmax, true, true, 0, true);
   all.back().problem.weight_on_input = true;
+  // More picks than the combine keeps in registers (the rest read from memory, in the same order).
+  add("many picks", 21, 40, 16, 24, 18, true, Activation::silu, Scoring::softmax, true, true, 0.8);
+  // A float32 router for bf16/fp16 x (issue 12's router precision): x upcast, the logits in gate.cuh's
+  // order; H a whole number of 16-byte chunks or not; softmax, sigmoid and the grouped selection.
+  add("fp32 router softmax", 37, 40, 24, 6, 2, true, Activation::silu, Scoring::softmax, true, true, 0);
+  all.back().router_f32 = true;
+  add("fp32 router sigmoid ragged H", 29, 36, 16, 5, 2, false, Activation::gelu, Scoring::sigmoid, false, true, 0.8);
+  all.back().router_f32 = true;
+  add("fp32 router deepseek", 45, 264, 24, 32, 4, true, Activation::silu, Scoring::sigmoid, true, true, 0.9);
+  all.back().router_f32 = true, all.back().problem.has_selection_bias = true;
+  all.back().problem.num_groups = 8, all.back().problem.topk_groups = 3, all.back().problem.routed_scaling_factor = 2.5;
+  // Several gate column tiles (E + 1 columns: the shared gate's is the last); lanes with two chunks.
+  add("fp32 router many columns shared gate", 11, 264, 16, 20, 3, true, Activation::silu, Scoring::softmax, true,
+      true, 0, false, 8, true);
+  all.back().router_f32 = true;
   return all;
 }
 
@@ -430,12 +512,31 @@ int main(int argc, char** argv) {
   }
   int passed = 0, failed = 0;
   uint64_t seed = 1234;
+  {
+    std::mt19937 rng{99};
+    const bool orders = logit_order_matches<cuda::Storage<Math::bf16>, cuda::Storage<Math::bf16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::bf16>, cuda::FloatStorage<Math::bf16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::f16>, cuda::FloatStorage<Math::f16>>(rng) &&
+                        logit_order_matches<cuda::Storage<Math::f32>, cuda::Storage<Math::f32>>(rng);
+    passed += int(orders);
+    failed += int(!orders);
+  }
+  if (cuda::gpu_tiling().token_tile > cuda::kGateTokenTile) {
+    std::printf("FAIL the gate's shared partials hold %d tokens, a token tile has %lld\n", cuda::kGateTokenTile,
+                static_cast<long long>(cuda::gpu_tiling().token_tile));
+    ++failed;
+  }
   for (const Case& c : cases()) {
     if (!only.empty() && c.name.find(only) == std::string::npos) continue;
     const bool f32 = run_case<float, Math::f32>(c, ++seed, verbose);
     const bool bf16 = run_case<bfloat16, Math::bf16>(c, ++seed, verbose);
     passed += int(f32) + int(bf16);
     failed += int(!f32) + int(!bf16);
+    if (c.router_f32) {
+      const bool f16 = run_case<float16, Math::f16>(c, ++seed, verbose);
+      passed += int(f16);
+      failed += int(!f16);
+    }
   }
   if (only.empty()) {
     const bool holds = row_tile_capacity_holds();
