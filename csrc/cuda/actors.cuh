@@ -2,11 +2,13 @@
 // warps 1..3 are subscribers — and every other CTA is a processor driven by its doorbell.
 //
 //   processor p:  waits for doorbells[p] to change, runs task_slots[p], posts a completion.
-//   scheduler:    drains its inbox (completions, cell arrivals, combine-ready), tracks the task
-//                 dependencies and the task-count bound (core/task_bound.h), hands ready tasks to
-//                 idle processors, and stops them when the completed count meets the bound.
-//   subscribers:  turn the dispatch signals of the heap into cell arrivals for the scheduler, then
-//                 wait for every return signal and release the combine.
+//   scheduler:    in rounds: books at most kDrainPerRound messages of its inbox, tracks the task
+//                 dependencies and the task-count bound (core/task_bound.h) in its private state
+//                 (CTA 0's shared memory), hands ready tasks to idle processors, publishes the round
+//                 with one fence, and stops the processors when the completed count meets the bound.
+//                 At world size 1 it books its own cells' arrivals and returns directly.
+//   subscribers:  the flag path for cells of peers: their dispatch signals become arrivals for the
+//                 scheduler; they wait for every peer's return signal and release the combine.
 //
 // A shared expert is one more cell (index E) of the T tokens, read from x: the scheduler opens it
 // itself once every gate task is handed out, runs its GEMM0/GEMM1 tiles like any cell's, and opens
@@ -27,6 +29,8 @@
 #include "cuda/tasks.cuh"
 
 namespace flashmoe::cuda {
+
+static_assert(kSchedulerSmemBytes <= kTileSmemBytes, "the scheduler's state fits the shared memory every CTA has");
 
 struct Control {
   uint32_t* inbox_ready;
@@ -100,63 +104,75 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
       default:
         break;
     }
-    __threadfence();
+    // No fence per thread: the barrier orders every thread's writes of the task before thread 0's
+    // release of the completion, which is cumulative (docs/protocol.md §8.1).
     __syncthreads();
-    if (threadIdx.x == 0) control.post(Message{kCompletion, self, 0, 0});
+    if (threadIdx.x == 0) {
+      FLASHMOE_COUNT(tasks, 1);
+      control.post(Message{kCompletion, self, 0, 0});
+    }
   }
 }
 
-// The scheduler's bookkeeping, all in its own thread: no other thread reads these arrays.
+// The scheduler's bookkeeping, all in its own thread, in SchedulerState's arrays (workspace.h): in
+// CTA 0's shared memory when they fit, else in the workspace. No other thread touches them, and the
+// scheduler never reads back from global memory what it wrote there itself.
 struct Scheduler {
+  // Messages booked per round at most before work is handed out: a burst of completions (one per
+  // processor, hundreds at a time) does not keep the processors it frees idle until it is all read.
+  static constexpr int kDrainPerRound = 32;
+
   const KernelParams& params;
   const Control& control;
   uint8_t* base;
   Tiling tiling = gpu_tiling();
-  int64_t tiles, gate_tasks, max_row_tiles, ffn_tiles, hidden_tiles, shared_ffn_tiles;
-  int32_t* gemm0_left;
-  int32_t* gemm1_left;
-  int32_t* cell_rows;
-  int32_t* cell_first_row;
-  int32_t* gemm0_queue;
-  int32_t* gemm1_queue;
-  int32_t* idle;
+  int64_t tiles, gate_tasks, ffn_tiles, hidden_tiles, shared_ffn_tiles, row_tile_capacity;
+  // [processors]: the idle stack; what each one runs (its task's kind, cell, row tile in the cell);
+  // how often its doorbell was rung.
+  int32_t *idle, *running_kind, *running_cell, *running_tile, *rung;
+  // [cells]: rows, first dispatch row, first row tile (in the row-tile arrays), GEMM1s left; the
+  // queue of cells whose GEMM0s wait.
+  int32_t *cell_rows, *cell_first_row, *cell_tile_base, *gemm1_left, *gemm0_queue;
+  // [row tiles], numbered in the order their cells open: GEMM0s left, the queue of row tiles whose
+  // GEMM1s wait, and each one's cell.
+  int32_t *gemm0_left, *gemm1_queue, *tile_cell;
+  int64_t row_tiles_open = 0;
   int64_t idle_count = 0;
   int64_t gate_next = 0, gates_left = 0;
   bool route_ready = false, route_issued = false, dispatch_open = false;
   int64_t dispatch_next = 0, dispatches_left = 0;
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
-  bool combine_open = false, returns_done = false, shared_done = true, shared_pending = false;
+  bool combine_open = false, returns_done = true, shared_pending = false;
   int64_t combine_next = 0;
+  int64_t cells_left = 0;  // own cells (the shared expert's included) not yet complete
+  int64_t bound = 0;       // the task-count bound, corrected as cells arrive
+  int64_t done = 0;        // tasks completed
 
-  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c) : params(p), control(c) {
+  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c, int32_t* state) : params(p), control(c) {
     base = static_cast<uint8_t*>(p.pointers.workspace);
     const Workspace& w = p.workspace;
     tiles = w.token_tiles();
-    max_row_tiles = w.max_row_tiles();
     ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
     hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
     shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
     shared_pending = p.problem.has_shared_expert() && p.problem.tokens > 0;
-    shared_done = !shared_pending;
-    gemm0_left = reinterpret_cast<int32_t*>(base + w.gemm0_left);
-    gemm1_left = reinterpret_cast<int32_t*>(base + w.gemm1_left);
-    cell_rows = reinterpret_cast<int32_t*>(base + w.cell_rows);
-    cell_first_row = reinterpret_cast<int32_t*>(base + w.cell_first_row);
-    gemm0_queue = reinterpret_cast<int32_t*>(base + w.gemm0_queue);
-    gemm1_queue = reinterpret_cast<int32_t*>(base + w.gemm1_queue);
-    idle = reinterpret_cast<int32_t*>(base + w.idle);
-    for (int32_t p_index = 0; p_index < p.processors; ++p_index) idle[p_index] = p.processors - 1 - p_index;
+    cells_left = p.problem.experts + (shared_pending ? 1 : 0);
+    const SchedulerState layout = w.scheduler_layout();
+    row_tile_capacity = layout.row_tiles;
+    int32_t** arrays[SchedulerState::kArrays] = {&idle, &running_kind, &running_cell, &running_tile, &rung,
+                                                 &cell_rows, &cell_first_row, &cell_tile_base, &gemm1_left,
+                                                 &gemm0_queue, &gemm0_left, &gemm1_queue, &tile_cell};
+    for (int32_t a = 0; a < SchedulerState::kArrays; ++a) *arrays[a] = state + layout.offset(a);
+    for (int32_t p_index = 0; p_index < p.processors; ++p_index) {
+      idle[p_index] = p.processors - 1 - p_index;
+      rung[p_index] = 0;  // the doorbells start zeroed with the control block
+    }
     idle_count = p.processors;
     dispatches_left = tiles;
     gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
-  }
-
-  FLASHMOE_DEVICE SignalWord* signal(int64_t offset) const {
-    return reinterpret_cast<SignalWord*>(base + params.workspace.heap + offset);
-  }
-  FLASHMOE_DEVICE void publish(int64_t offset, int64_t rows, int64_t first_row) const {
-    st_release(&signal(offset)->bits, SignalWord::make(params.epoch, rows, first_row).bits);
+    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
+    bound = gate_tasks + tiles + 1 + p.bound.initial(p.problem.tokens);
   }
 
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
@@ -169,14 +185,14 @@ struct Scheduler {
     return task;
   }
 
-  FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t expert, int64_t row_tile, int64_t column_tile, int64_t width) const {
+  FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t cell, int64_t row_tile, int64_t column_tile, int64_t width) const {
     Task task;
     task.kind = kind;
     task.epoch = params.epoch;
-    task.local_expert = expert;
+    task.local_expert = cell;
     task.row_tile = int32_t(row_tile);
-    task.first_row = cell_first_row[expert] + row_tile * tiling.row_tile;
-    const int64_t rows_left = cell_rows[expert] - row_tile * tiling.row_tile;
+    task.first_row = cell_first_row[cell] + row_tile * tiling.row_tile;
+    const int64_t rows_left = cell_rows[cell] - row_tile * tiling.row_tile;
     task.rows = rows_left < tiling.row_tile ? rows_left : tiling.row_tile;
     const int64_t tile_width = kind == TaskKind::gemm0 ? tiling.ffn_tile : tiling.hidden_tile;
     task.column_begin = column_tile * tile_width;
@@ -190,15 +206,32 @@ struct Scheduler {
   FLASHMOE_DEVICE int64_t cell_ffn(int64_t cell) const { return is_shared(cell) ? params.problem.shared_ffn : params.problem.ffn; }
   FLASHMOE_DEVICE int64_t cell_ffn_tiles(int64_t cell) const { return is_shared(cell) ? shared_ffn_tiles : ffn_tiles; }
 
+  // A cell of `rows` > 0 rows from `first_row` is ready: its row tiles take the next numbers, and
+  // its GEMM0s join the queue.
+  FLASHMOE_DEVICE void open_cell(int32_t cell, int64_t rows, int64_t first_row) {
+    const int64_t row_tiles = tiling.row_tiles(rows);
+    if (row_tiles_open + row_tiles > row_tile_capacity) {  // Workspace::row_tile_capacity is a bound, not a guess
+#if FLASHMOE_BOUNDED_WAITS
+      printf("flashmoe: scheduler row tiles exceed their capacity %lld\n", static_cast<long long>(row_tile_capacity));
+#endif
+      __trap();
+    }
+    cell_rows[cell] = int32_t(rows);
+    cell_first_row[cell] = int32_t(first_row);
+    cell_tile_base[cell] = int32_t(row_tiles_open);
+    for (int64_t tile = 0; tile < row_tiles; ++tile) {
+      gemm0_left[row_tiles_open + tile] = int32_t(cell_ffn_tiles(cell));
+      tile_cell[row_tiles_open + tile] = cell;
+    }
+    row_tiles_open += row_tiles;
+    gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
+    gemm0_queue[gemm0_tail++] = cell;
+  }
+
   // The shared expert's cell: rows 0..T-1 (token order), ready as soon as it is opened.
   FLASHMOE_DEVICE void open_shared_cell() {
-    const int64_t cell = params.problem.experts, rows = params.problem.tokens, row_tiles = tiling.row_tiles(rows);
     shared_pending = false;
-    cell_rows[cell] = int32_t(rows);
-    cell_first_row[cell] = 0;
-    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[cell * max_row_tiles + tile] = int32_t(shared_ffn_tiles);
-    gemm1_left[cell] = int32_t(row_tiles * hidden_tiles);
-    gemm0_queue[gemm0_tail++] = int32_t(cell);
+    open_cell(int32_t(params.problem.experts), params.problem.tokens, 0);
   }
 
   // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
@@ -208,9 +241,8 @@ struct Scheduler {
       return true;
     }
     if (gemm1_head < gemm1_tail) {
-      const int32_t cell = gemm1_queue[gemm1_head];
-      task = cell_task(TaskKind::gemm1, int32_t(cell / max_row_tiles), cell % max_row_tiles, gemm1_cursor,
-                       params.problem.hidden);
+      const int32_t row_tile = gemm1_queue[gemm1_head], cell = tile_cell[row_tile];
+      task = cell_task(TaskKind::gemm1, cell, row_tile - cell_tile_base[cell], gemm1_cursor, params.problem.hidden);
       if (++gemm1_cursor == hidden_tiles) gemm1_cursor = 0, ++gemm1_head;
       return true;
     }
@@ -246,9 +278,8 @@ struct Scheduler {
 
   FLASHMOE_DEVICE void completed(int32_t processor) {
     idle[idle_count++] = processor;
-    const Task& task = control.task_slots[processor];
-    const HeapLayout heap = params.workspace.heap_layout();
-    switch (task.kind) {
+    const int32_t cell = running_cell[processor];
+    switch (TaskKind(running_kind[processor])) {
       case TaskKind::gate:
         route_ready = --gates_left == 0;
         break;
@@ -257,108 +288,133 @@ struct Scheduler {
         break;
       case TaskKind::dispatch:
         if (--dispatches_left == 0) {
-          // Every row is in place: signal each cell, empty ones included (the protocol's local write).
+          // Every row is in place. The cells are this rank's own (world size 1): each one's arrival
+          // goes straight into the bookkeeping, no flag, subscriber or inbox between (the flags
+          // carry only what peers send).
           const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
           const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
-          for (int64_t e = 0; e < params.problem.experts; ++e) publish(heap.dispatch_flag(0, e), admitted[e], offsets[e]);
+          for (int32_t e = 0; e < int32_t(params.problem.experts); ++e) arrived(e, admitted[e], offsets[e]);
+          FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
         }
         break;
       case TaskKind::gemm0: {
-        const int64_t cell = task.local_expert * max_row_tiles + task.row_tile;
-        if (--gemm0_left[cell] == 0) gemm1_queue[gemm1_tail++] = int32_t(cell);
+        const int32_t row_tile = cell_tile_base[cell] + running_tile[processor];
+        if (--gemm0_left[row_tile] == 0) gemm1_queue[gemm1_tail++] = row_tile;
         break;
       }
       case TaskKind::gemm1:
-        if (--gemm1_left[task.local_expert] != 0) break;
-        if (is_shared(task.local_expert)) {  // no signal: the combine is this CTA's own
-          shared_done = true;
-          combine_open = returns_done;
-        } else {
-          publish(heap.return_flag(0, task.local_expert), cell_rows[task.local_expert],
-                  cell_first_row[task.local_expert]);
-        }
+        if (--gemm1_left[cell] != 0) break;
+        cell_returned();  // the shared expert's, or an own cell's: no return flag to self
         break;
       default:
         break;
     }
   }
 
-  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row, int64_t& bound) {
-    bound -= params.bound.correction(rows);
-    cell_rows[expert] = rows;
-    cell_first_row[expert] = first_row;
-    if (rows == 0) {
-      publish(params.workspace.heap_layout().return_flag(0, expert), 0, first_row);
-      return;
-    }
-    const int64_t row_tiles = tiling.row_tiles(rows);
-    for (int64_t tile = 0; tile < row_tiles; ++tile) gemm0_left[expert * max_row_tiles + tile] = int32_t(ffn_tiles);
-    gemm1_left[expert] = int32_t(row_tiles * hidden_tiles);
-    gemm0_queue[gemm0_tail++] = expert;
+  // A cell is complete (its last GEMM1 ran, or it was empty); the combine opens after the last,
+  // the shared expert's included, once every peer's return flag is in too.
+  FLASHMOE_DEVICE void cell_returned() {
+    --cells_left;
+    combine_open = cells_left == 0 && returns_done;
   }
 
+  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row) {
+    bound -= params.bound.correction(rows);
+    if (rows == 0) cell_returned();
+    else open_cell(expert, rows, first_row);
+  }
+
+  // One round: take at most kDrainPerRound messages from the inbox (polls, then one acquire fence
+  // for all of them), book them, hand ready tasks to idle processors, then publish the round with
+  // one release fence: the inbox head (producers' room) and every doorbell rung, relaxed.
   FLASHMOE_DEVICE void run() {
-    // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    int64_t bound = gate_tasks + tiles + 1 + params.bound.initial(params.problem.tokens);
-    int64_t done = 0;
     uint32_t head = 0;
     while (true) {
-      const int64_t slot = int64_t(head) % control.inbox_capacity;
-      if (ld_poll(&control.inbox_ready[slot]) == head + 1) {
-        acquire_fence();
-        const Message message = control.inbox[slot];
-        st_release(&control.counters[kInboxHead], ++head);
+      int drained = 0;
+      while (drained < kDrainPerRound &&
+             ld_poll(&control.inbox_ready[int64_t(head + drained) % control.inbox_capacity]) == head + drained + 1) {
+        ++drained;
+      }
+      if (drained > 0) acquire_fence();
+      for (int i = 0; i < drained; ++i, ++head) {
+        const Message message = control.inbox[int64_t(head) % control.inbox_capacity];
+        FLASHMOE_COUNT(scheduler_global, 2);  // the poll that found it, the message
         if (message.kind == kCompletion) {
           completed(message.a);
           ++done;
         } else if (message.kind == kArrival) {
-          arrived(message.a, message.b, message.c, bound);
-        } else {
+          arrived(message.a, message.b, message.c);
+        } else {  // kCombineReady: every peer's return flag is in
           returns_done = true;
-          combine_open = shared_done;
+          combine_open = cells_left == 0;
         }
-        continue;  // drain the inbox before handing out work
       }
       if (done == bound) break;
+      int handed = 0;
       Task task;
       while (idle_count > 0 && next_task(task)) {
         const int32_t processor = idle[--idle_count];
         control.task_slots[processor] = task;
-        st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
+        running_kind[processor] = int32_t(task.kind);
+        running_cell[processor] = task.local_expert;
+        running_tile[processor] = task.row_tile;
+        ++handed;
+        FLASHMOE_COUNT(scheduler_global, 1);  // the task
+        FLASHMOE_COUNT(handouts, 1);
       }
-#if FLASHMOE_BOUNDED_WAITS
-      spin_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
+      if (drained > 0 || handed > 0) {
+        release_fence();
+        if (drained > 0) st_relaxed(&control.counters[kInboxHead], head), FLASHMOE_COUNT(scheduler_global, 1);
+        // This round's processors are still above the idle stack's top.
+        for (int64_t i = idle_count; i < idle_count + handed; ++i) {
+          st_relaxed(&control.doorbells[idle[i]], uint32_t(++rung[idle[i]]));
+          FLASHMOE_COUNT(scheduler_global, 1);
+        }
+      }
+#if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
+      wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
                               done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
 #endif
     }
+    // The stop broadcast: every slot, one fence, then the doorbells.
     for (int32_t processor = 0; processor < params.processors; ++processor) {
       control.task_slots[processor].kind = TaskKind::stop;
-      st_release(&control.doorbells[processor], control.doorbells[processor] + 1);
     }
+    release_fence();
+    for (int32_t processor = 0; processor < params.processors; ++processor) {
+      st_relaxed(&control.doorbells[processor], uint32_t(++rung[processor]));
+    }
+    FLASHMOE_COUNT(scheduler_global, 2 * params.processors);
   }
 };
 
-// Subscriber `index` of `count`: cells index, index + count, ...
+// Subscriber `index` of `count`: the flag path, for the cells that peers signal. A peer's dispatch
+// signal becomes an arrival in the scheduler's inbox, and the combine waits for every peer's return
+// flag. At world size 1 there are none: the scheduler books its own cells' arrivals and returns
+// directly, and the subscribers leave at once.
 FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count) {
   const Control control(params);
   uint8_t* heap = static_cast<uint8_t*>(params.pointers.workspace) + params.workspace.heap;
   const HeapLayout layout = params.workspace.heap_layout();
-  const int64_t E = params.problem.experts;
+  const int64_t self = 0, local = layout.placement.local_experts();
+  const int64_t peer_cells = (layout.placement.world_size - 1) * local;
+  auto peer = [&](int64_t cell) { return cell / local < self ? cell / local : cell / local + 1; };
   int64_t mine = 0;
-  for (int64_t e = index; e < E; e += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(0, e));
+  for (int64_t cell = index; cell < peer_cells; cell += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(peer(cell), cell % local));
     SignalWord word;
     spin_until([&] { return (word.bits = ld_poll(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32,
                params.wait_limit_ns);
-    control.post(Message{kArrival, int32_t(e), int32_t(word.rows()), int32_t(word.first_row())});
+    control.post(Message{kArrival, int32_t(cell % local), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
-  for (int64_t e = index; e < E; e += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(0, e));
+  for (int64_t cell = index; cell < peer_cells; cell += count) {
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(peer(cell), cell % local));
     spin_until([&] { return SignalWord{ld_poll(flag)}.is_epoch(params.epoch); }, "return signal", 64,
                params.wait_limit_ns);
   }
-  if (mine > 0 && atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(E)) {
+  if (mine > 0 &&
+      atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(peer_cells)) {
     control.post(Message{kCombineReady, 0, 0, 0});
   }
 }
@@ -370,7 +426,10 @@ FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) {
       const Control control(params);
-      Scheduler(params, control).run();
+      const Workspace& w = params.workspace;
+      int32_t* state = reinterpret_cast<int32_t*>(
+          w.scheduler_in_smem() ? smem : static_cast<uint8_t*>(params.pointers.workspace) + w.scheduler_state);
+      Scheduler(params, control, state).run();
     } else if (threadIdx.x >= 32) {
       subscriber(params, int(threadIdx.x) - 32, kThreads - 32);
     }

@@ -15,12 +15,7 @@
 //   admitted            int32 [E]                 admitted rows of each expert
 //   scores              float [T][scores_per_token] (route_token's scratch: E, plus 2 per group under a group limit)
 //   pick_row            int32 [T·k]               dispatch row of each pick, -1 when dropped
-//   gemm0_left          int32 [C][max_row_tiles]  scheduler-private dependency counters (C cells below)
-//   gemm1_left          int32 [C]
-//   cell_rows, cell_first_row  int32 [C]
-//   gemm0_queue         int32 [C]                 cells whose GEMM0 tasks wait to be issued
-//   gemm1_queue         int32 [C·max_row_tiles]   row tiles whose GEMM1 tasks wait
-//   idle                int32 [processors]        stack of idle processors
+//   scheduler_state     SchedulerState            only when it does not fit CTA 0's shared memory
 //   h                   dtype [region_rows][I]    the intermediate activation, one row per dispatch row
 //   shared_h            dtype [T][S]              the shared expert's intermediate activation  } with a shared
 //   shared_out          dtype [T][H]              its output of every token                     } expert only
@@ -62,6 +57,36 @@ struct Message {
 
 enum MessageKind : int32_t { kCompletion = 1, kArrival = 2, kCombineReady = 3 };
 
+// Shared memory of CTA 0 that the scheduler's state may take (CTA 0 runs no tiles; every CTA has
+// kTileSmemBytes, actors.cuh checks that this fits).
+constexpr int64_t kSchedulerSmemBytes = 48 * 1024;
+
+// The scheduler's private state (actors.cuh Scheduler): int32 arrays back to back, sized by what
+// one call can need. No other thread reads it, so it lives in CTA 0's shared memory when it fits.
+struct SchedulerState {
+  enum Array : int32_t {
+    idle, running_kind, running_cell, running_tile, rung,          // [processors]
+    cell_rows, cell_first_row, cell_tile_base, gemm1_left, gemm0_queue,  // [cells]
+    gemm0_left, gemm1_queue, tile_cell,                             // [row tiles]
+    kArrays
+  };
+  int64_t processors = 0, cells = 0, row_tiles = 0;
+
+  FLASHMOE_HD int64_t length(int32_t array) const {
+    return array < cell_rows ? processors : array < gemm0_left ? cells : row_tiles;
+  }
+  FLASHMOE_HD int64_t offset(int32_t array) const {  // in int32 elements
+    int64_t at = 0;
+    for (int32_t a = 0; a < array; ++a) at += length(a);
+    return at;
+  }
+  template <typename N>
+  FLASHMOE_HD static N bytes(N processors, N cells, N row_tiles) {
+    return N(4) * (N(5) * processors + N(5) * cells + N(3) * row_tiles);
+  }
+  FLASHMOE_HD int64_t bytes() const { return bytes<int64_t>(processors, cells, row_tiles); }
+};
+
 enum Counter : int32_t { kInboxTail = 0, kInboxHead = 1, kReturnsSeen = 2, kCounters = 8 };
 
 struct Workspace {
@@ -81,14 +106,27 @@ struct Workspace {
   int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, gate_done = 0, control_end = 0;
   int64_t heap = 0, heap_flags_end = 0;
   int64_t task_slots = 0, tile_counts = 0, tile_base = 0, expert_offsets = 0, admitted = 0, scores = 0;
-  int64_t pick_row = 0, gemm0_left = 0, gemm1_left = 0, cell_rows = 0, cell_first_row = 0, gemm0_queue = 0;
-  int64_t gemm1_queue = 0, idle = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
+  int64_t pick_row = 0, scheduler_state = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
+  // Shared memory the scheduler's state may take in CTA 0; the tests set 0 to run it from the workspace.
+  int64_t scheduler_smem_bytes = kSchedulerSmemBytes;
 
   FLASHMOE_HD static int64_t align(int64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
   FLASHMOE_HD int64_t token_tiles() const { return gpu_tiling().token_tiles(tokens); }
-  // A cell holds at most one pick per token, so at most `tokens` rows.
-  FLASHMOE_HD int64_t max_row_tiles() const { return gpu_tiling().row_tiles(tokens); }
+  // Row tiles of all cells of one call together: the E expert cells share at most T·min(k, E)
+  // admitted rows, and Σ ceil(rows/row_tile) over E cells ≤ (rows + (row_tile − 1)·E) / row_tile;
+  // plus the shared expert's ceil(T/row_tile).
+  template <typename N = int64_t>
+  FLASHMOE_HD N row_tile_capacity() const {
+    const N row_tile = N(gpu_tiling().row_tile), picks = N(top_k < experts ? top_k : experts);
+    const N experts_tiles = (N(tokens) * picks + (row_tile - N(1)) * N(experts)) / row_tile;
+    return experts_tiles + (shared_ffn > 0 ? gpu_tiling().row_tiles<N>(tokens) : N(0));
+  }
+  FLASHMOE_HD SchedulerState scheduler_layout() const {
+    return SchedulerState{processors, cells(), row_tile_capacity()};
+  }
+  // The scheduler's state lives in CTA 0's shared memory when it fits, else in the workspace.
+  FLASHMOE_HD bool scheduler_in_smem() const { return scheduler_layout().bytes() <= scheduler_smem_bytes; }
   // Every processor has at most one completion in flight, every cell one arrival, plus the combine.
   FLASHMOE_HD int64_t inbox_capacity() const { return processors + experts + 1; }
   // The scheduler's cells: one per expert, and the shared expert's (index E) when there is one.
@@ -109,7 +147,7 @@ struct Workspace {
       at = at + HeapLayout::align<N>(bytes);
     };
     const N four = N(4);
-    const N token_tiles_n = gpu_tiling().token_tiles<N>(tokens), max_row_tiles_n = gpu_tiling().row_tiles<N>(tokens);
+    const N token_tiles_n = gpu_tiling().token_tiles<N>(tokens);
     const N inbox_capacity_n = N(processors) + N(experts) + N(1);
     const N cells_n = N(cells());
     const N shared_tokens = shared_ffn > 0 ? N(tokens) : N(0);
@@ -129,13 +167,8 @@ struct Workspace {
     take(&Workspace::admitted, N(experts) * four);
     take(&Workspace::scores, N(tokens) * N(scores_per_token > 0 ? scores_per_token : experts) * four);
     take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
-    take(&Workspace::gemm0_left, cells_n * max_row_tiles_n * four);
-    take(&Workspace::gemm1_left, cells_n * four);
-    take(&Workspace::cell_rows, cells_n * four);
-    take(&Workspace::cell_first_row, cells_n * four);
-    take(&Workspace::gemm0_queue, cells_n * four);
-    take(&Workspace::gemm1_queue, cells_n * max_row_tiles_n * four);
-    take(&Workspace::idle, N(processors) * four);
+    const N scheduler_bytes = SchedulerState::bytes<N>(N(processors), cells_n, row_tile_capacity<N>());
+    take(&Workspace::scheduler_state, scheduler_bytes > N(scheduler_smem_bytes) ? scheduler_bytes : N(0));
     take(&Workspace::h, layout.region_rows<N>() * N(ffn) * N(element_size));
     take(&Workspace::shared_h, shared_tokens * N(shared_ffn) * N(element_size));
     take(&Workspace::shared_out, shared_tokens * N(hidden) * N(element_size));

@@ -7,10 +7,13 @@
 //       the routing options (selection bias, group limit, scale, softmax_topk, weight_on_input)
 //       go through the same route_token and dispatch/combine rules as the CPU backend;
 //   (b) every element of every output written (outputs and workspace start as NaN/garbage);
-//   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule);
+//   (c) bit-identical results for 1, 2 and 5 processor CTAs (the arithmetic ignores the schedule),
+//       the 5 under chaos: every poll may yield or sleep (emulation::chaos_seed), another interleaving;
 //   (d) it terminates: a stuck actor fails the run through the bounded waits (-DFLASHMOE_BOUNDED_WAITS=1);
 //   (e) with a shared expert (its own cell of every token, with and without its gate), y still matches;
-//   (f) router_logits bit for bit in gate.cuh's order (a float32 router for bf16/fp16 x included),
+//   (f) every launch keeps the scheduler's per-task budget of fences, hand-outs and global accesses
+//       (over_budget), counted by the emulation; the costs of decode and prefill shapes are printed.
+//   (g) router_logits bit for bit in gate.cuh's order (a float32 router for bf16/fp16 x included),
 //       whichever gate task of a token tile finishes last and routes it.
 // Under ThreadSanitizer this also checks that every hand-off between actors is ordered by the
 // kernel's acquire/release pairs.
@@ -24,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <string>
@@ -56,11 +60,11 @@ void emulate_launch(const cuda::KernelParams& params) {
   std::vector<std::unique_ptr<emu::Barrier>> barriers;
   for (int c = 0; c < ctas; ++c) barriers.push_back(std::make_unique<emu::Barrier>(cuda::kThreads));
   std::vector<Task> tasks(static_cast<size_t>(ctas));
-  // Each CTA's dynamic shared memory (the gate task keeps its partials and flags there).
+  // Each CTA's dynamic shared memory (the gate task keeps its partials and flags there, the scheduler its state in CTA 0's).
   std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> smem;
   for (int c = 0; c < ctas; ++c) {
     smem.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(cuda::kSmemAlignment, cuda::kTileSmemBytes)), &std::free);
-    std::memset(smem.back().get(), 0xab, cuda::kTileSmemBytes);
+    std::memset(smem.back().get(), 0xab, size_t(cuda::kTileSmemBytes));  // garbage, like a GPU's
   }
   std::vector<uint32_t> sequences(static_cast<size_t>(ctas));
   std::vector<std::thread> threads;
@@ -108,6 +112,53 @@ double relative_error(const std::vector<uint8_t>& a_bytes, const std::vector<uin
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// What one launch cost, from the emulation's counters (csrc/cuda/platform.h), per task run.
+struct Costs {
+  uint64_t tasks = 0, handouts = 0, acquire_fences = 0, release_fences = 0, release_stores = 0, thread_fences = 0;
+  uint64_t scheduler_global = 0;
+
+  static Costs read() {
+    const auto& c = cuda::emulation::counters;
+    Costs costs;
+    costs.tasks = c.tasks, costs.handouts = c.handouts, costs.acquire_fences = c.acquire_fences;
+    costs.release_fences = c.release_fences, costs.release_stores = c.release_stores;
+    costs.thread_fences = c.thread_fences, costs.scheduler_global = c.scheduler_global;
+    return costs;
+  }
+  double per_task(uint64_t count) const { return tasks > 0 ? double(count) / double(tasks) : 0.0; }
+  void print(const std::string& name, int processors) const {
+    std::printf("  costs %-28s processors=%d tasks=%llu per task: handouts %.2f, acquire fences %.2f, release fences "
+                "%.2f, release stores %.2f, thread fences %.2f, scheduler global accesses %.2f\n",
+                name.c_str(), processors, static_cast<unsigned long long>(tasks), per_task(handouts),
+                per_task(acquire_fences), per_task(release_fences), per_task(release_stores), per_task(thread_fences),
+                per_task(scheduler_global));
+  }
+};
+
+// The scheduler's per-task budget (docs/cuda_kernel.md "What scheduling costs"), for a launch of
+// `processors` processors over E experts at world size 1; empty when it is met. Messages are the
+// completions (the arrivals and returns of own cells never go through the inbox), and a round that
+// books messages or hands out work costs one release fence, the first round and the stop one more.
+std::string over_budget(const Costs& c, int64_t experts, int64_t processors) {
+  const uint64_t tasks = c.tasks, E = uint64_t(experts), P = uint64_t(processors);
+  auto over = [&](const char* what, uint64_t count, uint64_t budget) {
+    return count > budget ? std::string(what) + " " + std::to_string(count) + " > budget " + std::to_string(budget) + "; "
+                          : std::string();
+  };
+  std::string error;
+  if (c.handouts != tasks) error += "hand-outs " + std::to_string(c.handouts) + " != tasks " + std::to_string(tasks) + "; ";
+  error += over("thread fences", c.thread_fences, 0);
+  // The completion each processor posts; no other release store (broadcasts are fence + relaxed).
+  error += over("release stores", c.release_stores, tasks);
+  error += over("release fences", c.release_fences, tasks + 2);
+  // Per task: the processor's doorbell, its inbox room, the scheduler's round; the stop's doorbells.
+  error += over("acquire fences", c.acquire_fences, 3 * tasks + P);
+  // Per task: the poll that found its completion, the message, the Task written, the doorbell, the
+  // inbox head (at most once a round); once: the expert offsets and admitted rows, and the stop.
+  error += over("scheduler global accesses", c.scheduler_global, 5 * tasks + 2 * E + 2 * P);
+  return error;
+}
+
 // gate.cuh's documented order written out on its own (chunks of 8 to 32 lanes, fma in ascending h,
 // then the butterfly), to check logit_dot, which the kernel's logits are checked against.
 template <typename X, typename W>
@@ -151,8 +202,11 @@ float reference_logit(const X* x, const typename LoadW::Type* router, int64_t e,
   return bias ? logit + LoadW::load(static_cast<const typename LoadW::Type*>(bias)[e]) : logit;
 }
 
+// Runs case `c` on each grid of `grids` processor CTAs against the CPU backend; with `costs`, also
+// records the counters of the last grid's launch there.
 template <typename T, Math M>
-bool run_case(const Case& c, uint64_t seed, bool verbose) {
+bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<int> grids = {1, 2, 5},
+              Costs* costs = nullptr) {
   Problem problem = c.problem;
   problem.dtype = dtype_of<T>();
   problem.router_f32 = c.router_f32 && !std::is_same_v<T, float>;
@@ -224,7 +278,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
 
   bool ok = true;
   std::vector<uint8_t> first_y;
-  for (int processors : {1, 2, 5}) {
+  for (int processors : grids) {
     Outputs got = fresh_outputs();
     cuda::Pointers pointers;
     pointers.x = x.data();
@@ -245,6 +299,9 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     pointers.shared_gate = optional(problem.has_shared_gate, shared_gate);
     pointers.selection_bias = selection;
     cuda::KernelParams params = cuda::make_params(problem, pointers, processors);
+    // On 2 processors the scheduler's state lives in the workspace, as when it is too big for CTA 0's
+    // shared memory; on the other grids in shared memory.
+    if (processors == 2) params.workspace.scheduler_smem_bytes = 0, params.workspace.plan();
     // Garbage everywhere, then the launcher's memset of the control block and heap flags.
     std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
         static_cast<uint8_t*>(std::aligned_alloc(cuda::Workspace::kAlignment,
@@ -253,12 +310,19 @@ bool run_case(const Case& c, uint64_t seed, bool verbose) {
     std::memset(workspace.get(), 0xab, size_t(params.workspace.total));
     std::memset(workspace.get(), 0, size_t(params.workspace.zeroed_bytes()));
     params.pointers.workspace = workspace.get();
+    cuda::emulation::counters.reset();
+    cuda::emulation::chaos_seed = processors == 5 ? seed : 0;  // one grid under chaos
     emulate_launch<M>(params);
+    cuda::emulation::chaos_seed = 0;
+    const Costs launch_costs = Costs::read();
+    if (costs) *costs = launch_costs;
 
     auto fail = [&](const std::string& what) {
       std::printf("FAIL %s (processors=%d): %s\n", c.name.c_str(), processors, what.c_str());
       ok = false;
     };
+    if (params.workspace.scheduler_in_smem() != (processors != 2)) fail("the scheduler's state is not where it should be");
+    if (const std::string error = over_budget(launch_costs, E, processors); !error.empty()) fail("over budget: " + error);
     if (got.topk_ids != expected.topk_ids) fail("topk_ids differ from the CPU backend");
     if (problem.routing_given && got.topk_ids != given_ids) fail("the kernel wrote the given topk_ids");
     if (problem.routing_given && got.topk_weights != given_weights) fail("the kernel wrote the given topk_weights");
@@ -378,6 +442,64 @@ std::vector<Case> cases() {
   return all;
 }
 
+// Workspace::row_tile_capacity, which sizes the scheduler's row-tile arrays, is a bound: random
+// splits of up to T·min(k, E) admitted rows over E cells (at most T rows each) never need more row
+// tiles, and the worst split (every cell one row past a whole tile) needs exactly that many.
+bool row_tile_capacity_holds() {
+  std::mt19937 rng{77};
+  const int64_t row_tile = cuda::gpu_tiling().row_tile;
+  for (int trial = 0; trial < 2000; ++trial) {
+    cuda::Workspace w;
+    w.tokens = std::uniform_int_distribution<int64_t>(1, 3000)(rng);
+    w.experts = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+    w.top_k = std::uniform_int_distribution<int64_t>(1, 10)(rng);
+    int64_t rows_left = w.tokens * std::min(w.top_k, w.experts), row_tiles = 0;
+    for (int64_t e = 0; e < w.experts && rows_left > 0; ++e) {
+      const int64_t rows = std::min({rows_left, w.tokens, std::uniform_int_distribution<int64_t>(0, 2 * row_tile)(rng)});
+      rows_left -= rows;
+      row_tiles += cuda::gpu_tiling().row_tiles(rows);
+    }
+    if (row_tiles > w.row_tile_capacity()) {
+      std::printf("FAIL row_tile_capacity: T=%lld E=%lld k=%lld needs %lld row tiles, capacity %lld\n",
+                  static_cast<long long>(w.tokens), static_cast<long long>(w.experts),
+                  static_cast<long long>(w.top_k), static_cast<long long>(row_tiles),
+                  static_cast<long long>(w.row_tile_capacity()));
+      return false;
+    }
+  }
+  cuda::Workspace tight;  // 3 cells of 129 rows: 6 row tiles from T·k = 387 rows
+  tight.tokens = 129, tight.experts = 3, tight.top_k = 3;
+  if (tight.row_tile_capacity() != 6) {
+    std::printf("FAIL row_tile_capacity: %lld for three cells of 129 rows, not 6\n",
+                static_cast<long long>(tight.row_tile_capacity()));
+    return false;
+  }
+  return true;
+}
+
+// Shapes whose scheduling costs the test prints: decode (a few tokens over many experts) and
+// prefill (many row tiles per expert), each also with capacity drops.
+constexpr int kCostGrid = 8;
+
+std::vector<Case> cost_cases() {
+  std::vector<Case> all;
+  auto add = [&](std::string name, int64_t tokens, int64_t experts, int64_t top_k, int64_t hidden, int64_t ffn,
+                 double capacity) {
+    Case c;
+    c.name = name;
+    Problem& p = c.problem;
+    p.tokens = tokens, p.hidden = hidden, p.ffn = ffn, p.experts = experts, p.top_k = top_k;
+    p.gated = true, p.activation = Activation::silu, p.scoring = Scoring::softmax, p.normalize = true;
+    c.capacity_factor = capacity;
+    all.push_back(c);
+  };
+  add("decode T=8 E=64 k=8", 8, 64, 8, 64, 256, 0);
+  add("decode drops T=16 E=32 k=4", 16, 32, 4, 64, 256, 0.5);
+  add("prefill T=512 E=2 k=1", 512, 2, 1, 32, 256, 0);
+  add("prefill drops T=512 E=4 k=2", 512, 4, 2, 32, 256, 0.7);
+  return all;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -415,6 +537,20 @@ int main(int argc, char** argv) {
       passed += int(f16);
       failed += int(!f16);
     }
+  }
+  if (only.empty()) {
+    const bool holds = row_tile_capacity_holds();
+    passed += int(holds);
+    failed += int(!holds);
+  }
+  // What the scheduling costs at decode and prefill shapes, with drops, on a grid of 8 processors.
+  for (const Case& c : cost_cases()) {
+    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
+    Costs costs;
+    const bool ok = run_case<bfloat16, Math::bf16>(c, ++seed, verbose, {kCostGrid}, &costs);
+    costs.print(c.name, kCostGrid);
+    passed += int(ok);
+    failed += int(!ok);
   }
   std::printf("cuda_emulation: %d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
