@@ -293,7 +293,18 @@ struct Scheduler {
           // carry only what peers send).
           const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
           const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
-          for (int32_t e = 0; e < int32_t(params.problem.experts); ++e) arrived(e, admitted[e], offsets[e]);
+          // Loaded before any bookkeeping store (which could alias them for the compiler), so the
+          // loads of a chunk overlap instead of serialising behind arrived()'s stores.
+          constexpr int32_t kChunk = 16;
+          for (int32_t e0 = 0; e0 < int32_t(params.problem.experts); e0 += kChunk) {
+            int32_t rows[kChunk], first_rows[kChunk];
+            const int32_t left = int32_t(params.problem.experts) - e0, n = left < kChunk ? left : kChunk;
+            FLASHMOE_UNROLL
+            for (int32_t i = 0; i < kChunk; ++i) {
+              if (i < n) rows[i] = admitted[e0 + i], first_rows[i] = offsets[e0 + i];
+            }
+            for (int32_t i = 0; i < n; ++i) arrived(e0 + i, rows[i], first_rows[i]);
+          }
           FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
         }
         break;
@@ -399,6 +410,15 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count
   const int64_t self = 0, local = layout.placement.local_experts();
   const int64_t peer_cells = (layout.placement.world_size - 1) * local;
   auto peer = [&](int64_t cell) { return cell / local < self ? cell / local : cell / local + 1; };
+  // Peer cells are not booked yet: the scheduler's cells are indexed by expert (own cells only),
+  // and returns_done starts true. Expert parallelism in the kernel (issue 11) gives them their own
+  // (peer, expert) ids and state first; until then a layout with peers is refused, not run wrong.
+  if (peer_cells > 0) {
+#if FLASHMOE_BOUNDED_WAITS
+    if (index == 0) printf("flashmoe: the persistent kernel runs at world size 1 only (peer cells unbooked)\n");
+#endif
+    __trap();
+  }
   int64_t mine = 0;
   for (int64_t cell = index; cell < peer_cells; cell += count) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(peer(cell), cell % local));
@@ -413,8 +433,10 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count
     spin_until([&] { return SignalWord{ld_poll(flag)}.is_epoch(params.epoch); }, "return signal", 64,
                params.wait_limit_ns);
   }
+  // acq_rel: the last subscriber's combine-ready release must carry what every other subscriber
+  // acquired from its return flags.
   if (mine > 0 &&
-      atomicAdd(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(peer_cells)) {
+      atomic_add_acq_rel(&control.counters[kReturnsSeen], uint32_t(mine)) + uint32_t(mine) == uint32_t(peer_cells)) {
     control.post(Message{kCombineReady, 0, 0, 0});
   }
 }

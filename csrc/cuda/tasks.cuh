@@ -206,6 +206,7 @@ template <Math M>
 FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
   const Problem& problem = buffers.params.problem;
   const int64_t first = task.column_begin, count = task.columns;
+  if (count > kGateTokenTile) __trap();  // the shared partials hold kGateTokenTile tokens (gpu_tiling().token_tile)
   const GateColumns columns(problem);
   float* scratch = reinterpret_cast<float*>(smem);  // partials, then the per-token values
   uint32_t* last = reinterpret_cast<uint32_t*>(smem + kTileSmemBytes) - 1;
@@ -281,7 +282,7 @@ FLASHMOE_DEVICE void warp_copy(void* destination, const void* source, int64_t by
 
 // Dispatch of tokens [first, first + count): the row of every pick (its expert's offset plus its
 // slot, or -1 past the capacity), and the admitted tokens copied into those rows. At world size 1
-// this is the local write of the protocol; the scheduler signals the cells when every tile is done.
+// this is the local write of the protocol; the scheduler books the cells itself when every tile is done.
 template <Math M>
 FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int64_t count, int64_t tile) {
   const Problem& problem = buffers.params.problem;
