@@ -43,6 +43,9 @@ def _entry(rank, world_size, init_file, scenario, args):
                             timeout=datetime.timedelta(seconds=60))
     try:
         scenario(rank, world_size, *args)
+        # Leave together: a rank that tears its gloo group down while a peer is still in an exchange
+        # with it aborts that peer at exit ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{traceback.format_exc()}") from None
     finally:
