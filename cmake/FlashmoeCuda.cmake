@@ -24,18 +24,10 @@ set(FLASHMOE_HOT_KERNELS "moe_persistent_kernel" CACHE STRING
     "Regexes (;-separated) of kernel names that must not spill registers; empty disables the check")
 set(CUTLASS_INCLUDE_DIR "" CACHE PATH "CuTe/CUTLASS include directory (has cute/ and cutlass/)")
 
-string(TOUPPER "${FLASHMOE_CUDA}" _fm_cuda_mode)
-if(_fm_cuda_mode MATCHES "^(ON|TRUE|YES|Y|1)$")
-  set(_fm_cuda_mode ON)
-elseif(_fm_cuda_mode MATCHES "^(OFF|FALSE|NO|N|0)$")
-  set(_fm_cuda_mode OFF)
-elseif(NOT _fm_cuda_mode STREQUAL "AUTO")
-  message(FATAL_ERROR "FLASHMOE_CUDA must be AUTO, ON or OFF (got '${FLASHMOE_CUDA}')")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeHelpers.cmake)
+flashmoe_tristate(FLASHMOE_CUDA _fm_cuda_mode)
 
 # Reports a missing prerequisite: fatal under ON, a warning (and no CUDA backend) under AUTO.
-include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeVersion.cmake)
-
 macro(_flashmoe_cuda_unavailable reason)
   if(_fm_cuda_mode STREQUAL "ON")
     message(FATAL_ERROR "FLASHMOE_CUDA=ON but ${reason}")

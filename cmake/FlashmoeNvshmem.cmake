@@ -18,7 +18,7 @@
 # <prefix>_HOME, <prefix>_INCLUDE_DIR, <prefix>_DEVICE_LIB, <prefix>_HOST_LIB, <prefix>_VERSION,
 # <prefix>_CUDA_MAJOR and <prefix>_REASON (why it was not found).
 
-include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeVersion.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/FlashmoeHelpers.cmake)
 
 function(flashmoe_find_nvshmem nvcc_major prefix)
   set(_found OFF)
@@ -128,14 +128,7 @@ set_property(CACHE FLASHMOE_NVSHMEM PROPERTY STRINGS AUTO ON OFF)
 set(NVSHMEM_HOME "" CACHE PATH "NVSHMEM install (include/, lib/); default: the nvidia-nvshmem-cuXX wheel")
 set(NVSHMEM_CUDA_MAJOR "" CACHE STRING "The CUDA major NVSHMEM_HOME was built for (read from it when empty)")
 
-string(TOUPPER "${FLASHMOE_NVSHMEM}" _fm_nvshmem_mode)
-if(_fm_nvshmem_mode MATCHES "^(ON|TRUE|YES|Y|1)$")
-  set(_fm_nvshmem_mode ON)
-elseif(_fm_nvshmem_mode MATCHES "^(OFF|FALSE|NO|N|0)$")
-  set(_fm_nvshmem_mode OFF)
-elseif(NOT _fm_nvshmem_mode STREQUAL "AUTO")
-  message(FATAL_ERROR "FLASHMOE_NVSHMEM must be AUTO, ON or OFF (got '${FLASHMOE_NVSHMEM}')")
-endif()
+flashmoe_tristate(FLASHMOE_NVSHMEM _fm_nvshmem_mode)
 
 set(_fm_with_nvshmem OFF)
 if(_fm_nvshmem_mode STREQUAL "OFF")
