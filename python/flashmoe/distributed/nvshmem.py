@@ -165,7 +165,7 @@ def init(group=None, device=None) -> None:
         raise ValueError(f"flashmoe.distributed.nvshmem.init: device must be a CUDA device with an index (got {device})")
     torch.cuda.set_device(device)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    # Every rank takes part in the broadcast before any can fail alone; a failed id is broadcast as None.
+    # Every rank takes part in the broadcast before any can fail alone: a failed id travels as its error text.
     payload = [None]
     if rank == 0:
         try:
