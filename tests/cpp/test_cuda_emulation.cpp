@@ -53,32 +53,47 @@ struct Case {
   bool router_f32 = false;     // a float32 router (weight and bias) for the bf16/fp16 runs
 };
 
+// One launch per entry of `ranks`, all at once: each rank's CTAs a team of threads, as W ranks'
+// kernels run side by side (on W GPUs, or as a loopback launch's virtual ranks on one).
 template <Math M>
-void emulate_launch(const cuda::KernelParams& params) {
+void emulate_launches(const std::vector<cuda::KernelParams>& ranks) {
   namespace emu = cuda::emulation;
-  const int ctas = params.processors + 1;
-  std::vector<std::unique_ptr<emu::Barrier>> barriers;
-  for (int c = 0; c < ctas; ++c) barriers.push_back(std::make_unique<emu::Barrier>(cuda::kThreads));
-  std::vector<Task> tasks(static_cast<size_t>(ctas));
-  // Each CTA's dynamic shared memory (the gate task keeps its partials and flags there, the scheduler its state in CTA 0's).
-  std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> smem;
-  for (int c = 0; c < ctas; ++c) {
-    smem.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(cuda::kSmemAlignment, cuda::kTileSmemBytes)), &std::free);
-    std::memset(smem.back().get(), 0xab, size_t(cuda::kTileSmemBytes));  // garbage, like a GPU's
+  struct Cta {
+    std::unique_ptr<emu::Barrier> barrier;
+    Task task;
+    uint32_t sequence = 0;
+    // Dynamic shared memory (the gate task keeps its partials and flags there, the scheduler its state in CTA 0's).
+    std::unique_ptr<uint8_t, decltype(&std::free)> smem{nullptr, &std::free};
+  };
+  std::vector<std::vector<Cta>> ctas(ranks.size());
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    ctas[r].resize(size_t(ranks[r].processors + 1));
+    for (Cta& cta : ctas[r]) {
+      cta.barrier = std::make_unique<emu::Barrier>(cuda::kThreads);
+      cta.smem.reset(static_cast<uint8_t*>(std::aligned_alloc(cuda::kSmemAlignment, cuda::kTileSmemBytes)));
+      std::memset(cta.smem.get(), 0xab, size_t(cuda::kTileSmemBytes));  // garbage, like a GPU's
+    }
   }
-  std::vector<uint32_t> sequences(static_cast<size_t>(ctas));
   std::vector<std::thread> threads;
-  for (int c = 0; c < ctas; ++c) {
-    for (int t = 0; t < cuda::kThreads; ++t) {
-      threads.emplace_back([&, c, t] {
-        emu::thread_index.x = unsigned(t);
-        emu::block_index.x = unsigned(c);
-        emu::block_barrier = barriers[size_t(c)].get();
-        cuda::kernel_body<M>(params, smem[size_t(c)].get(), tasks[size_t(c)], sequences[size_t(c)]);
-      });
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    for (size_t c = 0; c < ctas[r].size(); ++c) {
+      for (int t = 0; t < cuda::kThreads; ++t) {
+        threads.emplace_back([&, r, c, t] {
+          Cta& cta = ctas[r][c];
+          emu::thread_index.x = unsigned(t);
+          emu::block_index.x = unsigned(c);
+          emu::block_barrier = cta.barrier.get();
+          cuda::kernel_body<M>(ranks[r], cta.smem.get(), cta.task, cta.sequence);
+        });
+      }
     }
   }
   for (auto& thread : threads) thread.join();
+}
+
+template <Math M>
+void emulate_launch(const cuda::KernelParams& params) {
+  emulate_launches<M>({params});
 }
 
 template <typename T>
@@ -364,6 +379,220 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
   return ok;
 }
 
+// Expert parallelism (issue 11), W ranks in one process: each rank's kernel a set of thread teams,
+// every heap reached through the rank table (kernel_params.h Ranks) as a loopback launch or
+// nvshmem_ptr would reach it, the heaps and epoch words kept across calls (their flags zeroed once,
+// at allocation, never per call). Rank r holds experts [r·L, (r+1)·L) and brings its own tokens;
+// each call's token counts differ per rank (skew, a rank with none). Every rank's outputs must equal,
+// bit for bit, the single-rank kernel's on that rank's tokens with all E experts, and y must match
+// the CPU backend; every element of y is written (it starts as NaN).
+struct EpCase {
+  std::string name;
+  Problem problem;           // tokens unused: each call's counts below
+  int64_t world = 2;
+  std::vector<std::vector<int64_t>> calls;  // tokens of each rank, per call
+  double capacity_factor = 0;
+  int processors = 2;        // per rank
+  bool chaos = false;
+};
+
+template <typename T, Math M>
+bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
+  Problem base = c.problem;
+  base.dtype = dtype_of<T>();
+  const int64_t W = c.world, H = base.hidden, I = base.ffn, E = base.experts, k = base.top_k, L = E / W;
+  const int64_t n0 = base.gemm0_cols(), S = base.shared_ffn, shared_rows = base.gated ? 2 * S : S;
+  std::mt19937 rng{uint32_t(seed)};
+  const auto router = random_values<T>(rng, size_t(E * H), 1.0f / std::sqrt(float(H)));
+  const auto router_bias = random_values<T>(rng, size_t(E), 0.5f);
+  const auto w1 = random_values<T>(rng, size_t(E * n0 * H), 1.0f / std::sqrt(float(H)));
+  const auto b1 = random_values<T>(rng, size_t(E * n0), 0.1f);
+  const auto w2 = random_values<T>(rng, size_t(E * H * I), 1.0f / std::sqrt(float(I)));
+  const auto b2 = random_values<T>(rng, size_t(E * H), 0.1f);
+  const auto shared_w1 = random_values<T>(rng, size_t(shared_rows * H), 1.0f / std::sqrt(float(H)));
+  const auto shared_w2 = random_values<T>(rng, size_t(H * S), 1.0f / std::sqrt(float(S > 0 ? S : 1)));
+  const auto shared_gate = random_values<T>(rng, size_t(H), 1.0f / std::sqrt(float(H)));
+  const auto selection_bias = random_values<float>(rng, size_t(E), 0.3f);
+  auto optional = [](bool present, const auto* values) { return present ? values : nullptr; };
+
+  int64_t max_tokens = 1;
+  for (const auto& call : c.calls) for (int64_t t : call) max_tokens = std::max(max_tokens, t);
+  // The heaps and epoch words, kept across calls; garbage rows, flags zeroed once.
+  const HeapLayout layout{ExpertPlacement{W, E}, max_tokens, k, H, int64_t(sizeof(T))};
+  layout.check();
+  std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> heaps;
+  std::vector<uint32_t> epochs(size_t(W), 0);
+  cuda::Ranks table;
+  table.world = int32_t(W);
+  for (int64_t r = 0; r < W; ++r) {
+    heaps.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(HeapLayout::kAlignment,
+                                                                size_t(HeapLayout::align(layout.total_bytes())))),
+                       &std::free);
+    std::memset(heaps.back().get(), 0xab, size_t(layout.total_bytes()));
+    std::memset(heaps.back().get(), 0, size_t(2 * layout.flags_bytes()));
+    table.heaps[r] = heaps.back().get();
+  }
+
+  bool ok = true;
+  auto fail = [&](size_t call, int64_t rank, const std::string& what) {
+    std::printf("FAIL %s (call %zu, rank %lld of %lld): %s\n", c.name.c_str(), call, static_cast<long long>(rank),
+                static_cast<long long>(W), what.c_str());
+    ok = false;
+  };
+  for (size_t call = 0; call < c.calls.size(); ++call) {
+    struct Rank {
+      Problem problem;
+      std::vector<T> x;
+      Outputs got, want, cpu;
+      cuda::Pointers pointers;
+      std::unique_ptr<uint8_t, decltype(&std::free)> workspace{nullptr, &std::free};
+    };
+    std::vector<Rank> ranks(static_cast<size_t>(W));
+    std::vector<cuda::KernelParams> params;
+    for (int64_t r = 0; r < W; ++r) {
+      Rank& rank = ranks[size_t(r)];
+      const int64_t T_ = c.calls[call][size_t(r)];
+      rank.problem = base;
+      rank.problem.tokens = T_;
+      rank.problem.expert_capacity = c.capacity_factor > 0 ? expert_capacity(c.capacity_factor, T_, k, E) : kDropless;
+      rank.x = random_values<T>(rng, size_t(std::max<int64_t>(T_, 1) * H), 1.0f);
+      auto fresh = [&] {
+        Outputs out;
+        out.y.assign(size_t(std::max<int64_t>(T_, 1) * H) * sizeof(T), 0xff);  // NaN in every float format
+        out.topk_ids.assign(size_t(std::max<int64_t>(T_, 1) * k), -7);
+        out.topk_weights.assign(size_t(std::max<int64_t>(T_, 1) * k), NAN);
+        out.expert_counts.assign(size_t(E), -7);
+        out.router_logits.assign(size_t(std::max<int64_t>(T_, 1) * E), NAN);
+        return out;
+      };
+      rank.got = fresh(), rank.want = fresh(), rank.cpu = fresh();
+      // This rank's pointers: all E experts for the single-rank kernel; its L experts for its part of the world.
+      auto pointers_of = [&](Outputs& out, bool local) {
+        cuda::Pointers p;
+        const int64_t first = local ? r * L : 0;
+        p.x = rank.x.data();
+        p.router_weight = router.data();
+        p.router_bias = optional(base.has_router_bias, router_bias.data());
+        p.w1 = w1.data() + first * n0 * H;
+        p.b1 = optional(base.has_b1, b1.data() + first * n0);
+        p.w2 = w2.data() + first * H * I;
+        p.b2 = optional(base.has_b2, b2.data() + first * H);
+        p.y = out.y.data();
+        p.topk_ids = out.topk_ids.data();
+        p.topk_weights = out.topk_weights.data();
+        p.expert_counts = out.expert_counts.data();
+        p.router_logits = out.router_logits.data();
+        p.dropped = &out.dropped;
+        p.shared_w1 = optional(S > 0, shared_w1.data());
+        p.shared_w2 = optional(S > 0, shared_w2.data());
+        p.shared_gate = optional(base.has_shared_gate, shared_gate.data());
+        p.selection_bias = optional(base.has_selection_bias, selection_bias.data());
+        return p;
+      };
+      // The references: the single-rank kernel (its launcher leaves a rank without tokens to the
+      // host: no counts, nothing dropped), and the CPU backend.
+      if (T_ > 0) {
+        cuda::KernelParams single = cuda::make_params(rank.problem, pointers_of(rank.want, false), 2);
+        std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
+            static_cast<uint8_t*>(std::aligned_alloc(cuda::Workspace::kAlignment,
+                                                     size_t(cuda::Workspace::align(single.workspace.total)))),
+            &std::free);
+        std::memset(workspace.get(), 0xab, size_t(single.workspace.total));
+        std::memset(workspace.get(), 0, size_t(single.workspace.zeroed_bytes()));
+        single.pointers.workspace = workspace.get();
+        emulate_launch<M>(single);
+        const cpu::ExpertWeights weights{router.data(), optional(base.has_router_bias, router_bias.data()), w1.data(),
+                                         optional(base.has_b1, b1.data()), w2.data(), optional(base.has_b2, b2.data()),
+                                         0, optional(base.has_selection_bias, selection_bias.data()),
+                                         optional(S > 0, shared_w1.data()), optional(S > 0, shared_w2.data()),
+                                         optional(base.has_shared_gate, shared_gate.data())};
+        const cpu::RankIO io{rank.x.data(), T_, rank.problem.expert_capacity, rank.cpu.y.data(), rank.cpu.topk_ids.data(),
+                             rank.cpu.topk_weights.data(), rank.cpu.expert_counts.data(), rank.cpu.router_logits.data(),
+                             &rank.cpu.dropped};
+        cpu::moe_forward(rank.problem, weights, io, 1);
+      } else {
+        rank.want.expert_counts.assign(size_t(E), 0);
+        rank.want.dropped = 0;
+      }
+      cuda::Ranks ranks_of_r = table;
+      ranks_of_r.rank = int32_t(r);
+      ranks_of_r.epoch = &epochs[size_t(r)];
+      cuda::KernelParams rank_params =
+          cuda::make_params(rank.problem, pointers_of(rank.got, true), c.processors, ranks_of_r, max_tokens);
+      rank.workspace.reset(static_cast<uint8_t*>(
+          std::aligned_alloc(cuda::Workspace::kAlignment, size_t(cuda::Workspace::align(rank_params.workspace.total)))));
+      std::memset(rank.workspace.get(), 0xab, size_t(rank_params.workspace.total));
+      std::memset(rank.workspace.get(), 0, size_t(rank_params.workspace.zeroed_bytes()));
+      rank_params.pointers.workspace = rank.workspace.get();
+      params.push_back(rank_params);
+    }
+    cuda::emulation::chaos_seed = c.chaos ? seed + call : 0;
+    emulate_launches<M>(params);
+    cuda::emulation::chaos_seed = 0;
+    for (int64_t r = 0; r < W; ++r) {
+      Rank& rank = ranks[size_t(r)];
+      const int64_t T_ = rank.problem.tokens;
+      if (epochs[size_t(r)] != uint32_t(call + 1)) fail(call, r, "the epoch word did not advance to this call's");
+      if (rank.got.expert_counts != rank.want.expert_counts) fail(call, r, "expert_counts differ from the single rank's");
+      if (rank.got.dropped != rank.want.dropped) fail(call, r, "dropped differs from the single rank's");
+      if (T_ == 0) continue;
+      if (rank.got.topk_ids != rank.want.topk_ids) fail(call, r, "topk_ids differ from the single rank's");
+      if (std::memcmp(rank.got.topk_weights.data(), rank.want.topk_weights.data(), size_t(T_ * k) * sizeof(float)) != 0) {
+        fail(call, r, "topk_weights differ bitwise from the single rank's");
+      }
+      if (std::memcmp(rank.got.router_logits.data(), rank.want.router_logits.data(), size_t(T_ * E) * sizeof(float)) != 0) {
+        fail(call, r, "router_logits differ bitwise from the single rank's");
+      }
+      if (rank.got.y != rank.want.y) fail(call, r, "y differs bitwise from the single rank's");
+      if (rank.got.expert_counts != rank.cpu.expert_counts || rank.got.dropped != rank.cpu.dropped) {
+        fail(call, r, "counts or dropped differ from the CPU backend");
+      }
+      const double error = relative_error<T>(rank.got.y, rank.cpu.y);
+      if (!(error <= (std::is_same_v<T, float> ? 1e-5 : 1e-2))) fail(call, r, "y relative error " + std::to_string(error));
+      if (verbose) std::printf("  %s call %zu rank %lld tokens=%lld err=%.3g\n", c.name.c_str(), call,
+                               static_cast<long long>(r), static_cast<long long>(T_), error);
+    }
+  }
+  return ok;
+}
+
+std::vector<EpCase> ep_cases() {
+  std::vector<EpCase> all;
+  auto add = [&](std::string name, int64_t world, std::vector<std::vector<int64_t>> calls, int64_t hidden, int64_t ffn,
+                 int64_t experts, int64_t top_k, Activation activation, double capacity, int processors, bool chaos) {
+    EpCase c;
+    c.name = name;
+    c.world = world;
+    c.calls = calls;
+    Problem& p = c.problem;
+    p.hidden = hidden, p.ffn = ffn, p.experts = experts, p.top_k = top_k;
+    p.gated = activation != Activation::relu2 && activation != Activation::gelu;
+    p.activation = activation;
+    p.scoring = Scoring::softmax, p.normalize = true;
+    p.has_router_bias = p.has_b1 = p.has_b2 = true;
+    p.swiglu_limit = 0.5, p.swiglu_alpha = 1.702;
+    c.capacity_factor = capacity;
+    c.processors = processors;
+    c.chaos = chaos;
+    all.push_back(c);
+  };
+  // Skew, a rank with no tokens, then both full: the heaps and epochs carry over between calls.
+  add("ep W=2 skew and an empty rank", 2, {{37, 5}, {0, 20}, {64, 64}}, 40, 24, 4, 2, Activation::silu, 0, 3, false);
+  // Capacity drops per (source, expert), three ranks, under chaos.
+  add("ep W=3 drops chaos", 3, {{30, 12, 0}, {45, 45, 45}}, 32, 40, 6, 3, Activation::gelu, 0.6, 2, true);
+  // More picks than an owner's experts (k > L): region_rows = max_tokens · L.
+  add("ep W=2 k above L", 2, {{21, 9}}, 24, 16, 8, 6, Activation::silu, 0, 2, false);
+  // Four ranks, a shared expert with its gate (each rank's own, on its own tokens), one rank idle.
+  add("ep W=4 shared expert", 4, {{17, 0, 33, 70}, {5, 5, 5, 5}}, 40, 24, 8, 2, Activation::swiglu_oai, 0.8, 2, true);
+  all.back().problem.shared_ffn = 20, all.back().problem.has_shared_gate = true;
+  // Grouped sigmoid selection with a bias, weight on input, several row tiles per cell.
+  add("ep W=4 deepseek weight_on_input", 4, {{150, 3, 60, 1}}, 24, 16, 16, 4, Activation::silu, 0, 2, false);
+  all.back().problem.scoring = Scoring::sigmoid, all.back().problem.has_selection_bias = true;
+  all.back().problem.num_groups = 4, all.back().problem.topk_groups = 2, all.back().problem.routed_scaling_factor = 2.5;
+  all.back().problem.weight_on_input = true;
+  return all;
+}
+
 std::vector<Case> cases() {
   std::vector<Case> all;
   auto add = [&](std::string name, int64_t tokens, int64_t hidden, int64_t ffn, int64_t experts, int64_t top_k,
@@ -542,6 +771,13 @@ int main(int argc, char** argv) {
     const bool holds = row_tile_capacity_holds();
     passed += int(holds);
     failed += int(!holds);
+  }
+  for (const EpCase& c : ep_cases()) {
+    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
+    const bool bf16 = run_ep_case<bfloat16, Math::bf16>(c, ++seed, verbose);
+    const bool f32 = c.world != 2 || run_ep_case<float, Math::f32>(c, ++seed, verbose);
+    passed += int(bf16) + int(f32);
+    failed += int(!bf16) + int(!f32);
   }
   // What the scheduling costs at decode and prefill shapes, with drops, on a grid of 8 processors.
   for (const Case& c : cost_cases()) {
