@@ -199,18 +199,19 @@ def ep_layer(device: model.Device, shape: LayerShape, tokens: int, world: int, d
         tile0 = model.TILES["reference-64x64-glu" if shape.gated else "reference-64x64"]
         tile1 = model.TILES["reference-64x64"]
         compute = flops0 / (tile0.peak_fraction(device) * peak) + flops1 / (tile1.peak_fraction(device) * peak)
-        row_tiles = sum(count * math.ceil(rows / row_tile) for count, rows in cell_rows)
+        row_tiles = sum(count * math.ceil(cell / row_tile) for count, cell in cell_rows)
         tasks = row_tiles * (math.ceil(i / model.COLUMN_TILE) + math.ceil(h / model.COLUMN_TILE))
         per_task = model.scheduler_costs(device, "sched-v2", model.SCHED_V2_DRAIN)["per_task"]
         per_cta = peak / (device.sms * device.ctas_per_sm_today)
         task_rows = min(rows_per_cell, row_tile)
-        drain = (2.0 * task_rows * model.COLUMN_TILE * h / (tile0.peak_fraction(device) * per_cta)
+        # A GEMM0 task computes COLUMN_TILE columns of I (gate and up together when gated).
+        drain = (2.0 * task_rows * model.COLUMN_TILE * shape.w1_rows / i * h / (tile0.peak_fraction(device) * per_cta)
                  + 2.0 * task_rows * model.COLUMN_TILE * i / (tile1.peak_fraction(device) * per_cta)) if tokens else 0.0
     else:
         tile = model.TILES[model.PLANNED_TILE]
         fraction = tile.peak_fraction(device) * processors / device.sms
         compute = (flops0 + flops1) / (fraction * peak)
-        row_tiles = sum(count * math.ceil(rows / tile.rows) for count, rows in cell_rows)
+        row_tiles = sum(count * math.ceil(cell / tile.rows) for count, cell in cell_rows)
         tasks = row_tiles * (math.ceil(shape.w1_rows / tile.columns) + math.ceil(h / tile.columns))
         per_task = (3 * device.l2_latency_us + device.fence_us) / processors  # ticket claims, all CTAs at once
         per_sm = peak / device.sms
