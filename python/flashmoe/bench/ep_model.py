@@ -38,7 +38,7 @@ class LinkAssumptions:
     # and rings the doorbell; NIC, one switch hop, the remote NIC's write, the signal's write).
     rdma_latency_us: float = 3.0
     # Share of the NIC's 50 GB/s an all-to-all reaches: DeepEP's README measures 43-47 GB/s
-    # ("bottleneck bandwidth") on CX7 400 Gb/s, H800, EP16-EP64; 43/50.
+    # ("bottleneck bandwidth") on CX7 400 Gb/s, H800, EP16 and EP32; 43/50.
     rdma_efficiency: float = 0.86
     # A GPU thread posting one put_signal_nbi (WQE build + doorbell): the NVSHMEM best-practice guide
     # says a GPU thread fills a WQE more slowly than a CPU; no figure is published; assumed.
