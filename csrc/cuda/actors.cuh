@@ -53,14 +53,17 @@ struct Control {
     wait_limit_ns = params.wait_limit_ns;
   }
 
-  // Any thread: the caller's earlier writes are visible to whoever reads the message.
-  FLASHMOE_DEVICE void post(Message message) const {
+  // Any thread: the caller's earlier writes are visible to whoever reads the message. `system`:
+  // they include stores to a peer's heap, released at system scope, so that the scheduler's
+  // flag for that peer carries them (docs/protocol.md §8.2).
+  FLASHMOE_DEVICE void post(Message message, bool system = false) const {
     const uint32_t index = atomicAdd(&counters[kInboxTail], 1u);
     spin_until([&] { return int64_t(index) < int64_t(ld_poll(&counters[kInboxHead])) + inbox_capacity; },
                "inbox room", 32, wait_limit_ns);
     const int64_t slot = int64_t(index) % inbox_capacity;
     inbox[slot] = message;
-    st_release(&inbox_ready[slot], index + 1);
+    if (system) st_release_sys(&inbox_ready[slot], index + 1);
+    else st_release(&inbox_ready[slot], index + 1);
   }
 };
 
@@ -71,6 +74,7 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
   const int32_t self = int32_t(blockIdx.x) - 1;
   const int64_t token_tile = gpu_tiling().token_tile;
   uint32_t sequence = 0;
+  bool remote = false;  // the task wrote to a peer's heap
   while (true) {
     if (threadIdx.x == 0) {
       uint32_t rung = 0;
@@ -90,13 +94,13 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
         route_task<M>(buffers, params.workspace.token_tiles());
         break;
       case TaskKind::dispatch:
-        dispatch_task<M>(buffers, task.column_begin, task.columns, task.column_begin / token_tile);
+        remote = dispatch_task<M>(buffers, task.column_begin, task.columns, task.column_begin / token_tile);
         break;
       case TaskKind::gemm0:
         gemm0_task<M>(buffers, smem, task);
         break;
       case TaskKind::gemm1:
-        gemm1_task<M>(buffers, smem, task);
+        remote = gemm1_task<M>(buffers, smem, task);
         break;
       case TaskKind::combine:
         combine_task<M>(buffers, task.column_begin, task.columns);
@@ -105,12 +109,14 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& 
         break;
     }
     // No fence per thread: the barrier orders every thread's writes of the task before thread 0's
-    // release of the completion, which is cumulative (docs/protocol.md §8.1).
-    __syncthreads();
+    // release of the completion, which is cumulative (docs/protocol.md §8.1); at system scope when
+    // any thread wrote to a peer's heap (__syncthreads_or: thread 0 learns whether one did).
+    remote = __syncthreads_or(remote);
     if (threadIdx.x == 0) {
       FLASHMOE_COUNT(tasks, 1);
-      control.post(Message{kCompletion, self, 0, 0});
+      control.post(Message{kCompletion, self, 0, 0}, remote);
     }
+    remote = false;
   }
 }
 
@@ -125,14 +131,16 @@ struct Scheduler {
   const KernelParams& params;
   const Control& control;
   uint8_t* base;
+  uint32_t epoch;  // this call's (kernel_body)
+  int64_t rank, world, local;  // expert parallelism: this rank of `world`, L local experts each
   Tiling tiling = gpu_tiling();
   int64_t tiles, gate_tasks, ffn_tiles, hidden_tiles, shared_ffn_tiles, row_tile_capacity;
   // [processors]: the idle stack; what each one runs (its task's kind, cell, row tile in the cell);
   // how often its doorbell was rung.
   int32_t *idle, *running_kind, *running_cell, *running_tile, *rung;
   // [cells]: rows, first dispatch row, first row tile (in the row-tile arrays), GEMM1s left; the
-  // queue of cells whose GEMM0s wait.
-  int32_t *cell_rows, *cell_first_row, *cell_tile_base, *gemm1_left, *gemm0_queue;
+  // queue of cells whose GEMM0s wait; the peers' cells done whose return flags wait for the round.
+  int32_t *cell_rows, *cell_first_row, *cell_tile_base, *gemm1_left, *gemm0_queue, *returns_pending;
   // [row tiles], numbered in the order their cells open: GEMM0s left, the queue of row tiles whose
   // GEMM1s wait, and each one's cell.
   int32_t *gemm0_left, *gemm1_queue, *tile_cell;
@@ -144,25 +152,31 @@ struct Scheduler {
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
   bool combine_open = false, returns_done = true, shared_pending = false;
-  int64_t combine_next = 0;
-  int64_t cells_left = 0;  // own cells (the shared expert's included) not yet complete
+  bool signal_dispatch = false;     // the dispatch flags to peers wait for the round's fence
+  int64_t returns_pending_count = 0;
+  int64_t combine_next = 0, combine_tasks = 1;
+  int64_t cells_left = 0;  // cells of this rank's tokens (own source, the shared expert's) not yet complete
   int64_t bound = 0;       // the task-count bound, corrected as cells arrive
   int64_t done = 0;        // tasks completed
 
-  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c, int32_t* state) : params(p), control(c) {
+  FLASHMOE_DEVICE Scheduler(const KernelParams& p, const Control& c, int32_t* state, uint32_t call_epoch)
+      : params(p), control(c), epoch(call_epoch) {
     base = static_cast<uint8_t*>(p.pointers.workspace);
     const Workspace& w = p.workspace;
+    rank = p.ranks.rank, world = p.ranks.world, local = w.local_experts();
     tiles = w.token_tiles();
     ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
     hidden_tiles = tiling.hidden_tiles(p.problem.hidden);
     shared_ffn_tiles = tiling.ffn_tiles(p.problem.shared_ffn);
     shared_pending = p.problem.has_shared_expert() && p.problem.tokens > 0;
-    cells_left = p.problem.experts + (shared_pending ? 1 : 0);
+    cells_left = local + (shared_pending ? 1 : 0);
+    returns_done = world == 1;  // else the subscribers' combine-ready, once every peer's return flag is in
     const SchedulerState layout = w.scheduler_layout();
     row_tile_capacity = layout.row_tiles;
     int32_t** arrays[SchedulerState::kArrays] = {&idle, &running_kind, &running_cell, &running_tile, &rung,
                                                  &cell_rows, &cell_first_row, &cell_tile_base, &gemm1_left,
-                                                 &gemm0_queue, &gemm0_left, &gemm1_queue, &tile_cell};
+                                                 &gemm0_queue, &returns_pending, &gemm0_left, &gemm1_queue,
+                                                 &tile_cell};
     for (int32_t a = 0; a < SchedulerState::kArrays; ++a) *arrays[a] = state + layout.offset(a);
     for (int32_t p_index = 0; p_index < p.processors; ++p_index) {
       idle[p_index] = p.processors - 1 - p_index;
@@ -171,6 +185,8 @@ struct Scheduler {
     idle_count = p.processors;
     dispatches_left = tiles;
     gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
+    route_ready = gates_left == 0;  // a rank with no tokens still routes (nothing) and signals every owner
+    combine_tasks = tiles > 0 ? tiles : 1;  // TaskBound::combine_tasks: one even with no tokens
     // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
     bound = gate_tasks + tiles + 1 + p.bound.initial(p.problem.tokens);
   }
@@ -178,7 +194,7 @@ struct Scheduler {
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
     Task task;
     task.kind = kind;
-    task.epoch = params.epoch;
+    task.epoch = epoch;
     task.column_begin = tile * tiling.token_tile;
     const int64_t left = params.problem.tokens - task.column_begin;
     task.columns = left < tiling.token_tile ? left : tiling.token_tile;
@@ -188,7 +204,7 @@ struct Scheduler {
   FLASHMOE_DEVICE Task cell_task(TaskKind kind, int32_t cell, int64_t row_tile, int64_t column_tile, int64_t width) const {
     Task task;
     task.kind = kind;
-    task.epoch = params.epoch;
+    task.epoch = epoch;
     task.local_expert = cell;
     task.row_tile = int32_t(row_tile);
     task.first_row = cell_first_row[cell] + row_tile * tiling.row_tile;
@@ -236,7 +252,7 @@ struct Scheduler {
 
   // The next ready task, most advanced stage first so that buffers drain; false if none is ready.
   FLASHMOE_DEVICE bool next_task(Task& task) {
-    if (combine_open && combine_next < tiles) {
+    if (combine_open && combine_next < combine_tasks) {
       task = token_task(TaskKind::combine, combine_next++);
       return true;
     }
@@ -262,7 +278,7 @@ struct Scheduler {
       route_issued = true;
       task = Task{};
       task.kind = TaskKind::route;
-      task.epoch = params.epoch;
+      task.epoch = epoch;
       return true;
     }
     if (gate_next < gate_tasks) {
@@ -285,28 +301,10 @@ struct Scheduler {
         break;
       case TaskKind::route:
         dispatch_open = true;
+        if (tiles == 0) dispatch_done();  // no tokens: nothing to copy, every cell is empty
         break;
       case TaskKind::dispatch:
-        if (--dispatches_left == 0) {
-          // Every row is in place. The cells are this rank's own (world size 1): each one's arrival
-          // goes straight into the bookkeeping, no flag, subscriber or inbox between (the flags
-          // carry only what peers send).
-          const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
-          const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
-          // Loaded before any bookkeeping store (which could alias them for the compiler), so the
-          // loads of a chunk overlap instead of serialising behind arrived()'s stores.
-          constexpr int32_t kChunk = 16;
-          for (int32_t e0 = 0; e0 < int32_t(params.problem.experts); e0 += kChunk) {
-            int32_t rows[kChunk], first_rows[kChunk];
-            const int32_t left = int32_t(params.problem.experts) - e0, n = left < kChunk ? left : kChunk;
-            FLASHMOE_UNROLL
-            for (int32_t i = 0; i < kChunk; ++i) {
-              if (i < n) rows[i] = admitted[e0 + i], first_rows[i] = offsets[e0 + i];
-            }
-            for (int32_t i = 0; i < n; ++i) arrived(e0 + i, rows[i], first_rows[i]);
-          }
-          FLASHMOE_COUNT(scheduler_global, 2 * params.problem.experts);
-        }
+        if (--dispatches_left == 0) dispatch_done();
         break;
       case TaskKind::gemm0: {
         const int32_t row_tile = cell_tile_base[cell] + running_tile[processor];
@@ -314,25 +312,90 @@ struct Scheduler {
         break;
       }
       case TaskKind::gemm1:
-        if (--gemm1_left[cell] != 0) break;
-        cell_returned();  // the shared expert's, or an own cell's: no return flag to self
+        if (--gemm1_left[cell] == 0) cell_done(cell);
         break;
       default:
         break;
     }
   }
 
-  // A cell is complete (its last GEMM1 ran, or it was empty); the combine opens after the last,
-  // the shared expert's included, once every peer's return flag is in too.
+  // Every row of this rank's tokens is in its owner's heap. The cells this rank sends itself go
+  // straight into the bookkeeping, no flag, subscriber or inbox between; each peer's dispatch flags
+  // go out with the round's fence (publish_dispatch_flags).
+  FLASHMOE_DEVICE void dispatch_done() {
+    const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
+    const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
+    const int32_t first_expert = int32_t(rank * local);
+    const int32_t first_offset = rank == 0 ? 0 : offsets[first_expert];
+    // Loaded before any bookkeeping store (which could alias them for the compiler), so the
+    // loads of a chunk overlap instead of serialising behind arrived()'s stores.
+    constexpr int32_t kChunk = 16;
+    for (int32_t l0 = 0; l0 < int32_t(local); l0 += kChunk) {
+      int32_t rows[kChunk], first_rows[kChunk];
+      const int32_t left = int32_t(local) - l0, n = left < kChunk ? left : kChunk;
+      FLASHMOE_UNROLL
+      for (int32_t i = 0; i < kChunk; ++i) {
+        if (i < n) rows[i] = admitted[first_expert + l0 + i], first_rows[i] = offsets[first_expert + l0 + i] - first_offset;
+      }
+      for (int32_t i = 0; i < n; ++i) arrived(first_expert + l0 + i, rows[i], first_rows[i]);
+    }
+    FLASHMOE_COUNT(scheduler_global, 2 * local + (rank == 0 ? 0 : 1));
+    signal_dispatch = world > 1;
+  }
+
+  // A cell is complete (its last GEMM1 ran, or it was empty). A cell of this rank's tokens (or the
+  // shared expert's) counts toward the combine, which opens after the last once every peer's return
+  // flag is in too; a peer's cell owes its source a return flag, published with the round's fence.
+  FLASHMOE_DEVICE void cell_done(int32_t cell) {
+    if (is_shared(cell) || cell / local == rank) cell_returned();
+    else returns_pending[returns_pending_count++] = cell;
+  }
+
   FLASHMOE_DEVICE void cell_returned() {
     --cells_left;
     combine_open = cells_left == 0 && returns_done;
   }
 
-  FLASHMOE_DEVICE void arrived(int32_t expert, int32_t rows, int32_t first_row) {
+  // Cell `cell` (source cell / L, local expert cell % L) has `rows` rows from `first_row` of that
+  // source's region: the bound drops to its real size (TaskBound::correction), and its tiles open.
+  FLASHMOE_DEVICE void arrived(int32_t cell, int32_t rows, int32_t first_row) {
     bound -= params.bound.correction(rows);
-    if (rows == 0) cell_returned();
-    else open_cell(expert, rows, first_row);
+    cell_rows[cell] = rows;
+    cell_first_row[cell] = first_row;
+    if (rows == 0) cell_done(cell);
+    else open_cell(cell, rows, first_row);
+  }
+
+  FLASHMOE_DEVICE bool flags_pending() const { return signal_dispatch || returns_pending_count > 0; }
+
+  // After the round's system-scope fence, relaxed stores: this rank's dispatch flag of every peer's
+  // expert (rows and first row in that peer's region, empty cells included: protocol.md §3), and the
+  // return flag of every peer's cell done this round.
+  FLASHMOE_DEVICE void publish_flags() {
+    const HeapLayout layout = params.workspace.heap_layout();
+    if (signal_dispatch) {
+      signal_dispatch = false;
+      const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
+      const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
+      for (int64_t owner = 0; owner < world; ++owner) {
+        if (owner == rank) continue;
+        const int32_t first_offset = offsets[owner * local];
+        for (int64_t l = 0; l < local; ++l) {
+          const int64_t e = owner * local + l;
+          const SignalWord word = SignalWord::make(epoch, admitted[e], offsets[e] - first_offset);
+          st_relaxed_sys(reinterpret_cast<uint64_t*>(params.ranks.heaps[owner] + layout.dispatch_flag(rank, l)),
+                         word.bits);
+        }
+      }
+    }
+    for (int64_t i = 0; i < returns_pending_count; ++i) {
+      const int32_t cell = returns_pending[i];
+      const SignalWord word = SignalWord::make(epoch, cell_rows[cell], cell_first_row[cell]);
+      st_relaxed_sys(reinterpret_cast<uint64_t*>(params.ranks.heaps[cell / local] +
+                                                 layout.return_flag(rank, cell % local)),
+                     word.bits);
+    }
+    returns_pending_count = 0;
   }
 
   // One round: take at most kDrainPerRound messages from the inbox (polls, then one acquire fence
@@ -353,14 +416,13 @@ struct Scheduler {
         if (message.kind == kCompletion) {
           completed(message.a);
           ++done;
-        } else if (message.kind == kArrival) {
+        } else if (message.kind == kArrival) {  // a peer's cell: a = source · L + local expert
           arrived(message.a, message.b, message.c);
         } else {  // kCombineReady: every peer's return flag is in
           returns_done = true;
           combine_open = cells_left == 0;
         }
       }
-      if (done == bound) break;
       int handed = 0;
       Task task;
       while (idle_count > 0 && next_task(task)) {
@@ -373,8 +435,10 @@ struct Scheduler {
         FLASHMOE_COUNT(scheduler_global, 1);  // the task
         FLASHMOE_COUNT(handouts, 1);
       }
-      if (drained > 0 || handed > 0) {
-        release_fence();
+      if (drained > 0 || handed > 0 || flags_pending()) {
+        // Flags to peers (other GPUs) need the fence at system scope; it also serves the doorbells.
+        if (flags_pending()) release_fence_sys(), publish_flags();
+        else release_fence();
         if (drained > 0) st_relaxed(&control.counters[kInboxHead], head), FLASHMOE_COUNT(scheduler_global, 1);
         // This round's processors are still above the idle stack's top.
         for (int64_t i = idle_count; i < idle_count + handed; ++i) {
@@ -382,6 +446,8 @@ struct Scheduler {
           FLASHMOE_COUNT(scheduler_global, 1);
         }
       }
+      // Last: the round that completes the bound may still owe peers their flags (published above).
+      if (done == bound) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
                               done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
@@ -396,42 +462,40 @@ struct Scheduler {
       st_relaxed(&control.doorbells[processor], uint32_t(++rung[processor]));
     }
     FLASHMOE_COUNT(scheduler_global, 2 * params.processors);
+    // The next call (stream-ordered after this launch) runs the next epoch.
+    if (params.ranks.epoch) *params.ranks.epoch = epoch;
   }
 };
 
 // Subscriber `index` of `count`: the flag path, for the cells that peers signal. A peer's dispatch
-// signal becomes an arrival in the scheduler's inbox, and the combine waits for every peer's return
-// flag. At world size 1 there are none: the scheduler books its own cells' arrivals and returns
-// directly, and the subscribers leave at once.
-FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count) {
+// signal (this call's epoch) becomes an arrival in the scheduler's inbox, cell source · L + local
+// expert, and the combine waits for every peer's return flag. The flags are polled at system scope
+// (a peer may be another GPU). At world size 1 there are none: the scheduler books its own cells'
+// arrivals and returns directly, and the subscribers leave at once.
+FLASHMOE_DEVICE void subscriber(const KernelParams& params, uint32_t epoch, int index, int count) {
   const Control control(params);
-  uint8_t* heap = static_cast<uint8_t*>(params.pointers.workspace) + params.workspace.heap;
+  const int64_t self = params.ranks.rank, local = params.workspace.local_experts();
+  if (params.ranks.world == 1) return;
+  const uint8_t* heap = params.ranks.heaps[self];
   const HeapLayout layout = params.workspace.heap_layout();
-  const int64_t self = 0, local = layout.placement.local_experts();
-  const int64_t peer_cells = (layout.placement.world_size - 1) * local;
+  const int64_t peer_cells = (params.ranks.world - 1) * local;
   auto peer = [&](int64_t cell) { return cell / local < self ? cell / local : cell / local + 1; };
-  // Peer cells are not booked yet: the scheduler's cells are indexed by expert (own cells only),
-  // and returns_done starts true. Expert parallelism in the kernel (issue 11) gives them their own
-  // (peer, expert) ids and state first; until then a layout with peers is refused, not run wrong.
-  if (peer_cells > 0) {
-#if FLASHMOE_BOUNDED_WAITS
-    if (index == 0) printf("flashmoe: the persistent kernel runs at world size 1 only (peer cells unbooked)\n");
-#endif
-    __trap();
-  }
   int64_t mine = 0;
   for (int64_t cell = index; cell < peer_cells; cell += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(peer(cell), cell % local));
+    const int64_t source = peer(cell), expert = cell % local;
+    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(source, expert));
     SignalWord word;
-    spin_until([&] { return (word.bits = ld_poll(flag), word.is_epoch(params.epoch)); }, "dispatch signal", 32,
+    wait_until([&] { return (word.bits = ld_poll_sys(flag), word.is_epoch(epoch)); }, "dispatch signal", 32,
                params.wait_limit_ns);
-    control.post(Message{kArrival, int32_t(cell % local), int32_t(word.rows()), int32_t(word.first_row())});
+    acquire_fence_sys();
+    control.post(Message{kArrival, int32_t(source * local + expert), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
   for (int64_t cell = index; cell < peer_cells; cell += count) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(peer(cell), cell % local));
-    spin_until([&] { return SignalWord{ld_poll(flag)}.is_epoch(params.epoch); }, "return signal", 64,
+    wait_until([&] { return SignalWord{ld_poll_sys(flag)}.is_epoch(epoch); }, "return signal", 64,
                params.wait_limit_ns);
+    acquire_fence_sys();
   }
   // acq_rel: the last subscriber's combine-ready release must carry what every other subscriber
   // acquired from its return flags.
@@ -443,17 +507,22 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, int index, int count
 
 // The whole kernel, one CTA's part: `smem` is this CTA's kTileSmemBytes, 1024-byte aligned;
 // `task` and `sequence` live in its shared memory.
+// The OS CTA keeps the call's epoch in its `task`: at world size 1 params.epoch; else the next of the
+// rank's epoch word, which the scheduler stores back when the call is done.
 template <Math M>
 FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task& task, uint32_t& sequence) {
   if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) task.epoch = params.ranks.epoch ? SignalWord::next_epoch(*params.ranks.epoch) : params.epoch;
+    __syncthreads();
+    const uint32_t epoch = task.epoch;
     if (threadIdx.x == 0) {
       const Control control(params);
       const Workspace& w = params.workspace;
       int32_t* state = reinterpret_cast<int32_t*>(
           w.scheduler_in_smem() ? smem : static_cast<uint8_t*>(params.pointers.workspace) + w.scheduler_state);
-      Scheduler(params, control, state).run();
+      Scheduler(params, control, state, epoch).run();
     } else if (threadIdx.x >= 32) {
-      subscriber(params, int(threadIdx.x) - 32, kThreads - 32);
+      subscriber(params, epoch, int(threadIdx.x) - 32, kThreads - 32);
     }
     return;
   }

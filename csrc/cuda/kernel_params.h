@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "core/problem.h"
 #include "core/routing.h"
@@ -11,25 +13,73 @@
 
 namespace flashmoe::cuda {
 
+// Ranks of expert parallelism that one launch reaches by load and store: the kernel has one
+// source, and how a task reaches a peer's heap is this table. Its entries are the local heap at
+// world size 1, the other virtual ranks' heaps in a loopback launch (one GPU), the emulation's
+// other thread teams, or nvshmem_ptr() of a peer over NVLink. A peer that load/store cannot reach
+// (RDMA) has no entry here; the host refuses such a world until the put path exists.
+constexpr int kMaxWorld = 64;
+
+struct Ranks {
+  int32_t rank = 0;
+  int32_t world = 1;
+  uint8_t* heaps[kMaxWorld] = {};  // every rank's heap (HeapLayout of this world), indexed by rank
+  // World > 1: this rank's epoch word, in device memory that outlives the call (zero before the
+  // first). The kernel advances it itself (SignalWord::next_epoch) so that a graph replay is a new
+  // epoch, and the heap's flags are never zeroed again: a peer may already be writing the next
+  // call's. Null at world size 1, where the flags are zeroed with the control block and `epoch` is used.
+  uint32_t* epoch = nullptr;
+};
+
 struct KernelParams {
   Problem problem;
   Pointers pointers;
   Workspace workspace;
-  TaskBound bound;        // world size 1, gpu_tiling(), cells of at most `tokens` rows
+  TaskBound bound;        // gpu_tiling(), W·L cells of at most max_tokens rows (tokens at world size 1)
+  Ranks ranks;
   int32_t processors = 0;  // CTAs 1..processors; CTA 0 is the OS CTA
-  uint32_t epoch = 1;      // the control block is zeroed each call, so its signals start from 0
+  uint32_t epoch = 1;      // world size 1: the control block is zeroed each call, so its signals start from 0
   // Debug builds (FLASHMOE_BOUNDED_WAITS): how long any one wait may last before it traps. Idle
   // processors wait through the whole gate; under compute-sanitizer everything is ~100x slower.
   uint64_t wait_limit_ns = 10ull * 1000 * 1000 * 1000;
 };
 
-// The parameters of one call with `processors` processor CTAs (plus the OS CTA).
-inline KernelParams make_params(const Problem& problem, const Pointers& pointers, int processors) {
+// The parameters of one call with `processors` processor CTAs (plus the OS CTA). Under expert
+// parallelism (`ranks.world` > 1) the weights are this rank's L = E / W experts, `max_tokens` sizes
+// the heaps (every rank's tokens are at most that), and `ranks` holds every heap and this rank's epoch.
+inline KernelParams make_params(const Problem& problem, const Pointers& pointers, int processors,
+                                const Ranks& ranks = Ranks{}, int64_t max_tokens = 0) {
+  if (ranks.world < 1 || ranks.world > kMaxWorld) {
+    throw std::invalid_argument("flashmoe: world_size must be 1.." + std::to_string(kMaxWorld) + ", got " +
+                                std::to_string(ranks.world));
+  }
+  if (ranks.rank < 0 || ranks.rank >= ranks.world) {
+    throw std::invalid_argument("flashmoe: rank must be in [0, world_size), got " + std::to_string(ranks.rank));
+  }
+  if (problem.experts % ranks.world != 0) {
+    throw std::invalid_argument("flashmoe: world_size " + std::to_string(ranks.world) + " must divide experts (" +
+                                std::to_string(problem.experts) + ")");
+  }
+  if (ranks.world > 1) {
+    if (max_tokens < problem.tokens) {
+      throw std::invalid_argument("flashmoe: max_tokens (" + std::to_string(max_tokens) +
+                                  ") must be at least this rank's tokens (" + std::to_string(problem.tokens) + ")");
+    }
+    if (ranks.epoch == nullptr) throw std::invalid_argument("flashmoe: a world of several ranks needs an epoch word");
+    for (int32_t r = 0; r < ranks.world; ++r) {
+      if (ranks.heaps[r] == nullptr) {
+        throw std::invalid_argument("flashmoe: rank " + std::to_string(r) +
+                                    "'s heap is not reachable by load/store (no pointer to it)");
+      }
+    }
+  }
   KernelParams params;
   params.problem = problem;
   params.pointers = pointers;
   Workspace& workspace = params.workspace;
   workspace.processors = processors;
+  workspace.world = ranks.world;
+  workspace.max_tokens = ranks.world > 1 ? max_tokens : 0;
   workspace.tokens = problem.tokens;
   workspace.experts = problem.experts;
   workspace.top_k = problem.top_k;
@@ -38,12 +88,13 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
   workspace.shared_ffn = problem.shared_ffn;
   workspace.element_size = dtype_size(problem.dtype);
   workspace.scores_per_token = route_scratch(problem);
-  params.bound = TaskBound{gpu_tiling(), ExpertPlacement{1, problem.experts}, problem.tokens, problem.ffn,
-                           problem.hidden, problem.shared_ffn};
+  params.bound = TaskBound{gpu_tiling(), ExpertPlacement{ranks.world, problem.experts}, workspace.heap_tokens(),
+                           problem.ffn, problem.hidden, problem.shared_ffn};
   // SizeError (named) before any unchecked arithmetic runs on these sizes.
   workspace.check();
   params.bound.check();
   workspace.plan();
+  params.ranks = ranks;
   params.processors = processors;
   return params;
 }

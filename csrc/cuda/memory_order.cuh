@@ -53,6 +53,25 @@ __device__ __forceinline__ void st_release(uint64_t* address, uint64_t value) {
   asm volatile("st.release.gpu.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
 }
 
+// System scope, for the flags and rows of peers (expert parallelism): another GPU's heap reached by
+// load/store over NVLink, or this GPU's loopback ranks (where .gpu would do; .sys is never wrong).
+__device__ __forceinline__ uint64_t ld_poll_sys(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void acquire_fence_sys() { asm volatile("fence.acq_rel.sys;" : : : "memory"); }
+__device__ __forceinline__ void release_fence_sys() { asm volatile("fence.acq_rel.sys;" : : : "memory"); }
+
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* address, uint64_t value) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* address, uint32_t value) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" : : "l"(address), "r"(value) : "memory");
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t now;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(now));
@@ -81,6 +100,18 @@ inline void st_release(uint32_t* address, uint32_t value) {
   __atomic_store_n(address, value, __ATOMIC_RELEASE);
 }
 inline void st_release(uint64_t* address, uint64_t value) {
+  FLASHMOE_COUNT(release_stores, 1);
+  __atomic_store_n(address, value, __ATOMIC_RELEASE);
+}
+// System scope: the same, counted apart (the emulation's ranks are thread teams of one process).
+inline uint64_t ld_poll_sys(const uint64_t* address) {
+  emulation::chaos_point();
+  return __atomic_load_n(address, __ATOMIC_ACQUIRE);
+}
+inline void acquire_fence_sys() { FLASHMOE_COUNT(acquire_fences, 1); }
+inline void release_fence_sys() { FLASHMOE_COUNT(release_fences, 1); }
+inline void st_relaxed_sys(uint64_t* address, uint64_t value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+inline void st_release_sys(uint32_t* address, uint32_t value) {
   FLASHMOE_COUNT(release_stores, 1);
   __atomic_store_n(address, value, __ATOMIC_RELEASE);
 }

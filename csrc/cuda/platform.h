@@ -31,16 +31,23 @@ struct Index { unsigned x = 0; };
 class Barrier {
  public:
   explicit Barrier(int threads) : threads_(threads) {}
-  void arrive_and_wait() {
+  void arrive_and_wait() { arrive_and_wait_or(0); }
+  // __syncthreads_or: the barrier, and whether any thread passed a non-zero value. The result stays
+  // until every thread has read it: the next generation cannot complete without each of them.
+  int arrive_and_wait_or(int value) {
     std::unique_lock<std::mutex> lock(mutex_);
     const uint64_t generation = generation_;
+    any_ = any_ || value != 0;
     if (++waiting_ == threads_) {
       waiting_ = 0;
+      result_ = any_;
+      any_ = false;
       ++generation_;
       ready_.notify_all();
-      return;
+      return result_;
     }
     ready_.wait(lock, [&] { return generation_ != generation; });
+    return result_;
   }
 
  private:
@@ -49,6 +56,8 @@ class Barrier {
   int threads_;
   int waiting_ = 0;
   uint64_t generation_ = 0;
+  bool any_ = false;
+  int result_ = 0;
 };
 
 // What the synchronization costs, counted while the emulation runs (tests/cpp/test_cuda_emulation.cpp
@@ -104,6 +113,7 @@ struct alignas(16) uint4 { uint32_t x, y, z, w; };
 #define blockIdx (::flashmoe::cuda::emulation::block_index)
 
 inline void __syncthreads() { ::flashmoe::cuda::emulation::block_barrier->arrive_and_wait(); }
+inline int __syncthreads_or(int value) { return ::flashmoe::cuda::emulation::block_barrier->arrive_and_wait_or(value); }
 inline void __threadfence() {
   FLASHMOE_COUNT(thread_fences, 1);
   std::atomic_thread_fence(std::memory_order_seq_cst);

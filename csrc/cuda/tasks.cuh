@@ -51,12 +51,30 @@ struct Buffers {
   FLASHMOE_DEVICE T* shared_h() const { return at<T>(params.workspace.shared_h); }
   FLASHMOE_DEVICE T* shared_out() const { return at<T>(params.workspace.shared_out); }
   FLASHMOE_DEVICE float* shared_weight() const { return at<float>(params.workspace.shared_weight); }
-  // Row `row` of the dispatch (tokens in) and return (expert outputs back) regions of the heap.
-  FLASHMOE_DEVICE T* dispatch_row(int64_t row) const {
-    return at<T>(params.workspace.heap + params.workspace.heap_layout().dispatch_row(0, row));
+
+  // Expert parallelism: this rank, the world, and the local experts L = E / W of each rank.
+  FLASHMOE_DEVICE int64_t rank() const { return params.ranks.rank; }
+  FLASHMOE_DEVICE int64_t local_experts() const { return params.workspace.local_experts(); }
+  // Rank r's heap (HeapLayout): in this workspace at world size 1, else through the rank table
+  // (kernel_params.h Ranks), the one way a task reaches a peer.
+  FLASHMOE_DEVICE uint8_t* heap(int64_t r) const {
+    return params.workspace.heap_in_workspace() ? base + params.workspace.heap : params.ranks.heaps[r];
   }
-  FLASHMOE_DEVICE T* return_row(int64_t row) const {
-    return at<T>(params.workspace.heap + params.workspace.heap_layout().return_row(0, row));
+  // Row `row` of the rows `source` sent this rank (tokens in), and of the outputs `owner` returned
+  // for this rank's tokens; both in this rank's heap.
+  FLASHMOE_DEVICE T* dispatch_row(int64_t source, int64_t row) const {
+    return reinterpret_cast<T*>(heap(rank()) + params.workspace.heap_layout().dispatch_row(source, row));
+  }
+  FLASHMOE_DEVICE T* return_row(int64_t owner, int64_t row) const {
+    return reinterpret_cast<T*>(heap(rank()) + params.workspace.heap_layout().return_row(owner, row));
+  }
+  // Where this rank writes: row `row` of its dispatch region in `owner`'s heap, and of its return
+  // region in `source`'s heap (the peer's own heap when it is this rank).
+  FLASHMOE_DEVICE T* dispatch_row_at(int64_t owner, int64_t row) const {
+    return reinterpret_cast<T*>(heap(owner) + params.workspace.heap_layout().dispatch_row(rank(), row));
+  }
+  FLASHMOE_DEVICE T* return_row_at(int64_t source, int64_t row) const {
+    return reinterpret_cast<T*>(heap(source) + params.workspace.heap_layout().return_row(rank(), row));
   }
 };
 
@@ -281,12 +299,15 @@ FLASHMOE_DEVICE void warp_copy(void* destination, const void* source, int64_t by
 }
 
 // Dispatch of tokens [first, first + count): the row of every pick (its expert's offset plus its
-// slot, or -1 past the capacity), and the admitted tokens copied into those rows. At world size 1
-// this is the local write of the protocol; the scheduler books the cells itself when every tile is done.
+// slot, less the first offset of the expert's owner: the row in this rank's region of the owner's
+// heap, protocol.md §2; -1 past the capacity), and the admitted tokens copied into those rows of
+// the owner's heap, by load/store (kernel_params.h Ranks). Returns whether any row went to a peer.
+// The scheduler signals the cells (a peer's by its dispatch flag, its own directly) when every
+// tile is done.
 template <Math M>
-FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int64_t count, int64_t tile) {
+FLASHMOE_DEVICE bool dispatch_task(const Buffers<M>& buffers, int64_t first, int64_t count, int64_t tile) {
   const Problem& problem = buffers.params.problem;
-  const int64_t E = problem.experts, H = problem.hidden, k = problem.top_k;
+  const int64_t E = problem.experts, H = problem.hidden, k = problem.top_k, L = buffers.local_experts();
   const int32_t* ids = buffers.params.pointers.topk_ids + first * k;
   int32_t* rows = buffers.pick_row() + first * k;
   // A pick that goes to no expert (routing from outside: the sentinel) has no row; the loop over
@@ -297,7 +318,7 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
   for (int64_t e = threadIdx.x; e < E; e += kThreads) {
     int64_t slot = buffers.tile_base()[tile * E + e];
     const int64_t admitted = buffers.admitted()[e];
-    const int64_t offset = buffers.expert_offsets()[e];
+    const int64_t offset = buffers.expert_offsets()[e] - buffers.expert_offsets()[e / L * L];
     for (int64_t p = 0; p < count * k; ++p) {
       if (ids[p] != int32_t(e) || !routed_pick(ids + p / k * k, p % k, E)) continue;
       rows[p] = slot < admitted ? int32_t(offset + slot) : -1;
@@ -308,37 +329,58 @@ FLASHMOE_DEVICE void dispatch_task(const Buffers<M>& buffers, int64_t first, int
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row_bytes = H * int64_t(sizeof(typename Buffers<M>::T));
   const float* weights = buffers.params.pointers.topk_weights + first * k;
+  bool remote = false;
   for (int64_t p = warp; p < count * k; p += kThreads / 32) {
     const int32_t row = rows[p];
     if (row < 0) continue;
+    const int64_t owner = ids[p] / L;
+    remote = remote || owner != buffers.rank();
+    auto* destination = buffers.dispatch_row_at(owner, row);
     if (problem.weight_on_input) {  // round(x · w), the product in fp32 (cpu/source_steps.h dispatch_row)
       using S = Storage<M>;
       const auto* x = buffers.x() + (first + p / k) * H;
-      auto* destination = buffers.dispatch_row(row);
       for (int64_t n = lane; n < H; n += 32) destination[n] = S::store(S::load(x[n]) * weights[p]);
     } else {
-      warp_copy(buffers.dispatch_row(row), buffers.x() + (first + p / k) * H, row_bytes, lane);
+      warp_copy(destination, buffers.x() + (first + p / k) * H, row_bytes, lane);
     }
   }
+  return remote;
 }
 
+// The cell of a GEMM task (task.local_expert, the scheduler's cell id): the rank whose rows these
+// are and the local expert, or the shared expert's (cell E = W·L).
+struct CellOf {
+  bool shared;
+  int64_t source, expert;
+  template <Math M>
+  FLASHMOE_DEVICE CellOf(const Buffers<M>& buffers, const Task& task) {
+    const int64_t L = buffers.local_experts();
+    shared = task.local_expert == buffers.params.problem.experts;
+    source = shared ? buffers.rank() : task.local_expert / L;
+    expert = shared ? 0 : task.local_expert % L;
+  }
+};
+
 // GEMM0 of one row tile: h[rows, columns) = glu(x·gateᵀ + b1, x·upᵀ + b1') or act(x·W1ᵀ + b1), rounded to dtype.
-// The shared expert's cell (local_expert E): rows are tokens read from x, its own weights, no bias, width S.
+// An expert cell (source s, local expert l) reads the rows s sent (this heap's dispatch region s) and
+// writes h rows s·region_rows + row. The shared expert's cell (E): rows are tokens read from x, its
+// own weights, no bias, width S.
 template <Math M>
 FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
   using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
-  const bool shared = task.local_expert == problem.experts;
+  const CellOf cell(buffers, task);
+  const bool shared = cell.shared;
   const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
-  const auto* w1 = shared ? buffers.shared_w1() : buffers.w1() + task.local_expert * problem.gemm0_cols() * H;
-  const auto* b1 = !shared && buffers.b1() ? buffers.b1() + task.local_expert * problem.gemm0_cols() : nullptr;
-  auto* h = shared ? buffers.shared_h() : buffers.h();
+  const auto* w1 = shared ? buffers.shared_w1() : buffers.w1() + cell.expert * problem.gemm0_cols() * H;
+  const auto* b1 = !shared && buffers.b1() ? buffers.b1() + cell.expert * problem.gemm0_cols() : nullptr;
+  auto* h = shared ? buffers.shared_h() : buffers.h() + cell.source * buffers.params.workspace.region_rows() * I;
   const float limit = float(problem.swiglu_limit), alpha = float(problem.swiglu_alpha);
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
     const int64_t rows = task.rows - m0 < kTileM ? task.rows - m0 : kTileM;
-    const Operand a{shared ? buffers.x() + row0 * H : buffers.dispatch_row(row0), rows, H};
+    const Operand a{shared ? buffers.x() + row0 * H : buffers.dispatch_row(cell.source, row0), rows, H};
     for (int64_t n0 = task.column_begin; n0 < column_end; n0 += kTileN) {
       const int64_t columns = column_end - n0 < kTileN ? column_end - n0 : kTileN;
       const Operand gate{w1 + n0 * H, columns, H};
@@ -363,22 +405,25 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
   }
 }
 
-// GEMM1 of one row tile: out[rows, columns) = h·W2ᵀ + b2, rounded to dtype, into the return rows (the
-// shared expert's: into shared_out, token by token).
+// GEMM1 of one row tile: out[rows, columns) = h·W2ᵀ + b2, rounded to dtype, into the return rows of
+// the cell's source (this rank's return region in its heap, by load/store; the shared expert's:
+// into shared_out, token by token). Returns whether the rows went to a peer.
 template <Math M>
-FLASHMOE_DEVICE void gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
+FLASHMOE_DEVICE bool gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task) {
   using S = Storage<M>;
   const Problem& problem = buffers.params.problem;
-  const bool shared = task.local_expert == problem.experts;
+  const CellOf cell(buffers, task);
+  const bool shared = cell.shared;
   const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
-  const auto* w2 = shared ? buffers.shared_w2() : buffers.w2() + task.local_expert * H * I;
-  const auto* b2 = !shared && buffers.b2() ? buffers.b2() + task.local_expert * H : nullptr;
+  const auto* w2 = shared ? buffers.shared_w2() : buffers.w2() + cell.expert * H * I;
+  const auto* b2 = !shared && buffers.b2() ? buffers.b2() + cell.expert * H : nullptr;
+  const auto* h = shared ? buffers.shared_h() : buffers.h() + cell.source * buffers.params.workspace.region_rows() * I;
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
     const int64_t rows = task.rows - m0 < kTileM ? task.rows - m0 : kTileM;
-    const Operand a{(shared ? buffers.shared_h() : buffers.h()) + row0 * I, rows, I};
-    auto* out = shared ? buffers.shared_out() + row0 * H : buffers.return_row(row0);
+    const Operand a{h + row0 * I, rows, I};
+    auto* out = shared ? buffers.shared_out() + row0 * H : buffers.return_row_at(cell.source, row0);
     for (int64_t n0 = task.column_begin; n0 < column_end; n0 += kTileN) {
       const int64_t columns = column_end - n0 < kTileN ? column_end - n0 : kTileN;
       const Operand down{w2 + n0 * I, columns, I};
@@ -387,6 +432,7 @@ FLASHMOE_DEVICE void gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const 
       });
     }
   }
+  return !shared && cell.source != buffers.rank();
 }
 
 // Adds weight · chunk h0.. of `row` (kLogitChunk elements, those at or past `valid` as zeros) to sum,
@@ -410,7 +456,8 @@ constexpr int kCombinePicks = 16;
 // Each thread owns 8-element chunks of one token's row (16-byte loads and stores when H % 8 == 0
 // and the rows are aligned; element by element otherwise): `lanes` threads per token, and
 // tokens_per_pass tokens side by side when a row has fewer chunks than the CTA has threads. The
-// index arithmetic is per task, not per element. A token's pick rows and weights sit in registers.
+// index arithmetic is per task, not per element. A token's pick rows (each in the return region of
+// its expert's owner) and weights sit in registers.
 template <Math M>
 FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int64_t count) {
   using S = Storage<M>;
@@ -418,8 +465,16 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
   const Problem& problem = buffers.params.problem;
   const int64_t H = problem.hidden, k = problem.top_k;
   const int32_t* rows = buffers.pick_row();
+  const int32_t* ids = buffers.params.pointers.topk_ids;
   const float* weights = buffers.params.pointers.topk_weights;
-  const T* outputs = buffers.return_row(0);  // the return rows are contiguous, H apart
+  const int64_t L = buffers.local_experts();
+  const bool one_rank = buffers.params.ranks.world == 1;
+  // Pick p's output row: in the return region of its expert's owner, at its row there; null when dropped.
+  auto output_of = [&](int64_t p) -> const T* {
+    const int32_t row = rows[p];
+    return row < 0 ? nullptr : buffers.return_row(one_rank ? 0 : ids[p] / L, row);
+  };
+  const T* outputs = buffers.return_row(0, 0);  // every owner's return region starts 128-byte aligned
   const T* shared_out = problem.has_shared_expert() ? buffers.shared_out() : nullptr;
   const float* shared_weight = problem.has_shared_gate ? buffers.shared_weight() : nullptr;
   T* y = buffers.y();
@@ -431,11 +486,11 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
   const int64_t slot = int64_t(threadIdx.x) / lanes, lane = int64_t(threadIdx.x) - slot * lanes;
   if (slot >= tokens_per_pass) return;
   for (int64_t token = first + slot; token < first + count; token += tokens_per_pass) {
-    int32_t pick_rows[kCombinePicks];
+    const T* pick_outputs[kCombinePicks];
     float pick_weights[kCombinePicks];
     FLASHMOE_UNROLL
     for (int j = 0; j < kCombinePicks; ++j) {
-      pick_rows[j] = j < k ? rows[token * k + j] : -1;
+      pick_outputs[j] = j < k ? output_of(token * k + j) : nullptr;
       pick_weights[j] = j < k && !problem.weight_on_input ? weights[token * k + j] : 1.0f;
     }
     const float shared = shared_weight ? shared_weight[token] : 1.0f;
@@ -446,14 +501,12 @@ FLASHMOE_DEVICE void combine_task(const Buffers<M>& buffers, int64_t first, int6
       for (int i = 0; i < kLogitChunk; ++i) sum[i] = 0.0f;
       FLASHMOE_UNROLL
       for (int j = 0; j < kCombinePicks; ++j) {
-        if (pick_rows[j] >= 0) {
-          add_weighted_chunk<S>(sum, pick_weights[j], outputs + int64_t(pick_rows[j]) * H + h0, vector, valid);
-        }
+        if (pick_outputs[j]) add_weighted_chunk<S>(sum, pick_weights[j], pick_outputs[j] + h0, vector, valid);
       }
       for (int64_t j = kCombinePicks; j < k; ++j) {
-        const int32_t row = rows[token * k + j];
+        const T* output = output_of(token * k + j);
         const float weight = problem.weight_on_input ? 1.0f : weights[token * k + j];
-        if (row >= 0) add_weighted_chunk<S>(sum, weight, outputs + int64_t(row) * H + h0, vector, valid);
+        if (output) add_weighted_chunk<S>(sum, weight, output + h0, vector, valid);
       }
       if (shared_out) add_weighted_chunk<S>(sum, shared, shared_out + token * H + h0, vector, valid);
       alignas(16) T values[kLogitChunk];

@@ -7,7 +7,9 @@
 //     counters         uint32 [kCounters]        inbox tail and head, return flags seen
 //     doorbells        uint32 [processors]       sequence number of the processor's current task
 //     gate_done        uint32 [token_tiles]      gate tasks finished per token tile (tasks.cuh gate_task)
-//   heap      HeapLayout of world size 1; its flags (first 2·flags_bytes) are zeroed with the control
+//   heap      HeapLayout of world size 1; its flags (first 2·flags_bytes) are zeroed with the control.
+//             Under expert parallelism (world > 1) the heap is not here: every rank's heap outlives
+//             the call (peers write into it), and its flags are never zeroed again (device epochs)
 //   task_slots          Task [processors]
 //   tile_counts         int32 [token_tiles][E]    expert histogram of each gate tile
 //   tile_base           int32 [token_tiles][E]    first slot of each gate tile, per expert
@@ -21,8 +23,8 @@
 //   shared_out          dtype [T][H]              its output of every token                     } expert only
 //   shared_weight       float [T]                 σ(x·shared_gateᵀ) of every token (with its gate)
 //
-// C = E cells, plus one (index E) for the shared expert: an always-on cell of the T tokens, read
-// straight from x, never dispatched or signalled.
+// C = W·L = E cells, cell c = (source c / L, local expert c % L), plus one (index E) for the shared
+// expert: an always-on cell of the T tokens, read straight from x, never dispatched or signalled.
 #pragma once
 
 #include <cstdint>
@@ -66,7 +68,7 @@ constexpr int64_t kSchedulerSmemBytes = 48 * 1024;
 struct SchedulerState {
   enum Array : int32_t {
     idle, running_kind, running_cell, running_tile, rung,          // [processors]
-    cell_rows, cell_first_row, cell_tile_base, gemm1_left, gemm0_queue,  // [cells]
+    cell_rows, cell_first_row, cell_tile_base, gemm1_left, gemm0_queue, returns_pending,  // [cells]
     gemm0_left, gemm1_queue, tile_cell,                             // [row tiles]
     kArrays
   };
@@ -82,7 +84,7 @@ struct SchedulerState {
   }
   template <typename N>
   FLASHMOE_HD static N bytes(N processors, N cells, N row_tiles) {
-    return N(4) * (N(5) * processors + N(5) * cells + N(3) * row_tiles);
+    return N(4) * (N(5) * processors + N(6) * cells + N(3) * row_tiles);
   }
   FLASHMOE_HD int64_t bytes() const { return bytes<int64_t>(processors, cells, row_tiles); }
 };
@@ -93,6 +95,8 @@ struct Workspace {
   static constexpr int64_t kAlignment = 256;
 
   int64_t processors = 0;
+  int64_t world = 1;       // ranks of expert parallelism; this rank holds L = E / world experts
+  int64_t max_tokens = 0;  // the most tokens any rank brings (the heap's rows per source); 0: tokens
   int64_t tokens = 0;
   int64_t experts = 0;
   int64_t top_k = 0;
@@ -113,13 +117,18 @@ struct Workspace {
   FLASHMOE_HD static int64_t align(int64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
   FLASHMOE_HD int64_t token_tiles() const { return gpu_tiling().token_tiles(tokens); }
-  // Row tiles of all cells of one call together: the E expert cells share at most T·min(k, E)
-  // admitted rows, and Σ ceil(rows/row_tile) over E cells ≤ (rows + (row_tile − 1)·E) / row_tile;
-  // plus the shared expert's ceil(T/row_tile).
+  FLASHMOE_HD int64_t heap_tokens() const { return max_tokens > 0 ? max_tokens : tokens; }
+  FLASHMOE_HD int64_t local_experts() const { return experts / world; }
+  FLASHMOE_HD bool heap_in_workspace() const { return world == 1; }
+  // Row tiles of all cells of one call together: the W·L = E cells share at most W·max_tokens·min(k, L)
+  // admitted rows (each source sends at most its tokens·min(k, L) rows here; at W = 1, T·min(k, E)),
+  // and Σ ceil(rows/row_tile) over E cells ≤ (rows + (row_tile − 1)·E) / row_tile; plus the shared
+  // expert's ceil(T/row_tile).
   template <typename N = int64_t>
   FLASHMOE_HD N row_tile_capacity() const {
-    const N row_tile = N(gpu_tiling().row_tile), picks = N(top_k < experts ? top_k : experts);
-    const N experts_tiles = (N(tokens) * picks + (row_tile - N(1)) * N(experts)) / row_tile;
+    const int64_t local = local_experts();
+    const N row_tile = N(gpu_tiling().row_tile), picks = N(top_k < local ? top_k : local);
+    const N experts_tiles = (N(world) * N(heap_tokens()) * picks + (row_tile - N(1)) * N(experts)) / row_tile;
     return experts_tiles + (shared_ffn > 0 ? gpu_tiling().row_tiles<N>(tokens) : N(0));
   }
   FLASHMOE_HD SchedulerState scheduler_layout() const {
@@ -133,9 +142,12 @@ struct Workspace {
   FLASHMOE_HD int64_t cells() const { return experts + (shared_ffn > 0 ? 1 : 0); }
 
   FLASHMOE_HD HeapLayout heap_layout() const {
-    return HeapLayout{ExpertPlacement{1, experts}, tokens, top_k, hidden, element_size};
+    return HeapLayout{ExpertPlacement{world, experts}, heap_tokens(), top_k, hidden, element_size};
   }
   FLASHMOE_HD int64_t region_rows() const { return heap_layout().region_rows(); }
+  // Rows of h: one per row this rank can receive, region by region (source s's row r is s·region_rows + r).
+  template <typename N = int64_t>
+  FLASHMOE_HD N h_rows() const { return N(world) * heap_layout().region_rows<N>(); }
 
   // Lays the buffers out back to back in number type N and returns the total; with N = int64_t
   // and `record`, also stores each offset there. One list of buffers serves plan() and check().
@@ -158,8 +170,8 @@ struct Workspace {
     take(&Workspace::doorbells, N(processors) * four);
     take(&Workspace::gate_done, token_tiles_n * four);
     if (record) record->control_end = plain_value(at);
-    take(&Workspace::heap, layout.total_bytes<N>());
-    if (record) record->heap_flags_end = record->heap + 2 * layout.flags_bytes();
+    take(&Workspace::heap, heap_in_workspace() ? layout.total_bytes<N>() : N(0));
+    if (record) record->heap_flags_end = heap_in_workspace() ? record->heap + 2 * layout.flags_bytes() : record->heap;
     take(&Workspace::task_slots, N(processors) * N(int64_t(sizeof(Task))));
     take(&Workspace::tile_counts, token_tiles_n * N(experts) * four);
     take(&Workspace::tile_base, token_tiles_n * N(experts) * four);
@@ -169,7 +181,7 @@ struct Workspace {
     take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
     const N scheduler_bytes = SchedulerState::bytes<N>(N(processors), cells_n, row_tile_capacity<N>());
     take(&Workspace::scheduler_state, scheduler_bytes > N(scheduler_smem_bytes) ? scheduler_bytes : N(0));
-    take(&Workspace::h, layout.region_rows<N>() * N(ffn) * N(element_size));
+    take(&Workspace::h, h_rows<N>() * N(ffn) * N(element_size));
     take(&Workspace::shared_h, shared_tokens * N(shared_ffn) * N(element_size));
     take(&Workspace::shared_out, shared_tokens * N(hidden) * N(element_size));
     take(&Workspace::shared_weight, shared_tokens * four);
@@ -188,7 +200,7 @@ struct Workspace {
     require_size(lay_out<CheckedInt>(nullptr), "tokens", tokens, "the CUDA workspace's bytes");
   }
 
-  // Bytes the memset node clears before the launch: the control block and the heap's flags.
+  // Bytes the memset node clears before the launch: the control block, and at world size 1 the heap's flags.
   FLASHMOE_HD int64_t zeroed_bytes() const { return heap_flags_end; }
 };
 
