@@ -24,6 +24,7 @@
 
 #include "core/signal_word.h"
 #include "core/task.h"
+#include "cuda/kernel_error.h"
 #include "cuda/kernel_params.h"
 #include "cuda/memory_order.cuh"
 #include "cuda/tasks.cuh"
@@ -67,11 +68,12 @@ struct Control {
   }
 };
 
+// Processor `self` (CTA self + 1 of its rank).
 template <Math M>
-FLASHMOE_DEVICE void processor(const KernelParams& params, uint8_t* smem, Task& task, uint32_t& shared_sequence) {
+FLASHMOE_DEVICE void processor(const KernelParams& params, int32_t self, uint8_t* smem, Task& task,
+                               uint32_t& shared_sequence) {
   const Buffers<M> buffers(params);
   const Control control(params);
-  const int32_t self = int32_t(blockIdx.x) - 1;
   const int64_t token_tile = gpu_tiling().token_tile;
   uint32_t sequence = 0;
   bool remote = false;  // the task wrote to a peer's heap
@@ -156,6 +158,7 @@ struct Scheduler {
   int64_t returns_pending_count = 0;
   int64_t combine_next = 0, combine_tasks = 1;
   int64_t cells_left = 0;  // cells of this rank's tokens (own source, the shared expert's) not yet complete
+  bool aborted = false;    // a subscriber gave up on a peer (kernel_error.h): stop now
   int64_t bound = 0;       // the task-count bound, corrected as cells arrive
   int64_t done = 0;        // tasks completed
 
@@ -418,6 +421,8 @@ struct Scheduler {
           ++done;
         } else if (message.kind == kArrival) {  // a peer's cell: a = source · L + local expert
           arrived(message.a, message.b, message.c);
+        } else if (message.kind == kAbort) {
+          aborted = true;
         } else {  // kCombineReady: every peer's return flag is in
           returns_done = true;
           combine_open = cells_left == 0;
@@ -447,10 +452,11 @@ struct Scheduler {
         }
       }
       // Last: the round that completes the bound may still owe peers their flags (published above).
-      if (done == bound) break;
+      // An aborted call stops with tasks left: its outputs are not written, the host raises.
+      if (done == bound || aborted) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound; }, "scheduler inbox", 0, params.wait_limit_ns);
+                              done == bound || aborted; }, "scheduler inbox", 0, params.wait_limit_ns);
 #endif
     }
     // The stop broadcast: every slot, one fence, then the doorbells.
@@ -480,22 +486,46 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, uint32_t epoch, int 
   const HeapLayout layout = params.workspace.heap_layout();
   const int64_t peer_cells = (params.ranks.world - 1) * local;
   auto peer = [&](int64_t cell) { return cell / local < self ? cell / local : cell / local + 1; };
+  // A wait for a peer is bounded in every build: past peer_timeout_ns it records what it waited for
+  // and aborts the call (the first subscriber to give up tells the scheduler), and every other
+  // subscriber leaves its wait once the call is aborted.
+  auto give_up = [&](uint32_t kind, int64_t peer_rank, int64_t expert) {
+    uint32_t* status = params.ranks.status;
+    if (atomicAdd(&control.counters[kAborted], 1u) != 0) return;
+    status[1] = uint32_t(peer_rank), status[2] = uint32_t(expert), status[3] = epoch;
+    status[0] = kind;  // the host reads the words once the launch is over
+    control.post(Message{kAbort, 0, 0, 0});
+  };
+  auto wait_for_peer = [&](const uint64_t* flag, uint64_t& bits, uint32_t kind, int64_t peer_rank, int64_t expert,
+                           unsigned sleep_ns) {
+    const uint64_t start = global_timer_ns();
+    for (uint32_t spins = 1; !SignalWord{bits = ld_poll_sys(flag)}.is_epoch(epoch); ++spins) {
+      __nanosleep(sleep_ns);
+      if (spins % 64 != 0) continue;
+      if (ld_poll(&control.counters[kAborted]) != 0) return false;
+      if (global_timer_ns() - start > params.ranks.peer_timeout_ns) return give_up(kind, peer_rank, expert), false;
+    }
+    acquire_fence_sys();
+    return true;
+  };
   int64_t mine = 0;
   for (int64_t cell = index; cell < peer_cells; cell += count) {
     const int64_t source = peer(cell), expert = cell % local;
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(source, expert));
-    SignalWord word;
-    wait_until([&] { return (word.bits = ld_poll_sys(flag), word.is_epoch(epoch)); }, "dispatch signal", 32,
-               params.wait_limit_ns);
-    acquire_fence_sys();
+    uint64_t bits = 0;
+    if (!wait_for_peer(reinterpret_cast<const uint64_t*>(heap + layout.dispatch_flag(source, expert)), bits,
+                       kDispatchFlagTimeout, source, expert, 32)) {
+      return;
+    }
+    const SignalWord word{bits};
     control.post(Message{kArrival, int32_t(source * local + expert), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
   for (int64_t cell = index; cell < peer_cells; cell += count) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(heap + layout.return_flag(peer(cell), cell % local));
-    wait_until([&] { return SignalWord{ld_poll_sys(flag)}.is_epoch(epoch); }, "return signal", 64,
-               params.wait_limit_ns);
-    acquire_fence_sys();
+    uint64_t bits = 0;
+    if (!wait_for_peer(reinterpret_cast<const uint64_t*>(heap + layout.return_flag(peer(cell), cell % local)), bits,
+                       kReturnFlagTimeout, peer(cell), cell % local, 64)) {
+      return;
+    }
   }
   // acq_rel: the last subscriber's combine-ready release must carry what every other subscriber
   // acquired from its return flags.
@@ -507,11 +537,13 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, uint32_t epoch, int 
 
 // The whole kernel, one CTA's part: `smem` is this CTA's kTileSmemBytes, 1024-byte aligned;
 // `task` and `sequence` live in its shared memory.
-// The OS CTA keeps the call's epoch in its `task`: at world size 1 params.epoch; else the next of the
-// rank's epoch word, which the scheduler stores back when the call is done.
+// `block` is the CTA's index among its rank's (blockIdx.x, or its place in a loopback launch's
+// share). The OS CTA keeps the call's epoch in its `task`: at world size 1 params.epoch; else the
+// next of the rank's epoch word, which the scheduler stores back when the call is done.
 template <Math M>
-FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task& task, uint32_t& sequence) {
-  if (blockIdx.x == 0) {
+FLASHMOE_DEVICE void kernel_body(const KernelParams& params, int32_t block, uint8_t* smem, Task& task,
+                                 uint32_t& sequence) {
+  if (block == 0) {
     if (threadIdx.x == 0) task.epoch = params.ranks.epoch ? SignalWord::next_epoch(*params.ranks.epoch) : params.epoch;
     __syncthreads();
     const uint32_t epoch = task.epoch;
@@ -526,7 +558,7 @@ FLASHMOE_DEVICE void kernel_body(const KernelParams& params, uint8_t* smem, Task
     }
     return;
   }
-  processor<M>(params, smem, task, sequence);
+  processor<M>(params, block - 1, smem, task, sequence);
 }
 
 }  // namespace flashmoe::cuda

@@ -29,6 +29,10 @@ struct Ranks {
   // epoch, and the heap's flags are never zeroed again: a peer may already be writing the next
   // call's. Null at world size 1, where the flags are zeroed with the control block and `epoch` is used.
   uint32_t* epoch = nullptr;
+  // World > 1: kStatusWords words of device memory, zero before the call (kernel_error.h). A wait for
+  // a peer's flag that passes peer_timeout_ns writes what it waited for there, and the call exits.
+  uint32_t* status = nullptr;
+  uint64_t peer_timeout_ns = 60ull * 1000 * 1000 * 1000;
 };
 
 struct KernelParams {
@@ -65,7 +69,10 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
       throw std::invalid_argument("flashmoe: max_tokens (" + std::to_string(max_tokens) +
                                   ") must be at least this rank's tokens (" + std::to_string(problem.tokens) + ")");
     }
-    if (ranks.epoch == nullptr) throw std::invalid_argument("flashmoe: a world of several ranks needs an epoch word");
+    if (ranks.epoch == nullptr || ranks.status == nullptr) {
+      throw std::invalid_argument("flashmoe: a world of several ranks needs an epoch word and status words");
+    }
+    if (ranks.peer_timeout_ns == 0) throw std::invalid_argument("flashmoe: peer_timeout_ns must be > 0");
     for (int32_t r = 0; r < ranks.world; ++r) {
       if (ranks.heaps[r] == nullptr) {
         throw std::invalid_argument("flashmoe: rank " + std::to_string(r) +

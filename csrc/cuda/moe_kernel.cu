@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_persistent_kernel(const __gri
   // Aligned in the shared window, the address space the wgmma descriptors encode.
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_smem));
   uint8_t* smem = dynamic_smem + ((kSmemAlignment - raw % kSmemAlignment) % kSmemAlignment);
-  kernel_body<M>(params, smem, *reinterpret_cast<Task*>(task_storage), sequence);
+  kernel_body<M>(params, int32_t(blockIdx.x), smem, *reinterpret_cast<Task*>(task_storage), sequence);
 }
 
 namespace {

@@ -57,7 +57,7 @@ struct Message {
   int32_t c;     // arrival: first row
 };
 
-enum MessageKind : int32_t { kCompletion = 1, kArrival = 2, kCombineReady = 3 };
+enum MessageKind : int32_t { kCompletion = 1, kArrival = 2, kCombineReady = 3, kAbort = 4 };
 
 // Shared memory of CTA 0 that the scheduler's state may take (CTA 0 runs no tiles; every CTA has
 // kTileSmemBytes, actors.cuh checks that this fits).
@@ -89,7 +89,7 @@ struct SchedulerState {
   FLASHMOE_HD int64_t bytes() const { return bytes<int64_t>(processors, cells, row_tiles); }
 };
 
-enum Counter : int32_t { kInboxTail = 0, kInboxHead = 1, kReturnsSeen = 2, kCounters = 8 };
+enum Counter : int32_t { kInboxTail = 0, kInboxHead = 1, kReturnsSeen = 2, kAborted = 3, kCounters = 8 };
 
 struct Workspace {
   static constexpr int64_t kAlignment = 256;

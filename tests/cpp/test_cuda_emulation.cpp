@@ -22,6 +22,7 @@
 //       csrc/cpu/*.cpp -o /tmp/test_cuda_emulation && /tmp/test_cuda_emulation
 // It prints "cuda_emulation: N passed, M failed" and exits non-zero on any failure.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -83,7 +84,7 @@ void emulate_launches(const std::vector<cuda::KernelParams>& ranks) {
           emu::thread_index.x = unsigned(t);
           emu::block_index.x = unsigned(c);
           emu::block_barrier = cta.barrier.get();
-          cuda::kernel_body<M>(ranks[r], cta.smem.get(), cta.task, cta.sequence);
+          cuda::kernel_body<M>(ranks[r], int32_t(c), cta.smem.get(), cta.task, cta.sequence);
         });
       }
     }
@@ -394,6 +395,7 @@ struct EpCase {
   double capacity_factor = 0;
   int processors = 2;        // per rank
   bool chaos = false;
+  int64_t killed = -1;       // a rank whose kernel never runs (the last call): the others must give up on it
 };
 
 template <typename T, Math M>
@@ -422,6 +424,8 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
   layout.check();
   std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> heaps;
   std::vector<uint32_t> epochs(size_t(W), 0);
+  std::vector<std::array<uint32_t, cuda::kStatusWords>> statuses(static_cast<size_t>(W));
+  const uint64_t peer_timeout_ns = c.killed >= 0 ? 300ull * 1000 * 1000 : 60ull * 1000 * 1000 * 1000;
   cuda::Ranks table;
   table.world = int32_t(W);
   for (int64_t r = 0; r < W; ++r) {
@@ -517,6 +521,9 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       cuda::Ranks ranks_of_r = table;
       ranks_of_r.rank = int32_t(r);
       ranks_of_r.epoch = &epochs[size_t(r)];
+      statuses[size_t(r)].fill(0);
+      ranks_of_r.status = statuses[size_t(r)].data();
+      ranks_of_r.peer_timeout_ns = peer_timeout_ns;
       cuda::KernelParams rank_params =
           cuda::make_params(rank.problem, pointers_of(rank.got, true), c.processors, ranks_of_r, max_tokens);
       rank.workspace.reset(static_cast<uint8_t*>(
@@ -524,14 +531,31 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       std::memset(rank.workspace.get(), 0xab, size_t(rank_params.workspace.total));
       std::memset(rank.workspace.get(), 0, size_t(rank_params.workspace.zeroed_bytes()));
       rank_params.pointers.workspace = rank.workspace.get();
-      params.push_back(rank_params);
+      const bool killed = r == c.killed && call + 1 == c.calls.size();
+      if (!killed) params.push_back(rank_params);
     }
     cuda::emulation::chaos_seed = c.chaos ? seed + call : 0;
     emulate_launches<M>(params);
     cuda::emulation::chaos_seed = 0;
+    if (c.killed >= 0 && call + 1 == c.calls.size()) {
+      // Every survivor gave up on the killed rank's dispatch flags within the timeout, and says so.
+      for (int64_t r = 0; r < W; ++r) {
+        if (r == c.killed) continue;
+        const auto& status = statuses[size_t(r)];
+        const std::string message = cuda::describe_kernel_error(status.data(), r, double(peer_timeout_ns) * 1e-9);
+        if (status[0] != cuda::kDispatchFlagTimeout || int64_t(status[1]) != c.killed || status[3] != call + 1 ||
+            message.find("dispatch flag of source rank " + std::to_string(c.killed)) == std::string::npos) {
+          fail(call, r, "no error naming the killed rank's dispatch flag: '" + message + "'");
+        } else if (verbose) {
+          std::printf("  %s\n", message.c_str());
+        }
+      }
+      break;
+    }
     for (int64_t r = 0; r < W; ++r) {
       Rank& rank = ranks[size_t(r)];
       const int64_t T_ = rank.problem.tokens;
+      if (statuses[size_t(r)][0] != 0) fail(call, r, "a healthy call left an error word");
       if (epochs[size_t(r)] != uint32_t(call + 1)) fail(call, r, "the epoch word did not advance to this call's");
       if (rank.got.expert_counts != rank.want.expert_counts) fail(call, r, "expert_counts differ from the single rank's");
       if (rank.got.dropped != rank.want.dropped) fail(call, r, "dropped differs from the single rank's");
@@ -590,6 +614,10 @@ std::vector<EpCase> ep_cases() {
   all.back().problem.scoring = Scoring::sigmoid, all.back().problem.has_selection_bias = true;
   all.back().problem.num_groups = 4, all.back().problem.topk_groups = 2, all.back().problem.routed_scaling_factor = 2.5;
   all.back().problem.weight_on_input = true;
+  // A rank that dies between calls: the next call's survivors give up on its flags within the
+  // timeout, name it, and exit (no hang, no trap).
+  add("ep W=3 killed rank", 3, {{9, 14, 3}, {12, 12, 12}}, 24, 16, 6, 2, Activation::silu, 0, 2, false);
+  all.back().killed = 1;
   return all;
 }
 
