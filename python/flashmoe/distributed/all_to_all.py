@@ -6,6 +6,11 @@ in the contract's order. The three native steps (``_C.route_tokens``, ``_C.run_e
 ``_C.combine_tokens``) share their arithmetic with the dataflow runtime, so the output is the
 same bits as the symmetric transport's and the single-process operator's. It needs only
 collectives, so it works on any backend (gloo, NCCL) and across hosts.
+
+CUDA tensors (the fallback of ``"auto"`` where the nvshmem transport cannot run): the native steps
+are the CPU's, so the call computes on CPU copies and returns to the device; its bits are those of
+single-process ``flashmoe.moe`` on the CPU, not of the CUDA kernel. The exchanges go through the
+group's backend on its device (CUDA for NCCL).
 """
 
 from __future__ import annotations
@@ -30,11 +35,27 @@ def _weighted_rows(rows, pick_row, topk_weights, admitted):
     return (rows.to(accumulate_dtype(rows.dtype)) * weights).to(rows.dtype)
 
 
+def exchange_device(group, tensor: torch.Tensor) -> torch.device:
+    """Where the group's backend exchanges: the current CUDA device for NCCL, else the CPU (gloo, or
+    a mixed "cpu:gloo,cuda:nccl" group for CPU tensors), or the tensor's own device when it is a CUDA
+    tensor on a backend that takes them."""
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if tensor.device.type == "cuda" and "nccl" in backend:
+        return tensor.device
+    return torch.device("cpu")
+
+
 def exchange_rows(output: torch.Tensor, send: torch.Tensor, output_rows: list, send_rows: list, group) -> None:
     """all_to_all_single of [rows, ...] tensors as bytes, so every dtype travels on every backend."""
+    device = exchange_device(group, send)
+    staged = output if output.device == device else torch.empty(output.shape, dtype=output.dtype, device=device)
     with _named_failure("rows"):
-        dist.all_to_all_single(_as_bytes(output), _as_bytes(send), output_split_sizes=output_rows,
+        dist.all_to_all_single(_as_bytes(staged), _as_bytes(send.to(device)), output_split_sizes=output_rows,
                                input_split_sizes=send_rows, group=group)
+    if staged is not output:
+        output.copy_(staged)
 
 
 @contextlib.contextmanager
@@ -50,19 +71,29 @@ def _named_failure(what: str):
 def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
     row_bytes = rows.stride(0) * rows.element_size() if rows.dim() > 1 else rows.element_size()
     return rows.view(torch.uint8).view(rows.shape[0], row_bytes) if rows.numel() else \
-        torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8)
+        torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=rows.device)
 
 
 def exchange_counts(send_counts: torch.Tensor, group, world_size: int) -> torch.Tensor:
-    """send_counts [W, n] int64 (n per peer) -> what every peer sent this rank, [W, n]."""
-    received = torch.empty_like(send_counts)
+    """send_counts [W, n] int64 (n per peer) -> what every peer sent this rank, [W, n] (on send_counts' device)."""
+    device = exchange_device(group, send_counts)
+    send = send_counts.contiguous().to(device)
+    received = torch.empty_like(send)
     with _named_failure("row counts"):
-        dist.all_to_all_single(received, send_counts.contiguous(), group=group)
-    return received.view(world_size, -1)
+        dist.all_to_all_single(received, send, group=group)
+    return received.to(send_counts.device).view(world_size, -1)
+
+
+def _on_cpu(tensor):
+    return None if tensor is None else tensor.cpu()
 
 
 def forward(context, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias=None,
             shared=(None, None, None)):
+    if x.device.type != "cpu":  # the native steps are the CPU's: compute on copies, return to the device
+        outputs = forward(context, *map(_on_cpu, (x, router_weight, w1, w2, router_bias, b1, b2)), capacity_factor,
+                          _on_cpu(selection_bias), tuple(map(_on_cpu, shared)))
+        return tuple(output.to(x.device) for output in outputs)
     config, group = context.config, context.group
     world, local, top_k = context.world_size, context.local_experts, config.top_k
     tokens, experts = x.shape[0], config.num_experts

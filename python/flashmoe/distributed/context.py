@@ -4,8 +4,9 @@ A Context is created collectively (every rank of the group at the same call) on 
 (group, configuration), or explicitly. At creation the ranks exchange their configurations and
 raise ``ValueError`` on every rank, naming the first argument they disagree on, instead of
 hanging in a mismatched exchange. It then picks the transport and, for ``"symmetric"``, maps the
-shared-memory heaps (:mod:`.symmetric`). It owns the heap sizing (``max_tokens``, grown when a
-larger call arrives), the epoch (inside the native cluster) and ``destroy()``.
+shared-memory heaps (:mod:`.symmetric`), for ``"nvshmem"`` allocates the NVSHMEM heaps
+(:mod:`.nvshmem_heaps`). It owns the heap sizing (``max_tokens``, grown when a larger call
+arrives), the epoch (inside the native cluster, or a device word) and ``destroy()``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from .. import reference
 from ..ops import shared_ffn
 
-TRANSPORTS = ("auto", "symmetric", "all_to_all")
+TRANSPORTS = ("auto", "symmetric", "all_to_all", "nvshmem")
 DEFAULT_WATCHDOG_SECONDS = 60.0
 
 
@@ -99,12 +100,15 @@ class Context:
     Args:
         config: the layer configuration every rank must share.
         group: a ``torch.distributed`` process group; None means the default group.
-        transport: ``"symmetric"``, ``"all_to_all"`` or ``"auto"`` (symmetric when every rank of the
-            group is on this host and the tensors are on the CPU, else all_to_all).
+        transport: ``"symmetric"``, ``"all_to_all"``, ``"nvshmem"`` or ``"auto"``. ``"auto"``: for CPU
+            tensors symmetric when every rank of the group is on this host, else all_to_all; for CUDA
+            tensors nvshmem when every rank can run it (flashmoe._nvshmem built, the CUDA kernel for the
+            device) and every peer's heap is reachable by load/store (nvshmem_ptr), else all_to_all.
         max_tokens: the most tokens one rank brings to one call before the symmetric heaps grow;
             None sizes them from the largest rank's tokens at creation (``tokens``).
         watchdog_seconds: a symmetric call that sees no progress for this long raises RuntimeError
-            naming the rank and the flags it waits for (all_to_all relies on the group's timeout).
+            naming the rank and the flags it waits for; under nvshmem the kernel gives up on a peer's
+            flag after this long and :meth:`check` raises (all_to_all relies on the group's timeout).
         threads: CPU threads per rank (default ``torch.get_num_threads()``).
         tokens: this rank's tokens in the call that creates the context (sizes the heaps).
         device: the device of the layer's tensors.
@@ -129,8 +133,13 @@ class Context:
         self.device = torch.device(device)
         self.watchdog_seconds = float(watchdog_seconds)
         self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        nvshmem_unavailable = None
+        if transport in ("nvshmem", "auto") and self.device.type == "cuda":
+            from .nvshmem_heaps import unavailable_reason
+            nvshmem_unavailable = unavailable_reason(self.device)
         mine = dict(config=config.comparable(), transport=transport, max_tokens=max_tokens,
-                    watchdog_seconds=self.watchdog_seconds, device=self.device.type, host=host_id(), tokens=int(tokens))
+                    watchdog_seconds=self.watchdog_seconds, device=self.device.type, host=host_id(), tokens=int(tokens),
+                    nvshmem_unavailable=nvshmem_unavailable)
         everyone: list = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=group)
         self._check_agreement(everyone)
@@ -138,6 +147,17 @@ class Context:
             raise ValueError(f"num_experts={config.num_experts} must be divisible by the world size {self.world_size}")
         self.local_experts = config.num_experts // self.world_size
         one_host = all(entry["host"] == everyone[0]["host"] for entry in everyone)
+        nvshmem_ready = self.device.type == "cuda" and not any(entry["nvshmem_unavailable"] for entry in everyone)
+        if transport == "nvshmem":
+            if self.device.type != "cuda":
+                raise ValueError(f"transport='nvshmem' takes CUDA tensors, got {self.device.type!r} tensors: use "
+                                 f"'symmetric', 'all_to_all' or 'auto'")
+            reasons = [f"rank {rank}: {entry['nvshmem_unavailable']}" for rank, entry in enumerate(everyone)
+                       if entry["nvshmem_unavailable"]]
+            if reasons:
+                from .nvshmem import NvshmemUnavailableError
+                raise NvshmemUnavailableError("flashmoe.distributed: transport='nvshmem' cannot run: "
+                                              + "; ".join(reasons))
         if transport == "symmetric":
             if not one_host:
                 hosts = sorted({entry["host"].split("/")[0] for entry in everyone})
@@ -145,17 +165,29 @@ class Context:
                                  f"memory is the symmetric heap); this group spans {hosts}: use 'all_to_all' or 'auto'")
             if self.device.type != "cpu":
                 raise ValueError(f"transport='symmetric' runs on CPU tensors in this build, got {self.device.type!r} "
-                                 f"(the NVSHMEM transport comes with the GPU kernel): use 'all_to_all' or 'auto'")
+                                 f"(CUDA tensors: use 'nvshmem'), or use 'all_to_all' or 'auto'")
         elif transport == "auto":
-            transport = "symmetric" if one_host and self.device.type == "cpu" else "all_to_all"
-        self.transport = transport
+            if self.device.type == "cpu":
+                transport = "symmetric" if one_host else "all_to_all"
+            else:
+                transport = "nvshmem" if nvshmem_ready else "all_to_all"
         largest = max(entry["tokens"] for entry in everyone)
         self.max_tokens = max_tokens if max_tokens is not None else _bucket(largest)
         self._symmetric = None
+        self._nvshmem = None
         self._destroyed = False
         if transport == "symmetric":
             from .symmetric import SymmetricHeaps
             self._symmetric = SymmetricHeaps(self)
+        elif transport == "nvshmem":
+            from .nvshmem_heaps import NvshmemHeaps, PeerUnreachableError
+            try:
+                self._nvshmem = NvshmemHeaps(self)
+            except PeerUnreachableError:
+                if mine["transport"] != "auto":
+                    raise
+                transport = "all_to_all"  # every rank saw the same table (the error is raised everywhere)
+        self.transport = transport
         _live_contexts.append(self)
 
     def _check_agreement(self, everyone: list) -> None:
@@ -170,35 +202,62 @@ class Context:
 
     @property
     def epoch(self) -> int:
-        """The epoch of this rank's last symmetric call (1..65535, wrapping; 0 before the first or under all_to_all)."""
+        """The epoch of this rank's last symmetric or nvshmem call (0 before the first or under all_to_all;
+        nvshmem: reads the device word, so it waits for the stream)."""
+        if self._nvshmem is not None:
+            return int(self._nvshmem.epoch.cpu().item()) & 0xFFFFFFFF
         return 0 if self._symmetric is None else self._symmetric.epoch()
 
     @property
     def heap_bytes(self) -> int:
-        """Bytes of this rank's symmetric heap (0 under all_to_all)."""
+        """Bytes of this rank's symmetric or NVSHMEM heap (0 under all_to_all)."""
+        if self._nvshmem is not None:
+            return self._nvshmem.heap_bytes
         return 0 if self._symmetric is None else self._symmetric.heap_bytes
 
-    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias=None,
-                shared=(None, None, None)):
-        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. ``shared``: the
-        (shared_w1, shared_w2, shared_gate) of a shared expert, or Nones. Returns
-        (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
+    def check(self) -> None:
+        """Raises the error of a call that went wrong on the device (nvshmem: waits for this device's
+        work and reads the kernel's status words; a kernel that gave up on a peer raises RuntimeError
+        naming this rank and the flag, and the Context becomes unusable). The other transports raise
+        from the call itself, so this returns at once for them."""
         if self._destroyed:
             raise RuntimeError("flashmoe.distributed: this Context was destroyed")
+        if self._nvshmem is not None:
+            self._nvshmem.check()
+
+    def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias=None,
+                shared=(None, None, None), check: bool = True):
+        """One call on this rank's tokens; see :func:`flashmoe.distributed.moe`. ``shared``: the
+        (shared_w1, shared_w2, shared_gate) of a shared expert, or Nones. ``check`` (nvshmem): agree on
+        the heap size and :meth:`check` after the launch (both skipped while capturing a CUDA graph).
+        Returns (y, topk_ids, topk_weights, expert_counts, router_logits, dropped)."""
+        if self._destroyed:
+            raise RuntimeError("flashmoe.distributed: this Context was destroyed")
+        if x.device.type != self.device.type:
+            raise ValueError(f"x is on {x.device}, but this Context was created for {self.device.type} tensors")
+        if self._nvshmem is not None:
+            return self._nvshmem.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias,
+                                         shared, check=check)
         if self._symmetric is not None:
             return self._symmetric.forward(x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias,
                                            shared)
         from .all_to_all import forward
         return forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity, selection_bias, shared)
 
-    def destroy(self) -> None:
-        """Releases the shared-memory mappings (the segments were unlinked at creation). Idempotent."""
+    def destroy(self, collective: bool = True) -> None:
+        """Releases the shared-memory mappings (the segments were unlinked at creation) or the NVSHMEM
+        heap. Idempotent. Under nvshmem it is collective (``nvshmem_free``) unless ``collective=False``
+        or a kernel error broke the Context (a peer may be gone): then the heap is only forgotten, and
+        NVSHMEM reclaims it at finalisation or process exit."""
         if self._destroyed:
             return
         self._destroyed = True
         if self._symmetric is not None:
             self._symmetric.close()
             self._symmetric = None
+        if self._nvshmem is not None:
+            heaps, self._nvshmem = self._nvshmem, None
+            heaps.close(collective=collective)
         for key, context in list(_contexts.items()):
             if context is self:
                 del _contexts[key]
@@ -215,8 +274,10 @@ _live_contexts: list = []
 
 
 def context_for(config: LayerConfig, *, group, transport: str, tokens: int, device, watchdog_seconds: float) -> Context:
-    """The cached Context of (group, config, transport), created collectively on first use."""
-    key = (id(group) if group is not None else None, config, transport, float(watchdog_seconds), torch.device(device).type)
+    """The cached Context of (group, config, transport, device), created collectively on first use."""
+    device = torch.device(device)
+    key = (id(group) if group is not None else None, config, transport, float(watchdog_seconds), device.type,
+           device.index)
     context = _contexts.get(key)
     if context is None or context._destroyed:
         context = Context(config, group=group, transport=transport, tokens=tokens, device=device,
@@ -225,13 +286,14 @@ def context_for(config: LayerConfig, *, group, transport: str, tokens: int, devi
     return context
 
 
-def destroy_all() -> None:
-    """Destroys every Context of this process (call before destroying their process groups)."""
+def destroy_all(collective: bool = True) -> None:
+    """Destroys every Context of this process (collective: every rank calls it, before destroying
+    the process groups). At interpreter exit it runs with ``collective=False``: a peer may be gone."""
     for context in list(_live_contexts):
-        context.destroy()
+        context.destroy(collective=collective)
 
 
-atexit.register(destroy_all)
+atexit.register(destroy_all, collective=False)
 
 
 def layer_config(x, router_weight, w1, w2, *, top_k, gated, activation, normalize, scoring, capacity_factor,

@@ -18,8 +18,8 @@ class ExpertParallelMoE(nn.Module):
     """A Mixture-of-Experts layer whose experts are spread over the ranks of ``group``.
 
     Rank r holds experts ``r·L … r·L+L−1`` (L = E / W) as Parameters, and the replicated router.
-    The arguments are those of :class:`flashmoe.MoE`, plus ``group``, ``transport`` (see
-    :func:`flashmoe.distributed.moe`) and ``watchdog_seconds``.
+    The arguments are those of :class:`flashmoe.MoE`, plus ``group``, ``transport``,
+    ``watchdog_seconds`` and ``check`` (see :func:`flashmoe.distributed.moe`).
 
     Parameters: ``router_weight [E, H]`` (replicated: all-reduce its gradient as for any
     data-parallel Parameter), ``w1 [L, 2I or I, H]``, ``w2 [L, H, I]``, and the optional
@@ -36,7 +36,8 @@ class ExpertParallelMoE(nn.Module):
                  routed_scaling_factor: float = 1.0, router_dtype: Optional[torch.dtype] = None,
                  weight_on: str = "output", shared_ffn_size: int = 0, shared_gate: bool = False,
                  swiglu_limit: Optional[float] = None, swiglu_alpha: Optional[float] = None,
-                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, device=None, dtype=None) -> None:
+                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, check: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
         # Validated as flashmoe.MoE validates them (a meta layer allocates nothing).
         MoE(hidden_size, ffn_size, num_experts, top_k, gated=gated, activation=activation, normalize=normalize,
@@ -51,6 +52,7 @@ class ExpertParallelMoE(nn.Module):
         if num_experts % self.world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the world size {self.world_size}")
         self.group, self.transport, self.watchdog_seconds = group, transport, watchdog_seconds
+        self.check = check
         self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k
         self.local_experts = num_experts // self.world_size
         self.gated, self.activation, self.normalize, self.scoring = gated, activation, normalize, scoring
@@ -112,7 +114,7 @@ class ExpertParallelMoE(nn.Module):
                          transport=self.transport, gated=self.gated, activation=self.activation,
                          normalize=self.normalize, scoring=self.scoring, capacity_factor=self.capacity_factor,
                          router_bias=self.router_bias, b1=self.b1, b2=self.b2, return_routing=True,
-                         watchdog_seconds=self.watchdog_seconds, **self._options())
+                         watchdog_seconds=self.watchdog_seconds, check=self.check, **self._options())
         y = y.reshape(x.shape)
         if not (return_aux_loss or return_routing):
             return y
@@ -127,7 +129,7 @@ class ExpertParallelMoE(nn.Module):
 
     @classmethod
     def from_moe(cls, layer: MoE, group=None, *, transport: str = "auto",
-                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS) -> "ExpertParallelMoE":
+                 watchdog_seconds: float = DEFAULT_WATCHDOG_SECONDS, check: bool = True) -> "ExpertParallelMoE":
         """Shards a full :class:`flashmoe.MoE` (e.g. from ``MoE.from_hf``): this rank keeps a copy of the
         router (with its selection bias), of the shared expert, and of its own experts' weights; the
         routing options carry over. Every rank must pass an equal layer."""
@@ -147,7 +149,7 @@ class ExpertParallelMoE(nn.Module):
                       router_dtype=None if router_dtype == dtype else router_dtype, weight_on=layer.weight_on,
                       shared_ffn_size=layer.shared_ffn_size, shared_gate=layer.shared_gate is not None,
                       swiglu_limit=layer.swiglu_limit, swiglu_alpha=layer.swiglu_alpha,
-                      watchdog_seconds=watchdog_seconds, device="meta", dtype=dtype)
+                      watchdog_seconds=watchdog_seconds, check=check, device="meta", dtype=dtype)
         mine = slice(rank * sharded.local_experts, (rank + 1) * sharded.local_experts)
         with torch.no_grad():
             for name, part in (("router_weight", None), ("router_bias", None), ("w1", mine), ("w2", mine),
