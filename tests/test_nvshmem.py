@@ -322,3 +322,337 @@ def test_nvshmem_w1_bootstrap_malloc_ptr_and_selftest(backend):
     assert out["selftest"] == {"target_pe": 0, "source_pe": 0, "signal_value": 1, "mismatched_words": 0}
     assert out["timeout"] is not None
     assert "PE 0 timed out" in out["timeout"] and "flag from PE 0" in out["timeout"]
+
+
+# --------------------------------------------------------------------------- the nvshmem transport, on fakes
+#
+# flashmoe.distributed's transport="nvshmem" without a GPU: flashmoe._nvshmem, the EP entries of _C and
+# the few device-touching helpers of nvshmem_heaps are replaced by fakes that record what they are
+# given, so the Context's rules (readiness, sizing, the peer table, the auto rule, growth, check and
+# destroy) run for real. That the kernel computes the right thing is tests/test_multigpu.py's (GPU).
+
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import struct  # noqa: E402
+
+import torch  # noqa: E402
+
+from flashmoe.distributed import nvshmem_heaps  # noqa: E402
+
+
+class FakeNvshmem:
+    """Stands in for NVSHMEM and the EP kernel on one rank. ``unreachable``: PEs whose nvshmem_ptr is 0."""
+
+    HEAP_BYTES_PER_TOKEN = 3000
+
+    def __init__(self, rank: int, unreachable=(), kernel_error=None):
+        self.rank, self.unreachable, self.kernel_error = rank, set(unreachable), kernel_error
+        self.initialized, self.init_size = False, None
+        self.allocations, self.freed, self.zeroed, self.launches = {}, [], [], []
+        self._next = 1 << 40
+
+    # flashmoe.distributed.nvshmem
+    def init(self, group=None, device=None):
+        assert not self.initialized, "NVSHMEM initialised twice"
+        self.initialized, self.init_size = True, os.environ.get(nvshmem_heaps.SYMMETRIC_SIZE_VARIABLE)
+
+    def malloc(self, nbytes):
+        self._next += 1 << 32
+        self.allocations[self._next] = nbytes
+        return self._next
+
+    def free(self, address):
+        assert address in self.allocations and address not in self.freed, "freed twice or never allocated"
+        self.freed.append(address)
+
+    def ptr(self, address, pe):
+        return 0 if pe in self.unreachable else address + (pe << 24)
+
+    # flashmoe._C
+    def heap_bytes(self, problem, world, max_tokens):
+        assert problem.experts % world == 0 and max_tokens >= 1
+        return self.HEAP_BYTES_PER_TOKEN * max_tokens * world
+
+    def launch(self, **kwargs):
+        kwargs["status_before"] = list(struct.unpack("4i", ctypes.string_at(kwargs["status"], 16)))
+        self.launches.append(kwargs)
+        if self.kernel_error is not None:  # what the kernel leaves when it gives up on a peer
+            ctypes.memmove(kwargs["status"], struct.pack("4I", *self.kernel_error), 16)
+
+    def install(self, setattr_):
+        setattr_(nvshmem, "is_built", lambda: True)
+        setattr_(nvshmem, "initialized", lambda: self.initialized)
+        for name in ("init", "malloc", "free", "ptr"):
+            setattr_(nvshmem, name, getattr(self, name))
+        setattr_(flashmoe._C, "cuda_ep_heap_bytes", self.heap_bytes)
+        setattr_(flashmoe._C, "cuda_ep_workspace_bytes", lambda problem, world, max_tokens, device, tf32: 4096)
+        setattr_(flashmoe._C, "moe_forward_cuda_ep", self.launch)
+        setattr_(nvshmem_heaps, "cuda_kernel_runs_on", lambda device: True)
+        setattr_(nvshmem_heaps, "_device_words", lambda count, device: torch.zeros(count, dtype=torch.int32))
+        setattr_(nvshmem_heaps, "_zero_heap", lambda address, nbytes, epoch, device: (
+            self.zeroed.append((address, nbytes)), epoch.zero_()))
+        setattr_(nvshmem_heaps, "_synchronize", lambda device: None)
+        setattr_(nvshmem_heaps, "_capturing", lambda: False)
+        setattr_(nvshmem_heaps, "_launch_scope", lambda device: (contextlib.nullcontext(), 777))
+        setattr_(nvshmem_heaps, "_state", {"symmetric_size": None, "allocated": 0, "group_ranks": None})
+
+
+def install_fake_nvshmem(rank: int, **options):
+    """For processes without pytest's monkeypatch (tests/test_distributed.py's ranks): installs a
+    FakeNvshmem and returns (fake, undo)."""
+    saved = []
+
+    def setattr_(owner, name, value):
+        saved.append((owner, name, getattr(owner, name, None), hasattr(owner, name)))
+        setattr(owner, name, value)
+
+    fake = FakeNvshmem(rank, **options)
+    fake.install(setattr_)
+    environ = os.environ.pop(nvshmem_heaps.SYMMETRIC_SIZE_VARIABLE, None)
+
+    def undo():
+        for owner, name, value, existed in reversed(saved):
+            if existed:
+                setattr(owner, name, value)
+            else:
+                delattr(owner, name)
+        os.environ.pop(nvshmem_heaps.SYMMETRIC_SIZE_VARIABLE, None)
+        if environ is not None:
+            os.environ[nvshmem_heaps.SYMMETRIC_SIZE_VARIABLE] = environ
+
+    return fake, undo
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    import flashmoe.distributed as fd
+
+    fd.destroy_all()
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def fake(monkeypatch, one_rank_group):
+    monkeypatch.delenv(nvshmem_heaps.SYMMETRIC_SIZE_VARIABLE, raising=False)
+    fake = FakeNvshmem(0)
+    fake.install(lambda owner, name, value: monkeypatch.setattr(owner, name, value, raising=False))
+    return fake
+
+
+def _config(experts=4, dtype=torch.float32):
+    import flashmoe.distributed as fd
+
+    return fd.LayerConfig(experts, 40, 56, 2, dtype, True, "silu", "softmax", True, None, False, False, False)
+
+
+def fd_context(config, **options):
+    import flashmoe.distributed as fd
+
+    return fd.Context(config, device="cuda:0", **options)
+
+
+def _cuda_context(**options):
+    return fd_context(_config(), **options)
+
+
+def test_symmetric_size_parsing_follows_nvshmem():
+    parse = nvshmem_heaps.parse_symmetric_size
+    assert parse("1073741824") == 1 << 30
+    assert parse("20m") == 20 << 20 and parse("20M") == 20 << 20
+    assert parse("3.1M") == 3250586  # NVSHMEM's own example: the ceiling of the product
+    assert parse(".5m") == parse("0.5m") == 1 << 19
+    assert parse("2G") == 2 << 30 and parse("1t") == 1 << 40 and parse("4k") == 4096
+    assert parse("20kk") == 20 << 10  # characters after the multiplier are ignored
+    for bad in ("", "lots", "-5", "1e9", "G"):
+        with pytest.raises(ValueError, match="NVSHMEM_SYMMETRIC_SIZE"):
+            parse(bad)
+
+
+def test_symmetric_size_is_sized_from_the_heap():
+    size_for = nvshmem_heaps.symmetric_size_for
+    granule, reserve = nvshmem_heaps.SYMMETRIC_GRANULE, nvshmem_heaps.SYMMETRIC_RESERVE
+    assert size_for(1) == nvshmem_heaps.DEFAULT_SYMMETRIC_SIZE  # never below NVSHMEM's default
+    heap = 1_000_000_007
+    size = size_for(heap)
+    assert size % granule == 0
+    assert size >= nvshmem_heaps.SYMMETRIC_HEADROOM * heap + reserve > size - granule
+    environ = {}
+    assert nvshmem_heaps.prepare_symmetric_size(heap, environ) == size
+    assert environ == {"NVSHMEM_SYMMETRIC_SIZE": str(size)}
+    environ = {"NVSHMEM_SYMMETRIC_SIZE": "8G"}  # set and large enough: kept as it is
+    assert nvshmem_heaps.prepare_symmetric_size(heap, environ) == 8 << 30 and environ["NVSHMEM_SYMMETRIC_SIZE"] == "8G"
+
+
+def test_symmetric_size_set_too_small_names_the_variable_and_the_bytes():
+    heap = 900 << 20
+    needed = heap + nvshmem_heaps.SYMMETRIC_RESERVE
+    with pytest.raises(ValueError, match=rf"NVSHMEM_SYMMETRIC_SIZE=536870912 bytes is too small.*{needed} bytes"):
+        nvshmem_heaps.prepare_symmetric_size(heap, {"NVSHMEM_SYMMETRIC_SIZE": "512m"})
+    nvshmem_heaps.prepare_symmetric_size(heap, {"NVSHMEM_SYMMETRIC_SIZE": str(needed)})  # exactly enough
+    with pytest.raises(ValueError, match="beside the 123 bytes"):
+        nvshmem_heaps.check_fits(heap, 123, needed)
+
+
+def test_nvshmem_transport_takes_cuda_tensors_only(one_rank_group):
+    import flashmoe.distributed as fd
+
+    with pytest.raises(ValueError, match="transport='nvshmem' takes CUDA tensors"):
+        fd.Context(_config(), transport="nvshmem")
+    x = torch.randn(3, 40)
+    with pytest.raises(ValueError, match="transport='nvshmem' takes CUDA tensors"):
+        fd.moe(x, torch.randn(4, 40), torch.randn(4, 112, 40), torch.randn(4, 40, 56), top_k=2, transport="nvshmem")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        fd.Context(_config(), transport="nvlink")
+
+
+def test_nvshmem_transport_without_the_module_names_the_build_switch(one_rank_group, monkeypatch):
+    monkeypatch.setattr(nvshmem, "is_built", lambda: False)
+    with pytest.raises(nvshmem.NvshmemUnavailableError, match=r"rank 0: .*FLASHMOE_NVSHMEM=ON"):
+        _cuda_context(transport="nvshmem")
+    # auto quietly takes all_to_all, and nothing of NVSHMEM was touched.
+    context = _cuda_context(transport="auto")
+    assert context.transport == "all_to_all" and context.heap_bytes == 0
+    context.destroy()
+
+
+def test_nvshmem_transport_without_the_ep_kernel_names_it(fake, monkeypatch):
+    monkeypatch.delattr(flashmoe._C, "moe_forward_cuda_ep")
+    with pytest.raises(nvshmem.NvshmemUnavailableError, match="no moe_forward_cuda_ep.*FLASHMOE_CUDA"):
+        _cuda_context(transport="nvshmem")
+    assert not fake.initialized
+
+
+@pytest.mark.parametrize("transport", ["nvshmem", "auto"])
+def test_nvshmem_context_sizes_initialises_allocates_and_maps(fake, transport):
+    context = _cuda_context(transport=transport, max_tokens=100)
+    assert context.transport == "nvshmem" and context.max_tokens == 100
+    heap = fake.HEAP_BYTES_PER_TOKEN * 100
+    assert context.heap_bytes == heap
+    assert fake.initialized and fake.init_size == str(nvshmem_heaps.symmetric_size_for(heap))
+    (address, nbytes), = fake.allocations.items()
+    assert nbytes == heap and fake.zeroed == [(address, heap)]  # zeroed once, at allocation
+    assert context._nvshmem.peers == [address]
+    # A second Context (another configuration) shares the one initialisation.
+    other = fd_context(_config(experts=8), transport="nvshmem", max_tokens=16)
+    assert len(fake.allocations) == 2 and nvshmem_heaps._state["allocated"] == heap + fake.HEAP_BYTES_PER_TOKEN * 16
+    other.destroy()
+    context.destroy()
+    assert sorted(fake.freed) == sorted(fake.allocations) and nvshmem_heaps._state["allocated"] == 0
+
+
+def test_unreachable_peer_refuses_nvshmem_and_auto_falls_back(fake):
+    fake.unreachable = {0}
+    with pytest.raises(nvshmem_heaps.PeerUnreachableError, match=r"rank 0 cannot load/store the heap of rank\(s\) "
+                                                                 r"\[0\].*RDMA put path is not built"):
+        _cuda_context(transport="nvshmem")
+    assert fake.freed == list(fake.allocations)  # the heap went back at once
+    context = _cuda_context(transport="auto")
+    assert context.transport == "all_to_all" and context.heap_bytes == 0
+    assert sorted(fake.freed) == sorted(fake.allocations)
+    context.destroy()
+
+
+def test_too_small_symmetric_size_is_refused_before_init(fake, monkeypatch):
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "1m")
+    with pytest.raises(ValueError, match="NVSHMEM_SYMMETRIC_SIZE=1048576 bytes is too small"):
+        _cuda_context(transport="nvshmem", max_tokens=64)
+    assert not fake.initialized and not fake.allocations
+
+
+def _cpu_problem(seed, tokens, experts=4):
+    from conftest import make_problem
+
+    return make_problem(seed, tokens=tokens, hidden=40, ffn=56, experts=experts, top_k=2)
+
+
+def _retarget_to_cpu(context):
+    """The fakes keep their "device" memory on the CPU: let the context take CPU tensors."""
+    context.device = context._nvshmem.device = torch.device("cpu")
+
+
+def test_nvshmem_forward_passes_the_rank_table_and_zeroes_the_status(fake):
+    import flashmoe.distributed as fd
+
+    context = _cuda_context(transport="nvshmem", max_tokens=16, watchdog_seconds=7.5)
+    _retarget_to_cpu(context)
+    heaps = context._nvshmem
+    heaps.status.fill_(-1)  # a stale error word from before must not reach the launch
+    problem = _cpu_problem(1, 5)
+    y, routing = fd.moe(**problem, top_k=2, context=context, return_routing=True)
+    (launch,) = fake.launches
+    assert launch["status_before"] == [0, 0, 0, 0]
+    assert launch["heaps"] == heaps.peers and launch["rank"] == 0 and launch["world"] == 1
+    assert launch["max_tokens"] == 16 and launch["peer_timeout_s"] == 7.5
+    assert launch["epoch"] == heaps.epoch.data_ptr() and launch["status"] == heaps.status.data_ptr()
+    assert launch["x"] == problem["x"].data_ptr() and launch["w1"] == problem["w1"].data_ptr()
+    assert launch["y"] == y.data_ptr() and launch["topk_ids"] == routing.topk_ids.data_ptr()
+    assert launch["workspace_bytes"] == 4096 and launch["stream"] == 777
+    assert launch["problem"].tokens == 5 and launch["problem"].experts == 4
+    # T = 0 still launches (the rank owns experts and must signal every source).
+    fd.moe(**dict(problem, x=problem["x"][:0]), top_k=2, context=context)
+    assert len(fake.launches) == 2 and fake.launches[1]["problem"].tokens == 0
+    context.destroy()
+
+
+def test_nvshmem_heaps_grow_together_on_checked_calls_only(fake):
+    import flashmoe.distributed as fd
+
+    context = _cuda_context(transport="nvshmem", max_tokens=16)
+    _retarget_to_cpu(context)
+    first = context._nvshmem.heap
+    problem = _cpu_problem(2, 40)
+    with pytest.raises(ValueError, match=r"brings 40 tokens, more than the heaps' max_tokens=16"):
+        fd.moe(**problem, top_k=2, context=context, check=False)
+    assert not fake.launches and context.max_tokens == 16
+    fd.moe(**problem, top_k=2, context=context)
+    assert context.max_tokens == 64 and fake.freed == [first]
+    assert context.heap_bytes == fake.HEAP_BYTES_PER_TOKEN * 64 and fake.launches[-1]["max_tokens"] == 64
+    assert fake.zeroed[-1] == (context._nvshmem.heap, context.heap_bytes)
+    context.destroy()
+
+
+def test_nvshmem_kernel_error_raises_naming_the_rank_and_breaks_the_context(fake):
+    import flashmoe.distributed as fd
+
+    fake.kernel_error = [1, 1, 0, 3]  # gave up on source rank 1's dispatch flag, local expert 0, epoch 3
+    context = _cuda_context(transport="nvshmem", max_tokens=16)
+    _retarget_to_cpu(context)
+    problem = _cpu_problem(3, 4)
+    fd.moe(**problem, top_k=2, context=context, check=False)  # no sync: nothing raised yet
+    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\).*rank 0.*1"):
+        context.check()
+    with pytest.raises(RuntimeError, match="unusable after a kernel error"):
+        fd.moe(**problem, top_k=2, context=context)
+    with pytest.raises(RuntimeError):
+        context.check()
+    context.destroy()
+    assert fake.freed == []  # a peer may be gone: the heap is forgotten, not freed collectively
+    context.destroy()  # idempotent
+    assert nvshmem_heaps._state["allocated"] == 0
+
+
+def test_nvshmem_checked_call_raises_at_once(fake):
+    import flashmoe.distributed as fd
+
+    fake.kernel_error = [2, 0, 1, 9]
+    context = _cuda_context(transport="nvshmem", max_tokens=16)
+    _retarget_to_cpu(context)
+    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\)"):
+        fd.moe(**_cpu_problem(4, 4), top_k=2, context=context)
+    context.destroy()
+
+
+def test_nvshmem_destroy_is_idempotent_and_frees_once(fake):
+    context = _cuda_context(transport="nvshmem", max_tokens=16)
+    context.destroy()
+    context.destroy()
+    assert fake.freed == list(fake.allocations)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        context.check()
+    at_exit = _cuda_context(transport="nvshmem", max_tokens=16)
+    at_exit.destroy(collective=False)  # interpreter exit: no collective free (a peer may be gone)
+    assert len(fake.freed) == 1 and nvshmem_heaps._state["allocated"] == 0

@@ -136,6 +136,8 @@ def _raise_everywhere(group, error: Optional[BaseException], kind=RuntimeError) 
         raise kind("; ".join(sorted(set(errors)))) from error
 
 
+# The only places that touch the device (tests on machines without a GPU replace them).
+
 def _device_bytes(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 tensor over ``nbytes`` of device memory at ``address`` (not owned)."""
 
@@ -144,6 +146,32 @@ def _device_bytes(address: int, nbytes: int, device: torch.device) -> torch.Tens
                                     "version": 3, "strides": None}
 
     return torch.as_tensor(_Memory(), device=device)
+
+
+def _device_words(count: int, device: torch.device) -> torch.Tensor:
+    """``count`` zeroed 32-bit words of device memory (the epoch and status words)."""
+    return torch.zeros(count, dtype=torch.int32, device=device)
+
+
+def _zero_heap(address: int, nbytes: int, epoch: torch.Tensor, device: torch.device) -> None:
+    """Zeroes a fresh heap and restarts the epoch word, and waits until both are done."""
+    with torch.cuda.device(device):
+        _device_bytes(address, nbytes, device).zero_()
+        epoch.zero_()
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _launch_scope(device: torch.device):
+    """(context manager, stream handle) of a launch on ``device``'s current stream."""
+    return torch.cuda.device(device), torch.cuda.current_stream(device).cuda_stream
 
 
 def ensure_initialized(group, device: torch.device, heap_bytes: int) -> None:
@@ -181,7 +209,8 @@ class NvshmemHeaps:
                                      has_b1=config.expert_bias_b1, has_b2=config.expert_bias_b2,
                                      shared_ffn=config.shared_ffn_size, has_shared_gate=config.shared_gate,
                                      **config.routing_options(), **config.activation_options())
-        self.device = context.device
+        device = context.device
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.heap = 0
         self.heap_bytes = 0
         self.peers: list = []
@@ -190,8 +219,8 @@ class NvshmemHeaps:
         ensure_initialized(context.group, self.device, self._heap_bytes(context.max_tokens))
         # Persistent device words: the epoch (zero before the first call; the kernel advances it) and
         # the status words (zeroed before each call; non-zero after it: the kernel gave up on a peer).
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=self.device)
+        self.epoch = _device_words(1, self.device)
+        self.status = _device_words(STATUS_WORDS, self.device)
         self._build(context.max_tokens)
 
     def _heap_bytes(self, max_tokens: int) -> int:
@@ -213,10 +242,7 @@ class NvshmemHeaps:
         self.heap, self.heap_bytes = address, heap_bytes
         # Zero once (the flags and everything else), finished before any peer can store into it: the
         # exchange below is the barrier. The epoch restarts with the flags.
-        with torch.cuda.device(self.device):
-            _device_bytes(address, heap_bytes, self.device).zero_()
-            self.epoch.zero_()
-            torch.cuda.current_stream(self.device).synchronize()
+        _zero_heap(address, heap_bytes, self.epoch, self.device)
         peers = [nvshmem.ptr(address, pe) for pe in range(context.world_size)]
         unreachable = _gather(context.group, [pe for pe, peer in enumerate(peers) if peer == 0])
         if any(unreachable):
@@ -234,7 +260,7 @@ class NvshmemHeaps:
         """Collective ``nvshmem_free`` of the heap, after this device's work on it finished."""
         if not self.heap:
             return
-        torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
         address, self.heap, self.peers = self.heap, 0, []
         _state["allocated"] -= self.heap_bytes
         self.heap_bytes = 0
@@ -255,7 +281,9 @@ class NvshmemHeaps:
         """Collective: the largest rank's tokens of this call; every rank grows the heaps together when
         it passes max_tokens (one small all_reduce and a host sync: only on checked calls)."""
         context = self.context
-        largest = torch.tensor([tokens], dtype=torch.int64, device=self.device)
+        from .all_to_all import exchange_device
+        largest = torch.tensor([tokens], dtype=torch.int64)
+        largest = largest.to(exchange_device(context.group, largest))
         dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=context.group)
         largest = int(largest.item())
         if largest > self.max_tokens:
@@ -274,7 +302,7 @@ class NvshmemHeaps:
             raise ValueError(f"x must be on {self.device} (the device of this Context), got {x.device}")
         _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=shared)
         tokens = x.shape[0]
-        capturing = torch.cuda.is_current_stream_capturing()
+        capturing = _capturing()
         if check and not capturing:
             self._agree_on_max_tokens(tokens)
         elif tokens > self.max_tokens:
@@ -295,7 +323,8 @@ class NvshmemHeaps:
         world = context.world_size
         workspace_bytes = int(_C.cuda_ep_workspace_bytes(problem, world, self.max_tokens, device, allow_tf32))
         workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=self.device)
-        with torch.cuda.device(self.device):
+        scope, stream = _launch_scope(self.device)
+        with scope:
             self.status.zero_()  # on the stream, before the launch (captured into graphs too)
             # T = 0 launches too: this rank owns experts and must signal every source.
             _C.moe_forward_cuda_ep(
@@ -304,7 +333,7 @@ class NvshmemHeaps:
                 b2=_address(b2), y=_address(y), topk_ids=_address(topk_ids), topk_weights=_address(topk_weights),
                 expert_counts=_address(expert_counts), router_logits=_address(router_logits),
                 dropped=_address(dropped), workspace=_address(workspace), workspace_bytes=workspace_bytes,
-                allow_tf32=allow_tf32, device=device, stream=torch.cuda.current_stream(self.device).cuda_stream,
+                allow_tf32=allow_tf32, device=device, stream=stream,
                 **_shared_addresses(*shared), selection_bias=_address(bias_values),
                 heaps=list(self.peers), rank=context.rank, world=world, max_tokens=self.max_tokens,
                 epoch=_address(self.epoch), status=_address(self.status), peer_timeout_s=context.watchdog_seconds)
