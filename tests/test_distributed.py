@@ -361,10 +361,62 @@ def guards(rank, world_size):
     context.destroy()
 
 
+def nvshmem_rules(rank, world_size):
+    """transport="nvshmem"'s collective rules over real processes, on fakes of NVSHMEM and the EP kernel
+    (tests/test_nvshmem.py): every rank takes the same decision from what any rank saw."""
+    from flashmoe.distributed import nvshmem, nvshmem_heaps
+    from test_nvshmem import _retarget_to_cpu, install_fake_nvshmem
+
+    _, weights = problem_for(90, (1,), experts=2 * world_size, top_k=2, dtype=torch.float32)
+    mine = local_weights(weights, rank, world_size)
+    with pytest.raises(ValueError, match="disagree on transport"):
+        fd.moe(torch.randn(3, H), **mine, top_k=2, transport="nvshmem" if rank == 0 else "all_to_all")
+    config = fd.LayerConfig(2 * world_size, H, I, 2, torch.float32, True, "silu", "softmax", True, None, False,
+                            False, False)
+    # Only the last rank cannot load/store rank 0's heap: every rank refuses nvshmem, auto falls back.
+    fake, undo = install_fake_nvshmem(rank, unreachable={0} if rank == world_size - 1 else ())
+    try:
+        with pytest.raises(nvshmem_heaps.PeerUnreachableError, match=f"rank {world_size - 1} cannot load/store"):
+            fd.Context(config, transport="nvshmem", device="cuda:0", tokens=3)
+        context = fd.Context(config, transport="auto", device="cuda:0", tokens=3)
+        assert context.transport == "all_to_all"
+        assert sorted(fake.freed) == sorted(fake.allocations) and len(fake.allocations) == 2
+        context.destroy()
+    finally:
+        undo()
+    # Only rank 0 has the NVSHMEM module: explicit nvshmem names the other ranks everywhere; auto falls back.
+    fake, undo = install_fake_nvshmem(rank)
+    try:
+        if rank:
+            nvshmem.is_built = lambda: False
+        with pytest.raises(nvshmem.NvshmemUnavailableError, match="rank 1: flashmoe was built without"):
+            fd.Context(config, transport="nvshmem", device="cuda:0", tokens=3)
+        context = fd.Context(config, transport="auto", device="cuda:0", tokens=3)
+        assert context.transport == "all_to_all" and not fake.initialized
+        context.destroy()
+    finally:
+        undo()
+    # One rank brings more tokens than max_tokens: every rank grows its heap in the same call.
+    fake, undo = install_fake_nvshmem(rank)
+    try:
+        context = fd.Context(config, transport="nvshmem", device="cuda:0", max_tokens=16)
+        _retarget_to_cpu(context)
+        x = torch.randn(40 if rank == world_size - 1 else 2, H)
+        fd.moe(x, **mine, top_k=2, context=context)
+        assert context.max_tokens == 64 and len(fake.freed) == 1
+        assert [launch["max_tokens"] for launch in fake.launches] == [64]
+        assert fake.launches[0]["rank"] == rank and fake.launches[0]["world"] == world_size
+        assert len(fake.launches[0]["heaps"]) == world_size and all(fake.launches[0]["heaps"])
+        context.destroy()
+        assert len(fake.freed) == 2
+    finally:
+        undo()
+
+
 def world_of_two(rank, world_size):
     before = shm_segments()
-    for scenario in (guards, forward_cases, gradient_cases, routing_option_cases, back_to_back, mismatch, from_moe,
-                     from_moe_families):
+    for scenario in (guards, nvshmem_rules, forward_cases, gradient_cases, routing_option_cases, back_to_back,
+                     mismatch, from_moe, from_moe_families):
         scenario(rank, world_size)
     fd.destroy_all()
     dist.barrier()
