@@ -20,6 +20,7 @@
 #include "cpu/tile_gemm.h"
 #include "cpu/transport_all_to_all.h"
 #include "cpu/transport_shm.h"
+#include "cuda/kernel_error.h"
 #include "cuda/moe_cuda.h"
 
 namespace py = pybind11;
@@ -180,37 +181,119 @@ void combine_tokens(const Problem& problem, int64_t tokens, uintptr_t pick_row, 
 }
 
 #if FLASHMOE_WITH_CUDA
-void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
-                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
-                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
-                     uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
-                     uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
-  require_shared_expert(problem, shared_w1, shared_w2, shared_gate);
+// The device addresses of one call, by the names of moe_forward_cuda's arguments.
+struct CudaAddresses {
+  uintptr_t x = 0, router_weight = 0, router_bias = 0, w1 = 0, b1 = 0, w2 = 0, b2 = 0, y = 0, topk_ids = 0,
+            topk_weights = 0, expert_counts = 0, router_logits = 0, dropped = 0, workspace = 0, selection_bias = 0,
+            shared_w1 = 0, shared_w2 = 0, shared_gate = 0;
+};
+
+cuda::Pointers cuda_pointers(const Problem& problem, const CudaAddresses& a) {
+  require_shared_expert(problem, a.shared_w1, a.shared_w2, a.shared_gate);
   cuda::Pointers pointers;
-  pointers.selection_bias = as_ptr<const float>(selection_bias);
-  pointers.shared_w1 = as_ptr<const void>(shared_w1);
-  pointers.shared_w2 = as_ptr<const void>(shared_w2);
-  pointers.shared_gate = as_ptr<const void>(shared_gate);
-  pointers.x = as_ptr<const void>(x);
-  pointers.router_weight = as_ptr<const void>(router_weight);
-  pointers.router_bias = as_ptr<const void>(router_bias);
-  pointers.w1 = as_ptr<const void>(w1);
-  pointers.b1 = as_ptr<const void>(b1);
-  pointers.w2 = as_ptr<const void>(w2);
-  pointers.b2 = as_ptr<const void>(b2);
-  pointers.y = as_ptr<void>(y);
-  pointers.topk_ids = as_ptr<int32_t>(topk_ids);
-  pointers.topk_weights = as_ptr<float>(topk_weights);
-  pointers.expert_counts = as_ptr<int32_t>(expert_counts);
-  pointers.router_logits = as_ptr<float>(router_logits);
-  pointers.dropped = as_ptr<int64_t>(dropped);
-  pointers.workspace = as_ptr<void>(workspace);
-  const auto math = allow_tf32 ? cuda::Fp32Math::tf32 : cuda::Fp32Math::exact;
+  pointers.selection_bias = as_ptr<const float>(a.selection_bias);
+  pointers.shared_w1 = as_ptr<const void>(a.shared_w1);
+  pointers.shared_w2 = as_ptr<const void>(a.shared_w2);
+  pointers.shared_gate = as_ptr<const void>(a.shared_gate);
+  pointers.x = as_ptr<const void>(a.x);
+  pointers.router_weight = as_ptr<const void>(a.router_weight);
+  pointers.router_bias = as_ptr<const void>(a.router_bias);
+  pointers.w1 = as_ptr<const void>(a.w1);
+  pointers.b1 = as_ptr<const void>(a.b1);
+  pointers.w2 = as_ptr<const void>(a.w2);
+  pointers.b2 = as_ptr<const void>(a.b2);
+  pointers.y = as_ptr<void>(a.y);
+  pointers.topk_ids = as_ptr<int32_t>(a.topk_ids);
+  pointers.topk_weights = as_ptr<float>(a.topk_weights);
+  pointers.expert_counts = as_ptr<int32_t>(a.expert_counts);
+  pointers.router_logits = as_ptr<float>(a.router_logits);
+  pointers.dropped = as_ptr<int64_t>(a.dropped);
+  pointers.workspace = as_ptr<void>(a.workspace);
+  return pointers;
+}
+
+// A loopback rank's addresses: a dict of moe_forward_cuda's address arguments (absent ones are 0).
+CudaAddresses addresses_of(const py::dict& named, size_t rank) {
+  CudaAddresses a;
+  const std::pair<const char*, uintptr_t*> fields[] = {
+      {"x", &a.x}, {"router_weight", &a.router_weight}, {"router_bias", &a.router_bias}, {"w1", &a.w1},
+      {"b1", &a.b1}, {"w2", &a.w2}, {"b2", &a.b2}, {"y", &a.y}, {"topk_ids", &a.topk_ids},
+      {"topk_weights", &a.topk_weights}, {"expert_counts", &a.expert_counts}, {"router_logits", &a.router_logits},
+      {"dropped", &a.dropped}, {"workspace", &a.workspace}, {"selection_bias", &a.selection_bias},
+      {"shared_w1", &a.shared_w1}, {"shared_w2", &a.shared_w2}, {"shared_gate", &a.shared_gate}};
+  for (const auto& item : named) {
+    const std::string key = py::str(item.first);
+    uintptr_t* field = nullptr;
+    for (const auto& [name, target] : fields) {
+      if (key == name) field = target;
+    }
+    require(field != nullptr, "flashmoe: pointers[" + std::to_string(rank) + "] has an unknown key '" + key + "'");
+    *field = item.second.cast<uintptr_t>();
+  }
+  return a;
+}
+
+cuda::Fp32Math fp32_math(bool allow_tf32) { return allow_tf32 ? cuda::Fp32Math::tf32 : cuda::Fp32Math::exact; }
+
+// std::invalid_argument (a bad argument) becomes ValueError; std::runtime_error (CUDA) stays RuntimeError.
+template <typename F>
+auto value_errors(F&& call) {
   try {
-    cuda::moe_forward(problem, pointers, workspace_bytes, math, device, stream);
+    return call();
   } catch (const std::invalid_argument& error) {
     throw py::value_error(error.what());
   }
+}
+
+void moe_forward_cuda(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
+                      uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
+                      uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
+                      uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
+                      uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate) {
+  const cuda::Pointers pointers = cuda_pointers(
+      problem, CudaAddresses{x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
+                             router_logits, dropped, workspace, selection_bias, shared_w1, shared_w2, shared_gate});
+  value_errors([&] { cuda::moe_forward(problem, pointers, workspace_bytes, fp32_math(allow_tf32), device, stream); });
+}
+
+void moe_forward_cuda_ep(const Problem& problem, uintptr_t x, uintptr_t router_weight, uintptr_t router_bias,
+                         uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t y, uintptr_t topk_ids,
+                         uintptr_t topk_weights, uintptr_t expert_counts, uintptr_t router_logits, uintptr_t dropped,
+                         uintptr_t workspace, int64_t workspace_bytes, bool allow_tf32, int device, uintptr_t stream,
+                         uintptr_t selection_bias, uintptr_t shared_w1, uintptr_t shared_w2, uintptr_t shared_gate,
+                         const std::vector<uintptr_t>& heaps, int32_t rank, int32_t world, int64_t max_tokens,
+                         uintptr_t epoch, uintptr_t status, double peer_timeout_s) {
+  const cuda::Pointers pointers = cuda_pointers(
+      problem, CudaAddresses{x, router_weight, router_bias, w1, b1, w2, b2, y, topk_ids, topk_weights, expert_counts,
+                             router_logits, dropped, workspace, selection_bias, shared_w1, shared_w2, shared_gate});
+  cuda::RankTable table{rank, world, heaps, as_ptr<uint32_t>(epoch), as_ptr<uint32_t>(status), peer_timeout_s,
+                        max_tokens};
+  value_errors([&] {
+    cuda::moe_forward_ep(problem, pointers, table, workspace_bytes, fp32_math(allow_tf32), device, stream);
+  });
+}
+
+void moe_forward_cuda_loopback(const std::vector<Problem>& problems, const std::vector<py::dict>& pointers,
+                               const std::vector<int64_t>& workspace_bytes, const std::vector<uintptr_t>& heaps,
+                               const std::vector<uintptr_t>& epochs, const std::vector<uintptr_t>& statuses,
+                               int64_t max_tokens, double peer_timeout_s, bool allow_tf32, int device,
+                               uintptr_t stream) {
+  const size_t world = problems.size();
+  require(pointers.size() == world && workspace_bytes.size() == world && heaps.size() == world &&
+              epochs.size() == world && statuses.size() == world,
+          "flashmoe: problems, pointers, workspace_bytes, heaps, epochs and statuses must each hold one entry per "
+          "virtual rank (" + std::to_string(world) + ")");
+  std::vector<cuda::Pointers> rank_pointers;
+  std::vector<cuda::RankTable> tables;
+  for (size_t r = 0; r < world; ++r) {
+    rank_pointers.push_back(cuda_pointers(problems[r], addresses_of(pointers[r], r)));
+    tables.push_back(cuda::RankTable{int32_t(r), int32_t(world), heaps, as_ptr<uint32_t>(epochs[r]),
+                                     as_ptr<uint32_t>(statuses[r]), peer_timeout_s, max_tokens});
+  }
+  value_errors([&] {
+    cuda::moe_forward_loopback(problems, rank_pointers, tables, workspace_bytes, fp32_math(allow_tf32), device,
+                               stream);
+  });
 }
 #endif
 
@@ -480,9 +563,44 @@ PYBIND11_MODULE(_C, m) {
         py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("selection_bias") = 0,
         py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0,
         "Enqueues the persistent MoE kernel on `stream` (cudaStream_t as int). Pointers are device addresses.");
+  m.def("cuda_ep_heap_bytes", [](const Problem& problem, int64_t world, int64_t max_tokens) {
+    return value_errors([&] { return cuda::ep_heap_bytes(problem, world, max_tokens); });
+  }, py::arg("problem"), py::arg("world"), py::arg("max_tokens"),
+     "Bytes of one rank's heap in a world of `world` ranks (allocate once, zero its flags once, keep it).");
+  m.def("cuda_ep_workspace_bytes", [](const Problem& problem, int64_t world, int64_t max_tokens, int device,
+                                      bool allow_tf32) {
+    return value_errors([&] { return cuda::ep_workspace_bytes(problem, world, max_tokens, device, fp32_math(allow_tf32)); });
+  }, py::arg("problem"), py::arg("world"), py::arg("max_tokens"), py::arg("device"), py::arg("allow_tf32"),
+     "Bytes of workspace one rank's call needs (per call, any contents); bounds a loopback rank's too.");
+  m.def("moe_forward_cuda_ep", &moe_forward_cuda_ep, py::kw_only(), py::arg("problem"), py::arg("x"),
+        py::arg("router_weight"), py::arg("router_bias"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("expert_counts"),
+        py::arg("router_logits"), py::arg("dropped"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("allow_tf32"), py::arg("device"), py::arg("stream"), py::arg("selection_bias") = 0,
+        py::arg("shared_w1") = 0, py::arg("shared_w2") = 0, py::arg("shared_gate") = 0, py::arg("heaps"),
+        py::arg("rank"), py::arg("world"), py::arg("max_tokens"), py::arg("epoch"), py::arg("status"),
+        py::arg("peer_timeout_s"),
+        "This rank's part of an expert-parallel forward on `stream`: w1/b1/w2/b2 are its E/world local experts, "
+        "heaps[r] rank r's heap as this GPU reaches it, epoch (1 word, kept) and status (4 words, zeroed before "
+        "the call) device addresses. A rank without tokens launches too.");
+  m.def("moe_forward_cuda_loopback", &moe_forward_cuda_loopback, py::kw_only(), py::arg("problems"),
+        py::arg("pointers"), py::arg("workspace_bytes"), py::arg("heaps"), py::arg("epochs"), py::arg("statuses"),
+        py::arg("max_tokens"), py::arg("peer_timeout_s"), py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),
+        "W virtual ranks on one GPU in one cooperative launch (a test and benchmark vehicle). Entry r of each list "
+        "is rank r's: its problem, a dict of moe_forward_cuda's address arguments (x, ..., workspace; absent: 0), "
+        "its workspace bytes, heap, epoch word and status words.");
+  m.attr("cuda_max_loopback_world") = py::int_(cuda::kMaxLoopbackWorld);
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  m.def("describe_kernel_error", [](const std::vector<uint32_t>& status, int64_t rank, double timeout_s) {
+    require(status.size() == size_t(cuda::kStatusWords),
+            "flashmoe: status must hold " + std::to_string(cuda::kStatusWords) + " words, got " +
+                std::to_string(status.size()));
+    return cuda::describe_kernel_error(status.data(), rank, timeout_s);
+  }, py::arg("status"), py::arg("rank"), py::arg("timeout_s"),
+     "The RuntimeError text of a rank's kernel status words ('' when status[0] == 0).");
+  m.attr("kernel_status_words") = py::int_(cuda::kStatusWords);
 
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); },
         "The instruction set the CPU tile GEMM uses in this process.");

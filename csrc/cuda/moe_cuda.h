@@ -53,4 +53,40 @@ int64_t workspace_bytes(const Problem& problem, int device, Fp32Math fp32_math);
 void moe_forward(const Problem& problem, const Pointers& pointers, int64_t workspace_bytes, Fp32Math fp32_math,
                  int device, uintptr_t stream);
 
+// Expert parallelism (docs/cuda_kernel.md "Loopback", kernel_params.h Ranks): this rank's place in
+// a world of `world` ranks whose heaps it reaches by load and store.
+struct RankTable {
+  int32_t rank = 0;
+  int32_t world = 1;
+  std::vector<uintptr_t> heaps;  // [world] device addresses: rank r's heap as this GPU reaches it
+  uint32_t* epoch = nullptr;     // 1 word of device memory, zero before the first call, kept across calls
+  uint32_t* status = nullptr;    // kStatusWords words of device memory, zero before each call
+  double peer_timeout_s = 60.0;  // how long a wait for a peer's flag may last before the call gives up
+  int64_t max_tokens = 0;        // the most tokens any rank brings to one call; the same on every rank
+};
+
+// Bytes of one rank's heap (HeapLayout of the world): allocated once, its first 2·flags_bytes zeroed
+// once, kept across calls. Host-only.
+int64_t ep_heap_bytes(const Problem& problem, int64_t world, int64_t max_tokens);
+
+// Bytes of workspace one rank's call needs (per call, any contents), on the whole grid of `device`.
+// A loopback launch gives each rank fewer CTAs, so this bounds its ranks' workspaces too.
+int64_t ep_workspace_bytes(const Problem& problem, int64_t world, int64_t max_tokens, int device, Fp32Math fp32_math);
+
+// Enqueues this rank's part of an expert-parallel forward on `stream`: `pointers` hold this rank's
+// tokens and its L = E / world experts' weights (problem.experts is E). Unlike moe_forward, a rank
+// without tokens still launches: it owns experts and every peer waits for its flags.
+void moe_forward_ep(const Problem& problem, const Pointers& pointers, const RankTable& ranks, int64_t workspace_bytes,
+                    Fp32Math fp32_math, int device, uintptr_t stream);
+
+// The most virtual ranks one loopback launch holds (its parameter block carries every rank's).
+constexpr int64_t kMaxLoopbackWorld = 16;
+
+// W virtual ranks on one GPU in one cooperative launch: the grid's CTAs split evenly among the ranks,
+// CTA 0 of each share its OS CTA; rank r's problem, pointers, rank table and workspace are entry r.
+// Every rank needs 2 co-resident CTAs (its OS CTA and one processor). Graph-capturable.
+void moe_forward_loopback(const std::vector<Problem>& problems, const std::vector<Pointers>& pointers,
+                          const std::vector<RankTable>& ranks, const std::vector<int64_t>& workspace_bytes,
+                          Fp32Math fp32_math, int device, uintptr_t stream);
+
 }  // namespace flashmoe::cuda

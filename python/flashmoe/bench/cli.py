@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="expert parallelism: start W local processes (gloo) and time flashmoe.distributed's "
                           "transports against the single-process op on the same total tokens; --tokens are "
                           "per rank (first --config and --dtype)")
+    run.add_argument("--loopback", type=_positive_int, metavar="W",
+                     help="CUDA only: time W virtual ranks of the expert-parallel kernel in one launch on one GPU "
+                          "(flashmoe.loopback) against the single-GPU op on the same total tokens; --tokens are "
+                          "per rank (first --config and --dtype)")
     run.add_argument("--transport", type=_list_of(_choice(("symmetric", "all_to_all"), "transport"), "transports"),
                      default=["symmetric", "all_to_all"], help="with --world-size: transports to time")
     run.add_argument("--json", metavar="PATH", help="write every row and the environment as JSON "
@@ -381,6 +385,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: List[str], shapes: List[LayerShape], device: torch.device) -> int:
+    if args.loopback is not None:
+        return _run_loopback(args, argv, shapes[0], device)
     if args.world_size is not None:
         return _run_distributed(args, argv, shapes[0], device)
     if args.iters is None:
@@ -441,6 +447,41 @@ def _run_distributed(args: argparse.Namespace, argv: List[str], shape: LayerShap
     sys.stdout.flush()
     rows = distributed.run(args.world_size, shape, dtype, list(args.tokens), iters, list(args.transport), args.seed)
     print(distributed.format_rows(rows, args.world_size))
+    if args.json:
+        path = report.write_json(args.json, env, dict(vars(args)), rows)
+        print(f"# wrote {path}")
+    return 0
+
+
+def _run_loopback(args: argparse.Namespace, argv: List[str], shape: LayerShape, device: torch.device) -> int:
+    from .. import _C
+    from ..loopback import MAX_LOOPBACK_WORLD
+    from . import loopback
+
+    def fail(message: str) -> int:
+        print(f"flashmoe-bench: error: --loopback {args.loopback}: {message}", file=sys.stderr)
+        return 2
+
+    if device.type != "cuda":
+        return fail("needs a CUDA device (virtual ranks share one GPU); this run is on the CPU")
+    if not getattr(_C, "cuda_compiled", False):
+        return fail("this flashmoe was built without its CUDA backend")
+    if args.world_size is not None:
+        return fail("give either --loopback or --world-size, not both")
+    if not 2 <= args.loopback <= MAX_LOOPBACK_WORLD:
+        return fail(f"W must be in [2, {MAX_LOOPBACK_WORLD}]")
+    if shape.num_experts % args.loopback:
+        return fail(f"W must divide E={shape.num_experts}")
+    dtype = DTYPES[args.dtype[0]]
+    env = report.environment(device, ["flashmoe-bench"] + argv)
+    iters = args.iters or DEFAULT_ITERS["cuda"]
+    report.print_lines(report.header_lines(env, [shape], (
+        f"W={args.loopback} virtual ranks in one launch on one GPU; CUDA events, back to back, median of n calls "
+        f"after 3 warm-ups; tokens/s = W*T / median; single GPU runs W*T tokens with all experts; GB/s = payload "
+        f"+ control bytes of all ranks / median")))
+    sys.stdout.flush()
+    rows = loopback.run(args.loopback, shape, dtype, list(args.tokens), iters, args.seed, device)
+    print(loopback.format_rows(rows))
     if args.json:
         path = report.write_json(args.json, env, dict(vars(args)), rows)
         print(f"# wrote {path}")
