@@ -608,10 +608,13 @@ def test_nvshmem_heaps_grow_together_on_checked_calls_only(fake):
     with pytest.raises(ValueError, match=r"brings 40 tokens, more than the heaps' max_tokens=16"):
         fd.moe(**problem, top_k=2, context=context, check=False)
     assert not fake.launches and context.max_tokens == 16
-    fd.moe(**problem, top_k=2, context=context)
+    y = fd.moe(**problem, top_k=2, context=context)
     assert context.max_tokens == 64 and fake.freed == [first]
-    assert context.heap_bytes == fake.HEAP_BYTES_PER_TOKEN * 64 and fake.launches[-1]["max_tokens"] == 64
+    assert context.heap_bytes == fake.HEAP_BYTES_PER_TOKEN * 64
     assert fake.zeroed[-1] == (context._nvshmem.heap, context.heap_bytes)
+    # As the symmetric transport: the epoch without tokens on the old heaps, then the call on the new.
+    assert [(launch["problem"].tokens, launch["max_tokens"]) for launch in fake.launches] == [(0, 16), (40, 64)]
+    assert fake.launches[-1]["y"] == y.data_ptr() and y.shape == (40, 40)
     context.destroy()
 
 
@@ -623,7 +626,8 @@ def test_nvshmem_kernel_error_raises_naming_the_rank_and_breaks_the_context(fake
     _retarget_to_cpu(context)
     problem = _cpu_problem(3, 4)
     fd.moe(**problem, top_k=2, context=context, check=False)  # no sync: nothing raised yet
-    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\).*rank 0.*1"):
+    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\).*kernel of rank 0 gave up after 60 s "
+                                           r"waiting for the dispatch flag of source rank 1, local expert 0 \(epoch 3\)"):
         context.check()
     with pytest.raises(RuntimeError, match="unusable after a kernel error"):
         fd.moe(**problem, top_k=2, context=context)
@@ -641,8 +645,10 @@ def test_nvshmem_checked_call_raises_at_once(fake):
     fake.kernel_error = [2, 0, 1, 9]
     context = _cuda_context(transport="nvshmem", max_tokens=16)
     _retarget_to_cpu(context)
-    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\)"):
+    with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\).*return flag of owner rank 0, local "
+                                           r"expert 1 \(epoch 9\)"):
         fd.moe(**_cpu_problem(4, 4), top_k=2, context=context)
+    assert len(fake.launches) == 1  # it raised before agreeing on anything with its peers
     context.destroy()
 
 

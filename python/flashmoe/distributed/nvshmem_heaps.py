@@ -277,22 +277,24 @@ class NvshmemHeaps:
 
     # ----------------------------------------------------------------------- calls
 
-    def _agree_on_max_tokens(self, tokens: int) -> None:
-        """Collective: the largest rank's tokens of this call; every rank grows the heaps together when
-        it passes max_tokens (one small all_reduce and a host sync: only on checked calls)."""
-        context = self.context
+    def _largest_request(self, tokens: int) -> int:
+        """Collective: the most tokens any rank asked for beyond the heaps this call (0: none asked).
+        Runs after the launch was checked, so every peer was alive through this epoch."""
         from .all_to_all import exchange_device
+
         largest = torch.tensor([tokens], dtype=torch.int64)
-        largest = largest.to(exchange_device(context.group, largest))
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=context.group)
-        largest = int(largest.item())
-        if largest > self.max_tokens:
-            from .context import _bucket
-            self._build(_bucket(largest))
+        largest = largest.to(exchange_device(self.context.group, largest))
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.context.group)
+        return int(largest.item())
 
     def forward(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias, shared,
                 check: bool = True):
-        context, config = self.context, self.context.config
+        """One call. Checked (``check`` and not capturing a CUDA graph), it mirrors the symmetric
+        transport's growth rule: a rank whose tokens pass max_tokens runs this epoch without tokens;
+        after the launch is checked, the ranks agree on the largest request (one small all_reduce),
+        and if there is one, all grow their heaps together and the askers run their call again (the
+        others run an epoch without tokens). Unchecked, nothing touches the host and the tokens must fit."""
+        context = self.context
         if self.broken is not None:
             raise RuntimeError(f"flashmoe.distributed: this Context is unusable after a kernel error "
                                f"({self.broken}); destroy() it and create another")
@@ -302,14 +304,32 @@ class NvshmemHeaps:
             raise ValueError(f"x must be on {self.device} (the device of this Context), got {x.device}")
         _validate_cuda(x, router_weight, w1, w2, router_bias, b1, b2, shared=shared)
         tokens = x.shape[0]
-        capturing = _capturing()
-        if check and not capturing:
-            self._agree_on_max_tokens(tokens)
-        elif tokens > self.max_tokens:
+        checked = check and not _capturing()
+        oversized = tokens > self.max_tokens
+        if oversized and not checked:
             raise ValueError(f"flashmoe.distributed: rank {context.rank} brings {tokens} tokens, more than the "
                              f"heaps' max_tokens={self.max_tokens}; heaps grow only on checked calls outside CUDA-"
                              f"graph capture: create the Context with max_tokens >= {tokens} (its peers' kernels "
                              f"now time out waiting for this rank)")
+        weights = (router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias, shared)
+        outputs = self._launch(x[:0] if oversized else x, *weights)
+        if not checked:
+            return outputs
+        self.check()
+        largest = self._largest_request(tokens if oversized else 0)
+        if largest <= self.max_tokens:
+            return outputs
+        from .context import _bucket
+
+        self._build(_bucket(largest))
+        rerun = self._launch(x if oversized else x[:0], *weights)
+        self.check()
+        return rerun if oversized else outputs
+
+    def _launch(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias, shared):
+        """Zeroes the status words and enqueues this rank's kernel on the current stream (T = 0 launches
+        too: the rank owns experts and must signal every source). Returns the outputs."""
+        context, config = self.context, self.context.config
         bias_values = selection_bias_values(selection_bias, x)  # held until the launch is enqueued
         problem = _problem(x, w1, router_weight, router_bias, b1, b2, config.top_k, config.gated, config.activation,
                            config.normalize, config.scoring, capacity_factor, shared_w1=shared[0],
@@ -326,7 +346,6 @@ class NvshmemHeaps:
         scope, stream = _launch_scope(self.device)
         with scope:
             self.status.zero_()  # on the stream, before the launch (captured into graphs too)
-            # T = 0 launches too: this rank owns experts and must signal every source.
             _C.moe_forward_cuda_ep(
                 problem=problem, x=_address(x), router_weight=_address(router_weight),
                 router_bias=_address(router_bias), w1=_address(w1), b1=_address(b1), w2=_address(w2),
@@ -337,8 +356,6 @@ class NvshmemHeaps:
                 **_shared_addresses(*shared), selection_bias=_address(bias_values),
                 heaps=list(self.peers), rank=context.rank, world=world, max_tokens=self.max_tokens,
                 epoch=_address(self.epoch), status=_address(self.status), peer_timeout_s=context.watchdog_seconds)
-        if check and not capturing:
-            self.check()
         return outputs
 
     def check(self) -> None:
