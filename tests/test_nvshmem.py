@@ -381,6 +381,9 @@ class FakeNvshmem:
 
     def install(self, setattr_):
         setattr_(nvshmem, "is_built", lambda: True)
+        setattr_(nvshmem, "foreign_host_libraries", lambda: [])
+        setattr_(nvshmem, "n_pes", lambda: 1)
+        setattr_(nvshmem, "my_pe", lambda: 0)
         setattr_(nvshmem, "initialized", lambda: self.initialized)
         for name in ("init", "malloc", "free", "ptr"):
             setattr_(nvshmem, name, getattr(self, name))
@@ -662,3 +665,26 @@ def test_nvshmem_destroy_is_idempotent_and_frees_once(fake):
     at_exit = _cuda_context(transport="nvshmem", max_tokens=16)
     at_exit.destroy(collective=False)  # interpreter exit: no collective free (a peer may be gone)
     assert len(fake.freed) == 1 and nvshmem_heaps._state["allocated"] == 0
+
+
+def test_nvshmem_refuses_a_foreign_nvshmem_on_every_rank_even_under_auto(fake, monkeypatch):
+    monkeypatch.setattr(nvshmem, "foreign_host_libraries", lambda: ["/torch/lib/libnvshmem_host.so.3"])
+    for transport in ("nvshmem", "auto"):
+        with pytest.raises(RuntimeError, match=r"rank 0: another copy of libnvshmem_host.*/torch/lib.*all_to_all"):
+            _cuda_context(transport=transport)
+    assert not fake.initialized and not fake.allocations
+
+
+def test_nvshmem_adopts_an_initialisation_made_through_flashmoe(fake, monkeypatch):
+    fake.initialized = True  # flashmoe.distributed.nvshmem.init(group) was called by the user
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "2G")
+    context = _cuda_context(transport="nvshmem", max_tokens=16)
+    assert context.transport == "nvshmem" and nvshmem_heaps._state["symmetric_size"] == 2 << 30
+    assert nvshmem_heaps._state["group_ranks"] == (0,)
+    context.destroy()
+
+
+def test_nvshmem_world_beyond_the_rank_table_is_unavailable(fake):
+    assert "at most 64 ranks" in nvshmem_heaps.unavailable_reason(torch.device("cuda", 0), 65)
+    assert nvshmem_heaps.unavailable_reason(torch.device("cuda", 0), 64) is None
+    assert "takes CUDA tensors" in nvshmem_heaps.unavailable_reason(torch.device("cpu"))

@@ -136,7 +136,7 @@ class Context:
         nvshmem_unavailable = None
         if transport in ("nvshmem", "auto") and self.device.type == "cuda":
             from .nvshmem_heaps import unavailable_reason
-            nvshmem_unavailable = unavailable_reason(self.device)
+            nvshmem_unavailable = unavailable_reason(self.device, self.world_size)
         mine = dict(config=config.comparable(), transport=transport, max_tokens=max_tokens,
                     watchdog_seconds=self.watchdog_seconds, device=self.device.type, host=host_id(), tokens=int(tokens),
                     nvshmem_unavailable=nvshmem_unavailable)

@@ -74,6 +74,12 @@ def loaded_host_libraries() -> list:
     return sorted(paths)
 
 
+def foreign_host_libraries() -> list:
+    """Copies of libnvshmem_host mapped into this process other than flashmoe's own (e.g. torch's)."""
+    ours = library_dir()
+    return [path for path in loaded_host_libraries() if ours is None or Path(path).resolve().parent != ours.resolve()]
+
+
 def _not_built_message() -> str:
     return ("flashmoe was built without its NVSHMEM module flashmoe._nvshmem (flashmoe.build_info()['nvshmem'] "
             "is False). Build it with nvcc on PATH and the NVSHMEM wheel of nvcc's CUDA major in the build "
@@ -148,9 +154,7 @@ def init(group=None, device=None) -> None:
     if module.initialized():
         raise RuntimeError("flashmoe.distributed.nvshmem.init: NVSHMEM is already initialised by flashmoe in this "
                            "process; call finalize() first")
-    ours = library_dir()
-    foreign = [path for path in loaded_host_libraries()
-               if ours is None or Path(path).resolve().parent != ours.resolve()]
+    foreign = foreign_host_libraries()
     if foreign:
         raise RuntimeError(f"flashmoe.distributed.nvshmem.init: another copy of libnvshmem_host is loaded in this "
                            f"process ({foreign[0]}), e.g. by torch's NVSHMEM symmetric memory; flashmoe's NVSHMEM "

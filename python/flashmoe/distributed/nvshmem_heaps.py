@@ -106,9 +106,15 @@ def check_fits(heap_bytes: int, allocated: int, size: int) -> None:
 
 # --------------------------------------------------------------------------- readiness
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why the nvshmem transport cannot run on ``device`` in this process (None when it can)."""
+MAX_WORLD = 64  # csrc/cuda/kernel_params.h kMaxWorld: the ranks one rank table holds
+
+
+def unavailable_reason(device: torch.device, world_size: int = 1) -> Optional[str]:
+    """Why the nvshmem transport cannot run on ``device`` in a group of ``world_size`` ranks in this
+    process (None when it can)."""
     device = torch.device(device)
+    if world_size > MAX_WORLD:
+        return f"the EP kernel's rank table holds at most {MAX_WORLD} ranks, this group has {world_size}"
     if device.type != "cuda":
         return (f"transport='nvshmem' takes CUDA tensors, got {device.type!r} tensors: use 'symmetric', "
                 f"'all_to_all' or 'auto'")
@@ -181,6 +187,11 @@ def ensure_initialized(group, device: torch.device, heap_bytes: int) -> None:
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
     error = None
     if nvshmem.initialized():
+        if _state["group_ranks"] is None:  # initialised through flashmoe.distributed.nvshmem.init itself
+            if nvshmem.n_pes() == len(ranks) and nvshmem.my_pe() == dist.get_rank(group):
+                text = os.environ.get(SYMMETRIC_SIZE_VARIABLE, "").strip()
+                _state.update(group_ranks=ranks, allocated=0,
+                              symmetric_size=parse_symmetric_size(text) if text else DEFAULT_SYMMETRIC_SIZE)
         if _state["group_ranks"] != ranks:
             error = RuntimeError(f"flashmoe.distributed: NVSHMEM was initialised over the ranks {_state['group_ranks']}; "
                                  f"a Context over the ranks {ranks} cannot use it (one NVSHMEM job per process)")
@@ -191,6 +202,14 @@ def ensure_initialized(group, device: torch.device, heap_bytes: int) -> None:
     except ValueError as failure:
         error = failure
     _raise_everywhere(group, error, ValueError)
+    # What nvshmem.init refuses on its own, refused here on every rank before its collective broadcast.
+    foreign = nvshmem.foreign_host_libraries()
+    if foreign:
+        error = RuntimeError(f"rank {dist.get_rank(group)}: another copy of libnvshmem_host is loaded in this "
+                             f"process ({foreign[0]}), e.g. by torch's NVSHMEM symmetric memory; flashmoe's nvshmem "
+                             f"transport must own NVSHMEM's initialisation: use transport='all_to_all' "
+                             f"(docs/distributed.md)")
+    _raise_everywhere(group, error)
     nvshmem.init(group, device=device)
     _state.update(symmetric_size=size, allocated=0, group_ranks=ranks)
 
