@@ -200,8 +200,8 @@ def test_thousand_back_to_back_calls_with_changing_token_counts(group):
 def test_ep_layer_captured_in_a_cuda_graph_and_replayed(group):
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(7)  # the same full layer on every rank
-    full = flashmoe.MoE(H, I, 2 * world, 2, dtype=torch.bfloat16, device=device)
+    torch.manual_seed(7)  # the same full layer on every rank (drawn on the CPU, then moved)
+    full = flashmoe.MoE(H, I, 2 * world, 2, dtype=torch.bfloat16).to(device)
     layer = fd.ExpertParallelMoE.from_moe(full, transport="nvshmem")
     tokens = 24 + rank
     static_x = torch.randn(tokens, H, dtype=torch.bfloat16, device=device)
@@ -233,6 +233,47 @@ def test_ep_layer_captured_in_a_cuda_graph_and_replayed(group):
     _everyone_passed(failures)
 
 
+@needs_torchrun
+def test_nvshmem_gradients_match_single_process(group):
+    """The backward (the all_to_all formulation, on the GPU over NCCL) after an nvshmem forward: x's and
+    the local experts' gradients against single-process flashmoe.moe's, each expert's summed over ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    experts, top_k = 2 * world, 2
+    counts = [6 + 3 * r if r != 1 else 0 for r in range(world)]
+    xs, weights = _problem(950, counts, experts=experts, top_k=top_k, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    grads_y = [torch.randn(x.shape, generator=g).to(device) for x in xs]
+    expected = {name: torch.zeros_like(t, device=device) for name, t in weights.items()}
+    expected_x = None
+    for r, x in enumerate(xs):  # single process: every rank's tokens through all experts
+        leaves = {name: t.to(device).requires_grad_() for name, t in weights.items()}
+        x_leaf = x.to(device).requires_grad_()
+        y = flashmoe.moe(x_leaf, **leaves, top_k=top_k, backend="native")
+        (y * grads_y[r]).sum().backward()
+        for name, leaf in leaves.items():
+            if not name.startswith("router"):
+                expected[name] += leaf.grad
+            elif r == rank:
+                expected[name] = leaf.grad
+        if r == rank:
+            expected_x = x_leaf.grad
+    leaves = {name: t.requires_grad_() for name, t in _local(weights, rank, world, device).items()}
+    x_leaf = xs[rank].to(device).requires_grad_()
+    y = fd.moe(x_leaf, **leaves, top_k=top_k, transport="nvshmem")
+    (y * grads_y[rank]).sum().backward()
+    failures = []
+    if xs[rank].shape[0] and not rel_err(x_leaf.grad.cpu(), expected_x.cpu()) <= 1e-5:
+        failures.append(f"grad x: error {rel_err(x_leaf.grad.cpu(), expected_x.cpu())}")
+    mine = _local({name: t.cpu() for name, t in expected.items()}, rank, world, "cpu")
+    for name, leaf in leaves.items():
+        if leaf.grad is None:
+            failures.append(f"{name} got no gradient")
+        elif mine[name].abs().sum() > 0 and not rel_err(leaf.grad.cpu(), mine[name]) <= 1e-5:
+            failures.append(f"grad {name}: error {rel_err(leaf.grad.cpu(), mine[name])}")
+    _everyone_passed(failures)
+
+
 KILLED_RANK_SCRIPT = textwrap.dedent("""\
     import datetime, json, os, sys, time
     import torch, torch.distributed as dist
@@ -242,12 +283,12 @@ KILLED_RANK_SCRIPT = textwrap.dedent("""\
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method="file://" + store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    torch.manual_seed(3)
+    torch.manual_seed(3)  # the same weights on every rank (drawn on the CPU)
     E, H, I = 2 * world, 64, 96
-    router = torch.randn(E, H, device="cuda") / 8
-    w1, w2 = torch.randn(E, 2 * I, H, device="cuda") / 8, torch.randn(E, H, I, device="cuda") / 8
+    router = (torch.randn(E, H) / 8).cuda()
+    w1, w2 = (torch.randn(E, 2 * I, H) / 8).cuda(), (torch.randn(E, H, I) / 8).cuda()
     mine = slice(rank * 2, rank * 2 + 2)
-    x = torch.randn(16, H, device="cuda")
+    x = torch.randn(16, H).cuda()
     out = {"rank": rank}
     y = fd.moe(x, router, w1[mine].contiguous(), w2[mine].contiguous(), top_k=2, transport="nvshmem",
                watchdog_seconds=watchdog)
