@@ -15,6 +15,7 @@ import atexit
 import dataclasses
 import math
 import socket
+import warnings
 from typing import Optional
 
 import torch
@@ -87,6 +88,11 @@ def _group_rank_and_size(group) -> tuple:
         raise RuntimeError("flashmoe.distributed needs torch.distributed to be initialized "
                            "(torch.distributed.init_process_group, e.g. under torchrun)")
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _warn_cpu_fallback(reason: str) -> None:
+    warnings.warn(f"flashmoe.distributed: transport='auto' took 'all_to_all' for CUDA tensors, which computes on "
+                  f"the CPU (slow), because the nvshmem transport cannot run: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def _bucket(tokens: int) -> int:
@@ -171,6 +177,9 @@ class Context:
                 transport = "symmetric" if one_host else "all_to_all"
             else:
                 transport = "nvshmem" if nvshmem_ready else "all_to_all"
+                if not nvshmem_ready:
+                    reason = next(entry["nvshmem_unavailable"] for entry in everyone if entry["nvshmem_unavailable"])
+                    _warn_cpu_fallback(reason)
         largest = max(entry["tokens"] for entry in everyone)
         self.max_tokens = max_tokens if max_tokens is not None else _bucket(largest)
         self._symmetric = None
@@ -183,10 +192,11 @@ class Context:
             from .nvshmem_heaps import NvshmemHeaps, PeerUnreachableError
             try:
                 self._nvshmem = NvshmemHeaps(self)
-            except PeerUnreachableError:
+            except PeerUnreachableError as error:
                 if mine["transport"] != "auto":
                     raise
                 transport = "all_to_all"  # every rank saw the same table (the error is raised everywhere)
+                _warn_cpu_fallback(str(error))
         self.transport = transport
         _live_contexts.append(self)
 

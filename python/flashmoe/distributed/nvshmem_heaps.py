@@ -378,7 +378,7 @@ class NvshmemHeaps:
         return outputs
 
     def check(self) -> None:
-        """Waits for this device's work, reads the status words; a kernel that gave up on a peer makes
+        """Waits for the current stream, reads the status words; a kernel that gave up on a peer makes
         the Context unusable and raises RuntimeError naming this rank and the flag it waited for."""
         if self.broken is not None:
             raise RuntimeError(self.broken)
