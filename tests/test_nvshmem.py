@@ -690,3 +690,86 @@ def test_nvshmem_world_beyond_the_rank_table_is_unavailable(fake):
     assert "at most 64 ranks" in nvshmem_heaps.unavailable_reason(torch.device("cuda", 0), 65)
     assert nvshmem_heaps.unavailable_reason(torch.device("cuda", 0), 64) is None
     assert "takes CUDA tensors" in nvshmem_heaps.unavailable_reason(torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- the nvshmem transport on one GPU
+
+TRANSPORT_W1_SCRIPT = textwrap.dedent("""\
+    import json, sys, tempfile
+    import torch, torch.distributed as dist
+    import flashmoe, flashmoe.distributed as fd
+    from flashmoe.distributed.context import _live_contexts
+    backend = sys.argv[1]
+    dist.init_process_group(backend, init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+    torch.cuda.set_device(0)
+
+    def same(a, b):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(a.dtype)
+        return torch.equal(a.view(bits), b.view(bits)) if bits else torch.equal(a, b)
+
+    torch.manual_seed(0)
+    E, H, I = 8, 64, 96
+    weights = [(torch.randn(E, H) / 8), torch.randn(E, 2 * I, H) / 8, torch.randn(E, H, I) / 8]
+    router, w1, w2 = [t.to(torch.bfloat16).cuda() for t in weights]
+    out = {"calls": []}
+    for tokens in (5, 0, 40, 17, 1):  # 40 > the first heap's 16 tokens: the heaps grow
+        x = torch.randn(tokens, H).to(torch.bfloat16).cuda()
+        y, routing = fd.moe(x, router, w1, w2, top_k=2, transport="nvshmem", return_routing=True)
+        y1, routing1 = flashmoe.moe(x, router, w1, w2, top_k=2, return_routing=True, backend="native")
+        out["calls"].append([tokens, same(y, y1)] + [same(getattr(routing, f), getattr(routing1, f))
+                            for f in ("topk_ids", "topk_weights", "expert_counts", "dropped", "router_logits")])
+    [context] = [c for c in _live_contexts if c.transport == "nvshmem"]
+    out.update(max_tokens=context.max_tokens, heap_bytes=context.heap_bytes)
+    import os
+    out["symmetric_size"] = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    # A CUDA graph of the layer call, replayed with new inputs.
+    static_x = torch.randn(12, H).to(torch.bfloat16).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fd.moe(static_x, router, w1, w2, top_k=2, transport="nvshmem")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = fd.moe(static_x, router, w1, w2, top_k=2, transport="nvshmem")
+    out["replays"] = []
+    for _ in range(3):
+        static_x.copy_(torch.randn(12, H).to(torch.bfloat16).cuda())
+        graph.replay()
+        context.check()
+        out["replays"].append(same(static_y, flashmoe.moe(static_x, router, w1, w2, top_k=2, backend="native")))
+    del graph
+    fd.destroy_all()
+    dist.destroy_process_group()
+    print(json.dumps(out))
+    """)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_nvshmem_transport_at_world_one_matches_the_single_gpu_op(backend):
+    """The whole nvshmem transport on one GPU (W = 1): NVSHMEM init over the group, the symmetric size,
+    nvshmem_malloc, the zeroing, nvshmem_ptr, the EP entry, growth and a CUDA graph; bitwise against
+    flashmoe.moe. (At W = 1 the kernel keeps its heap in the workspace: the dispatch across GPUs is
+    tests/test_multigpu.py's and tests/test_loopback.py's.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from flashmoe.distributed.nvshmem_heaps import unavailable_reason
+
+    reason = unavailable_reason(torch.device("cuda", 0))
+    if reason is not None:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_SYMMETRIC_SIZE"}
+    proc = subprocess.run([sys.executable, "-c", TRANSPORT_W1_SCRIPT, backend], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for call in out["calls"]:
+        assert all(call[1:]), f"T={call[0]}: [y, topk_ids, topk_weights, expert_counts, dropped, logits] = {call[1:]}"
+    assert out["max_tokens"] == 64 and out["heap_bytes"] > 0
+    assert int(out["symmetric_size"]) >= 1 << 30
+    assert out["replays"] == [True, True, True]
