@@ -83,8 +83,10 @@ struct Buffers {
 // shared gate, σ(x·shared_gateᵀ) into shared_weight. The router is LoadW (x's dtype, or fp32 with
 // problem.router_f32: x upcast). A pass covers one column per warp: the warp carries kGateTokens
 // tokens at a time through its column's weight chunks, its lanes' partials of every token meet in
-// shared memory (`partials`: 4 warps · kGateTokenTile tokens · 32 lanes floats), and one thread per
-// logit adds them. Two barriers per pass, which every thread reaches.
+// shared memory (`partials`: 4 warps · kGateTokenTile tokens · kPartialStride floats: a logit's 32
+// lane partials padded to 33, so that the threads adding them, one logit each, read 32 different
+// banks rather than one), and one thread per logit adds them. Two barriers per pass, which every
+// thread reaches.
 template <Math M, typename LoadW>
 FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int64_t first, int64_t count,
                                  int64_t column_begin, int64_t column_end) {
@@ -99,7 +101,8 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
   const W* bias = static_cast<const W*>(buffers.params.pointers.router_bias);
   const T* shared_gate = buffers.shared_gate();
   auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15) == 0; };
-  static_assert(kWarps * kGateTokenTile * kLogitLanes * sizeof(float) + sizeof(uint32_t) <= kTileSmemBytes,
+  constexpr int kPartialStride = kLogitLanes + 1;
+  static_assert(kWarps * kGateTokenTile * kPartialStride * sizeof(float) + sizeof(uint32_t) <= kTileSmemBytes,
                 "the gate's partials and flag fit the tile's shared memory");
   const bool chunks = H % kLogitChunk == 0 && aligned(x);
   const bool router_vector = chunks && aligned(router), gate_vector = chunks && aligned(shared_gate);
@@ -117,7 +120,7 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
         }
         FLASHMOE_UNROLL
         for (int t = 0; t < kGateTokens; ++t) {
-          if (t < tokens) partials[((warp * kGateTokenTile) + t0 + t) * kLogitLanes + lane] = partial[t];
+          if (t < tokens) partials[((warp * kGateTokenTile) + t0 + t) * kPartialStride + lane] = partial[t];
         }
       }
     }
@@ -125,7 +128,7 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
     for (int64_t i = threadIdx.x; i < kWarps * count; i += kThreads) {
       const int64_t column = i / count, t = i - column * count, c = e0 + column, token = first + t;
       if (c >= column_end) continue;
-      const float logit = sum_lane_partials(partials + (column * kGateTokenTile + t) * kLogitLanes);
+      const float logit = sum_lane_partials(partials + (column * kGateTokenTile + t) * kPartialStride);
       if (c == E) {
         buffers.shared_weight()[token] = 1.0f / (1.0f + std::exp(-logit));
       } else {
