@@ -392,8 +392,8 @@ class FakeNvshmem:
         setattr_(flashmoe._C, "moe_forward_cuda_ep", self.launch)
         setattr_(nvshmem_heaps, "cuda_kernel_runs_on", lambda device: True)
         setattr_(nvshmem_heaps, "_device_words", lambda count, device: torch.zeros(count, dtype=torch.int32))
-        setattr_(nvshmem_heaps, "_zero_heap", lambda address, nbytes, epoch, device: (
-            self.zeroed.append((address, nbytes)), epoch.zero_()))
+        setattr_(nvshmem_heaps, "_zero_heap", lambda address, nbytes, words, device: (
+            self.zeroed.append((address, nbytes)), [word.zero_() for word in words]))
         setattr_(nvshmem_heaps, "_synchronize", lambda device: None)
         setattr_(nvshmem_heaps, "_capturing", lambda: False)
         setattr_(nvshmem_heaps, "_launch_scope", lambda device: (contextlib.nullcontext(), 777))
@@ -579,13 +579,12 @@ def _retarget_to_cpu(context):
     context.device = context._nvshmem.device = torch.device("cpu")
 
 
-def test_nvshmem_forward_passes_the_rank_table_and_zeroes_the_status(fake):
+def test_nvshmem_forward_passes_the_rank_table(fake):
     import flashmoe.distributed as fd
 
     context = _cuda_context(transport="nvshmem", max_tokens=16, watchdog_seconds=7.5)
     _retarget_to_cpu(context)
     heaps = context._nvshmem
-    heaps.status.fill_(-1)  # a stale error word from before must not reach the launch
     problem = _cpu_problem(1, 5)
     y, routing = fd.moe(**problem, top_k=2, context=context, return_routing=True)
     (launch,) = fake.launches
@@ -631,6 +630,10 @@ def test_nvshmem_kernel_error_raises_naming_the_rank_and_breaks_the_context(fake
     _retarget_to_cpu(context)
     problem = _cpu_problem(3, 4)
     fd.moe(**problem, top_k=2, context=context, check=False)  # no sync: nothing raised yet
+    fake.kernel_error = None
+    fd.moe(**problem, top_k=2, context=context, check=False)
+    # The words are sticky: the next launch finds them (the kernel aborts at once), nothing wiped them.
+    assert [launch["status_before"] for launch in fake.launches] == [[0, 0, 0, 0], [1, 1, 0, 3]]
     with pytest.raises(RuntimeError, match=r"rank 0 \(nvshmem transport\).*kernel of rank 0 gave up after 60 s "
                                            r"waiting for the dispatch flag of source rank 1, local expert 0 \(epoch 3\)"):
         context.check()

@@ -9,8 +9,9 @@ bytes, zeroed once at allocation (its flags are never cleared again: the kernel 
 word in device memory and advances it itself, so CUDA-graph replays advance it too). The kernel
 reaches rank r's heap by load and store at ``nvshmem_ptr(heap, r)``; a peer that only puts could
 reach (0) makes the Context refuse the transport (the RDMA put path is not built yet), and
-``"auto"`` then falls back to ``all_to_all``. Per call: zero the four status words, enqueue the
+``"auto"`` then falls back to ``all_to_all``. Per call: enqueue the
 kernel on the current stream; nothing synchronises unless the call checks (``Context.check``).
+The four status words are sticky (csrc/cuda/kernel_error.h): zeroed with the heap, never per call.
 
 Sizing: NVSHMEM's symmetric heap (``NVSHMEM_SYMMETRIC_SIZE``) is fixed at initialisation. When
 unset, flashmoe sets it to :func:`symmetric_size_for` the first heap; when set too small for what
@@ -159,11 +160,12 @@ def _device_words(count: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(count, dtype=torch.int32, device=device)
 
 
-def _zero_heap(address: int, nbytes: int, epoch: torch.Tensor, device: torch.device) -> None:
-    """Zeroes a fresh heap and restarts the epoch word, and waits until both are done."""
+def _zero_heap(address: int, nbytes: int, words: tuple, device: torch.device) -> None:
+    """Zeroes a fresh heap and the words that go with it (epoch, status), and waits until done."""
     with torch.cuda.device(device):
         _device_bytes(address, nbytes, device).zero_()
-        epoch.zero_()
+        for tensor in words:
+            tensor.zero_()
         torch.cuda.current_stream(device).synchronize()
 
 
@@ -237,7 +239,8 @@ class NvshmemHeaps:
         self.broken: Optional[str] = None
         ensure_initialized(context.group, self.device, self._heap_bytes(context.max_tokens))
         # Persistent device words: the epoch (zero before the first call; the kernel advances it) and
-        # the status words (zeroed before each call; non-zero after it: the kernel gave up on a peer).
+        # the status words (kernel_error.h: sticky, zeroed with the heap and never per call; non-zero:
+        # the kernel gave up, and every later launch aborts at once and fills y with NaN).
         self.epoch = _device_words(1, self.device)
         self.status = _device_words(STATUS_WORDS, self.device)
         self._build(context.max_tokens)
@@ -260,8 +263,8 @@ class NvshmemHeaps:
         _state["allocated"] += heap_bytes
         self.heap, self.heap_bytes = address, heap_bytes
         # Zero once (the flags and everything else), finished before any peer can store into it: the
-        # exchange below is the barrier. The epoch restarts with the flags.
-        _zero_heap(address, heap_bytes, self.epoch, self.device)
+        # exchange below is the barrier. The epoch and status words restart with the flags.
+        _zero_heap(address, heap_bytes, (self.epoch, self.status), self.device)
         peers = [nvshmem.ptr(address, pe) for pe in range(context.world_size)]
         unreachable = _gather(context.group, [pe for pe, peer in enumerate(peers) if peer == 0])
         if any(unreachable):
@@ -346,8 +349,9 @@ class NvshmemHeaps:
         return rerun if oversized else outputs
 
     def _launch(self, x, router_weight, w1, w2, router_bias, b1, b2, capacity_factor, selection_bias, shared):
-        """Zeroes the status words and enqueues this rank's kernel on the current stream (T = 0 launches
-        too: the rank owns experts and must signal every source). Returns the outputs."""
+        """Enqueues this rank's kernel on the current stream (T = 0 launches too: the rank owns experts
+        and must signal every source). Returns the outputs. The status words are not zeroed: an error
+        of an unchecked call stays for check() to find, and aborts every launch after it."""
         context, config = self.context, self.context.config
         bias_values = selection_bias_values(selection_bias, x)  # held until the launch is enqueued
         problem = _problem(x, w1, router_weight, router_bias, b1, b2, config.top_k, config.gated, config.activation,
@@ -364,7 +368,6 @@ class NvshmemHeaps:
         workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=self.device)
         scope, stream = _launch_scope(self.device)
         with scope:
-            self.status.zero_()  # on the stream, before the launch (captured into graphs too)
             _C.moe_forward_cuda_ep(
                 problem=problem, x=_address(x), router_weight=_address(router_weight),
                 router_bias=_address(router_bias), w1=_address(w1), b1=_address(b1), w2=_address(w2),
