@@ -776,3 +776,78 @@ def test_nvshmem_transport_at_world_one_matches_the_single_gpu_op(backend):
     assert out["max_tokens"] == 64 and out["heap_bytes"] > 0
     assert int(out["symmetric_size"]) >= 1 << 30
     assert out["replays"] == [True, True, True]
+
+
+TWO_PES_ONE_GPU_SCRIPT = textwrap.dedent("""\
+    import json, os, sys
+    import torch, torch.distributed as dist
+    import flashmoe, flashmoe.distributed as fd
+    from flashmoe.distributed.nvshmem_heaps import PeerUnreachableError
+    rank, store = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)  # the same weights on both ranks (drawn on the CPU)
+    E, H, I = 4, 64, 96
+    router, w1, w2 = [(torch.randn(*shape) / 8).to(torch.bfloat16).cuda()
+                      for shape in ((E, H), (E, 2 * I, H), (E, H, I))]
+    mine = slice(2 * rank, 2 * rank + 2)
+    x = (torch.randn(7 + 5 * rank, H)).to(torch.bfloat16).cuda()
+    out = {"rank": rank, "stage": "init"}
+    try:
+        config = fd.LayerConfig(E, H, I, 2, torch.bfloat16, True, "silu", "softmax", True, None, False, False, False)
+        context = fd.Context(config, transport="nvshmem", device="cuda:0", tokens=x.shape[0], watchdog_seconds=30.0)
+        out["stage"] = "context"  # NVSHMEM initialised and every heap reachable: from here a failure is ours
+        y = fd.moe(x, router, w1[mine].contiguous(), w2[mine].contiguous(), top_k=2, context=context)
+        out["stage"] = "ran"
+        y1 = flashmoe.moe(x, router, w1, w2, top_k=2, backend="native")
+        out["same"] = torch.equal(y.view(torch.int16), y1.view(torch.int16))
+    except PeerUnreachableError as error:
+        out.update(stage="unreachable", error=str(error))
+    except Exception as error:
+        out["error"] = f"{type(error).__name__}: {error}"
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # no collective teardown: the other PE may have failed
+    """)
+
+
+@pytest.mark.gpu
+def test_nvshmem_two_pes_on_one_gpu_reports_what_nvshmem_allows(tmp_path):
+    """Issue 11 item 4: two processes (PEs) on ONE GPU through the nvshmem transport, if NVSHMEM's
+    multiple-PEs-per-GPU mode allows it. A refusal (initialisation, or nvshmem_ptr 0 between the PEs)
+    skips, naming what NVSHMEM said; a run must be bitwise equal to flashmoe.moe on each rank's tokens.
+    FLASHMOE_CUDA_MAX_CTAS halves the grid so that both persistent kernels fit on the GPU at once."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from flashmoe.distributed.nvshmem_heaps import unavailable_reason
+
+    reason = unavailable_reason(torch.device("cuda", 0))
+    if reason is not None:
+        pytest.skip(reason)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    env = {k: v for k, v in os.environ.items() if k != "NVSHMEM_SYMMETRIC_SIZE"}
+    env["FLASHMOE_CUDA_MAX_CTAS"] = str(max(2, sms // 2))
+    processes = [subprocess.Popen([sys.executable, "-c", TWO_PES_ONE_GPU_SCRIPT, str(rank), str(tmp_path / "store")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for rank in range(2)]
+    results, errors = [], []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        lines = stdout.strip().splitlines()
+        if process.returncode != 0 or not lines:
+            errors.append(f"exit {process.returncode}: {stderr[-2000:]}")
+        else:
+            results.append(json.loads(lines[-1]))
+    if errors or any(out["stage"] == "init" for out in results):
+        pytest.skip("NVSHMEM did not run two PEs on one GPU here: "
+                    + " | ".join(errors + [out.get("error", "") for out in results]))
+    if any(out["stage"] == "unreachable" for out in results):
+        pytest.skip("two PEs on one GPU initialise, but nvshmem_ptr does not reach the other PE: "
+                    + results[0].get("error", ""))
+    assert [out["stage"] for out in results] == ["ran", "ran"], results
+    assert [out["same"] for out in results] == [True, True], results
