@@ -4,6 +4,9 @@
 #                 the log), then check that flashmoe._C has its CUDA backend
 #   2. test       pytest -m gpu (tests/test_moe_cuda.py and every other gpu-marked test)
 #   3. sanitizer  scripts/compute_sanitizer.sh (memcheck, racecheck, synccheck, initcheck)
+#   3b. loopback  expert parallelism on this one GPU (docs/cuda_kernel.md "Loopback"): pytest -m gpu
+#                 tests/test_loopback.py, compute-sanitizer memcheck on one loopback test with a small
+#                 grid, and flashmoe-bench --loopback 4 against the single-GPU op
 #   4. bench      flashmoe-bench over the named configurations in bf16: fused (native) vs reference
 #                 vs expert-loop vs grouped-mm, with the dense-GEMM and copy floors; then the targets
 #   5. model      the performance model's PREDICTIONS (python -m flashmoe.bench.model) beside what the
@@ -12,12 +15,13 @@
 # Raw logs and JSON go to bench/results/<UTC timestamp>-<device>-*.
 #
 # Settings (environment variables):
-#   FLASHMOE_SUITE_STEPS        steps to run, comma-separated (default build,test,sanitizer,bench,model)
+#   FLASHMOE_SUITE_STEPS        steps to run, comma-separated (default build,test,sanitizer,loopback,bench,model)
 #   FLASHMOE_SUITE_CONFIGS      bench configs (default mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper)
 #   FLASHMOE_SUITE_TOKENS       bench token counts (default 1,16,128,1024,4096,16384; paper adds 8192)
 #   FLASHMOE_SUITE_BACKENDS     bench backends (default native,reference,expert-loop,grouped-mm)
 #   FLASHMOE_SUITE_ROUTING      uniform, skewed or uniform,skewed (default uniform)
 #   FLASHMOE_SUITE_BUDGET       seconds per bench row (default 2)
+#   FLASHMOE_SUITE_LOOPBACK_TOKENS  tokens per rank of the loopback bench (default 1,128,1024,4096)
 #   FLASHMOE_SUITE_BASELINE_MAX_TOKENS  skip reference and expert-loop above this T (default: run them all)
 #   FLASHMOE_SUITE_BENCH_ARGS   extra flashmoe-bench arguments (e.g. "--iters 20"; "--experts 16
 #                               --hidden 64 --ffn 32 --device cpu" makes a quick smoke run anywhere)
@@ -32,12 +36,13 @@ self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$self")/.."
 
 python_bin=${PYTHON:-python3}
-steps=",${FLASHMOE_SUITE_STEPS:-build,test,sanitizer,bench,model},"
+steps=",${FLASHMOE_SUITE_STEPS:-build,test,sanitizer,loopback,bench,model},"
 configs=${FLASHMOE_SUITE_CONFIGS:-mixtral,qwen3-30b-a3b,olmoe,deepseek-v3,paper}
 tokens=${FLASHMOE_SUITE_TOKENS:-1,16,128,1024,4096,16384}
 bench_backends=${FLASHMOE_SUITE_BACKENDS:-native,reference,expert-loop,grouped-mm}
 routing=${FLASHMOE_SUITE_ROUTING:-uniform}
 budget=${FLASHMOE_SUITE_BUDGET:-2}
+loopback_tokens=${FLASHMOE_SUITE_LOOPBACK_TOKENS:-1,128,1024,4096}
 baseline_max_tokens=${FLASHMOE_SUITE_BASELINE_MAX_TOKENS:-}
 pytest_args=${FLASHMOE_SUITE_PYTEST_ARGS:-}
 bench_args=${FLASHMOE_SUITE_BENCH_ARGS:-}
@@ -74,6 +79,25 @@ print("flashmoe._C.cuda_build_info()", _C.cuda_build_info())
 gpu_tests() {
   # The extra arguments are split as a command line would split them.
   eval "\"\$python_bin\" -m pytest -m gpu -q -rs --junitxml=\"\$prefix-pytest.xml\" $pytest_args tests"
+}
+
+# W virtual ranks of the expert-parallel kernel in one launch on this GPU: the gpu tests, memcheck on
+# one of them (W = 4 on 8 CTAs: the instrumented kernel fits fewer per SM), and the W = 4 benchmark.
+loopback() {
+  local status=0 sanitizer
+  eval "\"\$python_bin\" -m pytest -m gpu -q -rs --junitxml=\"\$prefix-loopback-pytest.xml\" $pytest_args \
+        tests/test_loopback.py" || status=1
+  sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
+  echo "# ---- compute-sanitizer memcheck: tests/test_loopback.py::test_shared_expert[bf16], 8 CTAs"
+  FLASHMOE_CUDA_MAX_CTAS=8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    --print-limit 100 "$python_bin" -m pytest -m gpu -q "tests/test_loopback.py::test_shared_expert[bf16]" \
+    2>&1 | tee "$prefix-loopback-memcheck.txt"
+  [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+  echo "# ---- flashmoe-bench --config paper --loopback 4 --tokens $loopback_tokens"
+  "$python_bin" -m flashmoe.bench --config paper --dtype bf16 --tokens "$loopback_tokens" --loopback 4 \
+    --json "$prefix-loopback-bench.json" | tee "$prefix-loopback-bench.txt"
+  [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+  return $status
 }
 
 bench() {
@@ -133,6 +157,7 @@ if [[ ${1:-} == --step ]]; then
     build) build ;;
     test) gpu_tests ;;
     sanitizer) PYTHON=$python_bin scripts/compute_sanitizer.sh ;;
+    loopback) loopback ;;
     bench) bench ;;
     model) model ;;
     *) echo "gpu_suite.sh: unknown step ${2:-}" >&2; exit 2 ;;
@@ -177,7 +202,7 @@ run_step() {
   return 0
 }
 
-for step in build test sanitizer bench model; do
+for step in build test sanitizer loopback bench model; do
   [[ $steps == *,$step,* ]] && run_step "$step"
 done
 

@@ -5,7 +5,7 @@
 #                             scikit-build-core passes the FLASHMOE_CUDA environment variable.
 #   FLASHMOE_CUDA_ARCHS       "90a;80": one SASS -gencode per entry; "90a" keeps wgmma/setmaxnreg.
 #   FLASHMOE_CUDA_DEBUG_WAITS OFF: ON compiles -DFLASHMOE_BOUNDED_WAITS=1 (bounded spin waits).
-#   FLASHMOE_HOT_KERNELS      "moe_persistent_kernel": regexes of kernels that must not spill.
+#   FLASHMOE_HOT_KERNELS      "moe_persistent_kernel;moe_loopback_kernel": regexes of kernels that must not spill.
 #   CUTLASS_INCLUDE_DIR       CuTe/CUTLASS headers; default: the nvidia-cutlass wheel's
 #                             cutlass_library/source/include (cache variable or environment).
 #
@@ -20,7 +20,7 @@ set(FLASHMOE_CUDA "AUTO" CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
 set_property(CACHE FLASHMOE_CUDA PROPERTY STRINGS AUTO ON OFF)
 set(FLASHMOE_CUDA_ARCHS "90a;80" CACHE STRING "CUDA architectures to compile SASS for (e.g. 90a;80)")
 option(FLASHMOE_CUDA_DEBUG_WAITS "Compile the CUDA kernel with bounded spin waits (FLASHMOE_BOUNDED_WAITS=1)" OFF)
-set(FLASHMOE_HOT_KERNELS "moe_persistent_kernel" CACHE STRING
+set(FLASHMOE_HOT_KERNELS "moe_persistent_kernel;moe_loopback_kernel" CACHE STRING
     "Regexes (;-separated) of kernel names that must not spill registers; empty disables the check")
 set(CUTLASS_INCLUDE_DIR "" CACHE PATH "CuTe/CUTLASS include directory (has cute/ and cutlass/)")
 

@@ -107,6 +107,28 @@ def test_bad_weights_are_named_before_the_device():
         LoopbackWorld(2, top_k=2, max_tokens=8, **weights)
 
 
+CUDA_COMPILED = bool(getattr(_C, "cuda_compiled", False))
+
+
+@pytest.mark.skipif(not CUDA_COMPILED, reason="flashmoe built without its CUDA backend")
+def test_host_sizes_agree_and_check_their_arguments():
+    """Host-only entries of the CUDA build (no device touched): the heap is HeapLayout's, the
+    loopback limit is Python's, and bad worlds are named."""
+    from flashmoe import ops
+    problem = ops.problem_shape(H, I, E, 2, gated=True, activation="silu", normalize=True, scoring="softmax",
+                                dtype=torch.bfloat16, has_router_bias=False, has_b1=False, has_b2=False)
+    problem.tokens = 10
+    layout = _C.HeapLayout(_C.ExpertPlacement(4, E), 10, 2, H, 2)
+    assert _C.cuda_ep_heap_bytes(problem, 4, 10) == layout.total_bytes()
+    assert _C.cuda_max_loopback_world == MAX_LOOPBACK_WORLD
+    with pytest.raises(ValueError, match="world_size 3 must divide experts"):
+        _C.cuda_ep_heap_bytes(problem, 3, 10)
+    with pytest.raises(ValueError, match="world_size must be 1..64"):
+        _C.cuda_ep_heap_bytes(problem, 65, 10)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        _C.cuda_ep_heap_bytes(problem, 4, 0)
+
+
 # --------------------------------------------------------------------------- the kernel's error words
 
 def test_describe_dispatch_flag_timeout():
