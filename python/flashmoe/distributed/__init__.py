@@ -7,6 +7,9 @@ tokens. See docs/distributed.md.
     flashmoe.distributed.moe(...)                 the functional form, with autograd
     flashmoe.distributed.ExpertParallelMoE(...)   the nn.Module form (``from_moe`` shards a MoE)
     flashmoe.distributed.Context                  owner of the group's resources (heaps, epoch)
+
+Transports: "symmetric" (CPU, one host), "nvshmem" (CUDA: the persistent kernel over NVSHMEM
+heaps; not yet run on a GPU), "all_to_all" (any backend, any hosts), "auto".
 """
 
 from .context import TRANSPORTS, Context, LayerConfig, destroy_all
