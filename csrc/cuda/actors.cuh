@@ -462,11 +462,14 @@ struct Scheduler {
         }
       }
       // Last: the round that completes the bound may still owe peers their flags (published above).
-      // An aborted call stops with tasks left: its outputs are not written, the host raises.
-      if (done == bound || aborted) break;
+      // An aborted call stops with tasks left (its y is poisoned, the host raises), once every busy
+      // processor has completed: a task slot is rewritten only after its processor read it (tasks
+      // never wait on peers, so the busy ones finish).
+      if (done == bound || (aborted && idle_count == params.processors)) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound || aborted; }, "scheduler inbox", 0, params.local_wait_limit_ns());
+                              done == bound || (aborted && idle_count == params.processors); },
+                 "scheduler inbox", 0, params.local_wait_limit_ns());
 #endif
     }
     // The stop broadcast: every slot, one fence, then the doorbells. An aborted call's stops each
