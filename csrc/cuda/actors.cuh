@@ -98,7 +98,14 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, int32_t self, uint8_t
     }
     switch (task.kind) {
       case TaskKind::gate:
-        gate_task<M>(buffers, smem, task, task.column_begin / token_tile);
+        // A call of one token tile (decode) routes and dispatches in the gate task that routes the
+        // tile: two hand-offs fewer on the critical path (Scheduler::fused).
+        if (gate_task<M>(buffers, smem, task, task.column_begin / token_tile) && params.workspace.token_tiles() == 1) {
+          __syncthreads();
+          route_task<M>(buffers, 1);
+          __syncthreads();
+          remote = dispatch_task<M>(buffers, task.column_begin, task.columns, 0);
+        }
         break;
       case TaskKind::route:
         route_task<M>(buffers, params.workspace.token_tiles());
@@ -158,6 +165,9 @@ struct Scheduler {
   int64_t idle_count = 0;
   int64_t gate_next = 0, gates_left = 0;
   bool route_ready = false, route_issued = false, dispatch_open = false;
+  // One token tile: the gate task that routes it also runs the route and the dispatch (processor()),
+  // so the last gate's completion means every row is in place; no route or dispatch task exists.
+  bool fused = false;
   int64_t dispatch_next = 0, dispatches_left = 0;
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
@@ -198,8 +208,9 @@ struct Scheduler {
     gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
     route_ready = gates_left == 0;  // a rank with no tokens still routes (nothing) and signals every owner
     combine_tasks = tiles > 0 ? tiles : 1;  // TaskBound::combine_tasks: one even with no tokens
+    fused = tiles == 1;
     // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    bound = gate_tasks + tiles + 1 + p.bound.initial(p.problem.tokens);
+    bound = gate_tasks + (fused ? 0 : tiles + 1) + p.bound.initial(p.problem.tokens);
   }
 
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
@@ -308,7 +319,8 @@ struct Scheduler {
     const int32_t cell = running_cell[processor];
     switch (TaskKind(running_kind[processor])) {
       case TaskKind::gate:
-        route_ready = --gates_left == 0;
+        route_ready = --gates_left == 0 && !fused;
+        if (gates_left == 0 && fused) dispatch_done();
         break;
       case TaskKind::route:
         dispatch_open = true;
@@ -462,11 +474,14 @@ struct Scheduler {
         }
       }
       // Last: the round that completes the bound may still owe peers their flags (published above).
-      // An aborted call stops with tasks left: its outputs are not written, the host raises.
-      if (done == bound || aborted) break;
+      // An aborted call stops with tasks left (its y is poisoned, the host raises), once every busy
+      // processor has completed: a task slot is rewritten only after its processor read it (tasks
+      // never wait on peers, so the busy ones finish).
+      if (done == bound || (aborted && idle_count == params.processors)) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound || aborted; }, "scheduler inbox", 0, params.local_wait_limit_ns());
+                              done == bound || (aborted && idle_count == params.processors); },
+                 "scheduler inbox", 0, params.local_wait_limit_ns());
 #endif
     }
     // The stop broadcast: every slot, one fence, then the doorbells. An aborted call's stops each

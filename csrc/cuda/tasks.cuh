@@ -227,8 +227,9 @@ FLASHMOE_DEVICE void route_tile(const Buffers<M>& buffers, float* per_token, int
 // counter per tile in the workspace, acq_rel) then routes the tile (route_tile) and writes its
 // expert histogram for the ordered prefix. With routing from outside (problem.routing_given)
 // topk_ids is an input and the router is skipped: only the shared gate and the histogram are left.
+// Returns whether this task routed its tile (every thread gets the same answer).
 template <Math M>
-FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
+FLASHMOE_DEVICE bool gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
   const Problem& problem = buffers.params.problem;
   const int64_t first = task.column_begin, count = task.columns;
   if (count > kGateTokenTile) __trap();  // the shared partials hold kGateTokenTile tokens (gpu_tiling().token_tile)
@@ -250,7 +251,7 @@ FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const T
       *last = atomic_add_acq_rel(done, 1u) + 1u == uint32_t(columns.tiles());
     }
     __syncthreads();
-    if (!*last) return;
+    if (!*last) return false;
   }
   if (!problem.routing_given) route_tile(buffers, scratch, first, count);
   const int64_t E = problem.experts, k = problem.top_k;
@@ -260,6 +261,7 @@ FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const T
     for (int64_t p = 0; p < count * k; ++p) picks += ids[p] == int32_t(e) && routed_pick(ids + p / k * k, p % k, E);
     buffers.tile_counts()[tile * E + e] = picks;
   }
+  return true;
 }
 
 // The ordered prefix over gate tiles: each expert's slots in ascending token order, its admitted

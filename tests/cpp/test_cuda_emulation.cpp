@@ -15,6 +15,9 @@
 //       (over_budget), counted by the emulation; the costs of decode and prefill shapes are printed.
 //   (g) router_logits bit for bit in gate.cuh's order (a float32 router for bf16/fp16 x included),
 //       whichever gate task of a token tile finishes last and routes it.
+//   (h) expert parallelism (issue 11): W = 2, 3, 4 ranks' kernels side by side over each other's heaps
+//       (run_ep_case), every rank bitwise equal to the single-rank kernel across drifting calls, and
+//       the error paths: a killed rank, a rank that vanishes after dispatching, a rank out of step.
 // Under ThreadSanitizer this also checks that every hand-off between actors is ordered by the
 // kernel's acquire/release pairs.
 //
