@@ -129,6 +129,46 @@ def test_host_sizes_agree_and_check_their_arguments():
         _C.cuda_ep_heap_bytes(problem, 4, 0)
 
 
+def entry_problem(hidden=H):
+    from flashmoe import ops
+    problem = ops.problem_shape(hidden, I, E, 2, gated=True, activation="silu", normalize=True, scoring="softmax",
+                                dtype=torch.bfloat16, has_router_bias=False, has_b1=False, has_b2=False)
+    problem.tokens = 4
+    return problem
+
+
+# Stand-in addresses: every check below fails before any of them is dereferenced or the device touched.
+ENTRY_POINTERS = dict(x=4096, router_weight=4096, w1=4096, w2=4096, y=4096, topk_ids=4096, topk_weights=4096,
+                      expert_counts=4096, router_logits=4096, dropped=4096, workspace=4096)
+
+
+@pytest.mark.skipif(not CUDA_COMPILED, reason="flashmoe built without its CUDA backend")
+@pytest.mark.parametrize("change,message", [
+    (dict(problems=[entry_problem()]), "one entry per virtual rank"),
+    (dict(problems=[entry_problem()], pointers=[ENTRY_POINTERS], workspace_bytes=[1], heaps=[4096], epochs=[4096],
+          statuses=[8192]), "holds 2..16 virtual ranks, got 1"),
+    (dict(problems=[entry_problem(), entry_problem(hidden=2 * H)]), "rank 1's problem differs from rank 0's"),
+    (dict(pointers=[ENTRY_POINTERS, dict(ENTRY_POINTERS, bogus=1)]), "pointers\\[1\\] has an unknown key 'bogus'"),
+    (dict(pointers=[ENTRY_POINTERS, dict(ENTRY_POINTERS, w1=0)]), "a required weight or output pointer is null"),
+    (dict(pointers=[dict(ENTRY_POINTERS, y=0), ENTRY_POINTERS]), "a required token tensor pointer is null"),
+    (dict(heaps=[4096, 0]), "heaps\\[1\\] is null"),
+    (dict(heaps=[4096, 4100]), "heaps\\[1\\] must be 128-byte aligned"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(peer_timeout_s=0.0), "peer_timeout_s must be a number of seconds"),
+    (dict(epochs=[0, 4100]), "epoch is null"),
+    (dict(statuses=[8192, 0]), "status is null"),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_loopback_entry_checks_before_touching_the_device(change, message):
+    """moe_forward_cuda_loopback names every bad argument before it touches the device (so this runs
+    without a GPU in a CUDA build)."""
+    args = dict(problems=[entry_problem()] * 2, pointers=[ENTRY_POINTERS] * 2, workspace_bytes=[1 << 20] * 2,
+                heaps=[4096, 8192], epochs=[4096, 4100], statuses=[8192, 8208], max_tokens=8, peer_timeout_s=1.0,
+                allow_tf32=False, device=0, stream=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        _C.moe_forward_cuda_loopback(**args)
+
+
 # --------------------------------------------------------------------------- the kernel's error words
 
 def test_describe_dispatch_flag_timeout():
