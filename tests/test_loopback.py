@@ -169,6 +169,27 @@ def test_loopback_entry_checks_before_touching_the_device(change, message):
         _C.moe_forward_cuda_loopback(**args)
 
 
+@pytest.mark.skipif(not CUDA_COMPILED, reason="flashmoe built without its CUDA backend")
+@pytest.mark.parametrize("change,message", [
+    (dict(heaps=[4096]), "heaps must hold world_size=2 addresses, got 1"),
+    (dict(rank=2), "rank must be in \\[0, world_size=2\\), got 2"),
+    (dict(world=65, heaps=[4096] * 65), "world_size must be 1..64, got 65"),
+    (dict(heaps=[4096, 0]), "heaps\\[1\\] is null"),
+    (dict(epoch=0), "epoch is null"),
+    (dict(status=0), "status is null"),
+    (dict(peer_timeout_s=math.nan), "peer_timeout_s must be a number of seconds"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(w2=0), "a required weight or output pointer is null"),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_ep_entry_checks_before_touching_the_device(change, message):
+    args = dict(ENTRY_POINTERS, problem=entry_problem(), router_bias=0, b1=0, b2=0, workspace_bytes=1 << 20,
+                allow_tf32=False, device=0, stream=0, heaps=[4096, 8192], rank=0, world=2, max_tokens=8,
+                epoch=4096, status=8192, peer_timeout_s=1.0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        _C.moe_forward_cuda_ep(**args)
+
+
 # --------------------------------------------------------------------------- the kernel's error words
 
 def test_describe_dispatch_flag_timeout():
