@@ -51,7 +51,7 @@ struct Control {
     doorbells = reinterpret_cast<uint32_t*>(base + w.doorbells);
     task_slots = reinterpret_cast<Task*>(base + w.task_slots);
     inbox_capacity = w.inbox_capacity();
-    wait_limit_ns = params.wait_limit_ns;
+    wait_limit_ns = params.local_wait_limit_ns();
   }
 
   // Any thread: the caller's earlier writes are visible to whoever reads the message. `system`:
@@ -81,16 +81,31 @@ FLASHMOE_DEVICE void processor(const KernelParams& params, int32_t self, uint8_t
     if (threadIdx.x == 0) {
       uint32_t rung = 0;
       spin_until([&] { return (rung = ld_poll(&control.doorbells[self])) != sequence; }, "processor doorbell", 64,
-                 params.wait_limit_ns);
+                 params.local_wait_limit_ns());
       task = control.task_slots[self];
       shared_sequence = rung;
     }
     __syncthreads();
     sequence = shared_sequence;
-    if (task.kind == TaskKind::stop) return;
+    if (task.kind == TaskKind::stop) {
+      // An aborted call's stop carries a slice of y's bytes to fill with NaN (all ones is a NaN in
+      // every float format): no caller can mistake its output for a result.
+      uint8_t* y = static_cast<uint8_t*>(params.pointers.y);
+      for (int64_t i = task.column_begin + threadIdx.x; i < task.column_begin + task.columns; i += kThreads) {
+        y[i] = 0xff;
+      }
+      return;
+    }
     switch (task.kind) {
       case TaskKind::gate:
-        gate_task<M>(buffers, smem, task, task.column_begin / token_tile);
+        // A call of one token tile (decode) routes and dispatches in the gate task that routes the
+        // tile: two hand-offs fewer on the critical path (Scheduler::fused).
+        if (gate_task<M>(buffers, smem, task, task.column_begin / token_tile) && params.workspace.token_tiles() == 1) {
+          __syncthreads();
+          route_task<M>(buffers, 1);
+          __syncthreads();
+          remote = dispatch_task<M>(buffers, task.column_begin, task.columns, 0);
+        }
         break;
       case TaskKind::route:
         route_task<M>(buffers, params.workspace.token_tiles());
@@ -150,6 +165,9 @@ struct Scheduler {
   int64_t idle_count = 0;
   int64_t gate_next = 0, gates_left = 0;
   bool route_ready = false, route_issued = false, dispatch_open = false;
+  // One token tile: the gate task that routes it also runs the route and the dispatch (processor()),
+  // so the last gate's completion means every row is in place; no route or dispatch task exists.
+  bool fused = false;
   int64_t dispatch_next = 0, dispatches_left = 0;
   int64_t gemm0_head = 0, gemm0_tail = 0, gemm0_cursor = 0;
   int64_t gemm1_head = 0, gemm1_tail = 0, gemm1_cursor = 0;
@@ -190,8 +208,9 @@ struct Scheduler {
     gates_left = gate_tasks = tiles * GateColumns(p.problem).tiles();  // token tiles × gate column tiles
     route_ready = gates_left == 0;  // a rank with no tokens still routes (nothing) and signals every owner
     combine_tasks = tiles > 0 ? tiles : 1;  // TaskBound::combine_tasks: one even with no tokens
+    fused = tiles == 1;
     // Gate, route and dispatch tasks, then the protocol's cells at their largest and the combine.
-    bound = gate_tasks + tiles + 1 + p.bound.initial(p.problem.tokens);
+    bound = gate_tasks + (fused ? 0 : tiles + 1) + p.bound.initial(p.problem.tokens);
   }
 
   FLASHMOE_DEVICE Task token_task(TaskKind kind, int64_t tile) const {
@@ -300,7 +319,8 @@ struct Scheduler {
     const int32_t cell = running_cell[processor];
     switch (TaskKind(running_kind[processor])) {
       case TaskKind::gate:
-        route_ready = --gates_left == 0;
+        route_ready = --gates_left == 0 && !fused;
+        if (gates_left == 0 && fused) dispatch_done();
         break;
       case TaskKind::route:
         dispatch_open = true;
@@ -378,6 +398,7 @@ struct Scheduler {
     const HeapLayout layout = params.workspace.heap_layout();
     if (signal_dispatch) {
       signal_dispatch = false;
+      if (params.ranks.fault == Ranks::kVanishAfterDispatch) aborted = true;  // tests: gone once this is out
       const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
       const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
       for (int64_t owner = 0; owner < world; ++owner) {
@@ -391,6 +412,7 @@ struct Scheduler {
         }
       }
     }
+    if (params.ranks.fault == Ranks::kVanishAfterDispatch) returns_pending_count = 0;  // tests: it returns nothing
     for (int64_t i = 0; i < returns_pending_count; ++i) {
       const int32_t cell = returns_pending[i];
       const SignalWord word = SignalWord::make(epoch, cell_rows[cell], cell_first_row[cell]);
@@ -430,7 +452,7 @@ struct Scheduler {
       }
       int handed = 0;
       Task task;
-      while (idle_count > 0 && next_task(task)) {
+      while (!aborted && idle_count > 0 && next_task(task)) {
         const int32_t processor = idle[--idle_count];
         control.task_slots[processor] = task;
         running_kind[processor] = int32_t(task.kind);
@@ -452,16 +474,24 @@ struct Scheduler {
         }
       }
       // Last: the round that completes the bound may still owe peers their flags (published above).
-      // An aborted call stops with tasks left: its outputs are not written, the host raises.
-      if (done == bound || aborted) break;
+      // An aborted call stops with tasks left (its y is poisoned, the host raises), once every busy
+      // processor has completed: a task slot is rewritten only after its processor read it (tasks
+      // never wait on peers, so the busy ones finish).
+      if (done == bound || (aborted && idle_count == params.processors)) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound || aborted; }, "scheduler inbox", 0, params.wait_limit_ns);
+                              done == bound || (aborted && idle_count == params.processors); },
+                 "scheduler inbox", 0, params.local_wait_limit_ns());
 #endif
     }
-    // The stop broadcast: every slot, one fence, then the doorbells.
+    // The stop broadcast: every slot, one fence, then the doorbells. An aborted call's stops each
+    // carry a slice of y's bytes to poison.
+    const int64_t y_bytes = aborted ? params.problem.tokens * params.problem.hidden * params.workspace.element_size : 0;
     for (int32_t processor = 0; processor < params.processors; ++processor) {
-      control.task_slots[processor].kind = TaskKind::stop;
+      Task& stop = control.task_slots[processor];
+      stop.kind = TaskKind::stop;
+      stop.column_begin = y_bytes * processor / params.processors;
+      stop.columns = y_bytes * (processor + 1) / params.processors - stop.column_begin;
     }
     release_fence();
     for (int32_t processor = 0; processor < params.processors; ++processor) {
@@ -489,25 +519,32 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, uint32_t epoch, int 
   // A wait for a peer is bounded in every build: past peer_timeout_ns it records what it waited for
   // and aborts the call (the first subscriber to give up tells the scheduler), and every other
   // subscriber leaves its wait once the call is aborted.
-  auto give_up = [&](uint32_t kind, int64_t peer_rank, int64_t expert) {
+  auto give_up = [&](uint32_t kind, int64_t peer_rank, int64_t expert, uint32_t detail) {
     uint32_t* status = params.ranks.status;
     if (atomicAdd(&control.counters[kAborted], 1u) != 0) return;
-    status[1] = uint32_t(peer_rank), status[2] = uint32_t(expert), status[3] = epoch;
+    status[1] = uint32_t(peer_rank), status[2] = uint32_t(expert), status[3] = (epoch & 0xffffu) | (detail << 16);
     status[0] = kind;  // the host reads the words once the launch is over
     control.post(Message{kAbort, 0, 0, 0});
   };
+  // A flag holds this call's epoch (done), the previous call's or 0 (not yet written: keep
+  // waiting), or anything else: the ranks are out of step (protocol.md §6b: a healthy peer cannot
+  // be an epoch ahead while this rank waits), which no wait can mend.
+  const uint32_t previous = SignalWord::previous_epoch(epoch);
   auto wait_for_peer = [&](const uint64_t* flag, uint64_t& bits, uint32_t kind, int64_t peer_rank, int64_t expert,
                            unsigned sleep_ns) {
     const uint64_t start = global_timer_ns();
     for (uint32_t spins = 1; !SignalWord{bits = ld_poll_sys(flag)}.is_epoch(epoch); ++spins) {
+      const uint32_t seen = SignalWord{bits}.epoch();
+      if (seen != previous && seen != 0) return give_up(kEpochMismatch, peer_rank, expert, seen), false;
       __nanosleep(sleep_ns);
       if (spins % 64 != 0) continue;
       if (ld_poll(&control.counters[kAborted]) != 0) return false;
-      if (global_timer_ns() - start > params.ranks.peer_timeout_ns) return give_up(kind, peer_rank, expert), false;
+      if (global_timer_ns() - start > params.ranks.peer_timeout_ns) return give_up(kind, peer_rank, expert, 0), false;
     }
     acquire_fence_sys();
     return true;
   };
+  const int64_t region_rows = layout.region_rows(), max_cell_rows = params.workspace.heap_tokens();
   int64_t mine = 0;
   for (int64_t cell = index; cell < peer_cells; cell += count) {
     const int64_t source = peer(cell), expert = cell % local;
@@ -517,6 +554,11 @@ FLASHMOE_DEVICE void subscriber(const KernelParams& params, uint32_t epoch, int 
       return;
     }
     const SignalWord word{bits};
+    // What a peer announces is checked before it sizes anything here (the bound, the cell's tiles).
+    if (word.rows() > max_cell_rows || word.first_row() + word.rows() > region_rows) {
+      give_up(kBadSignal, source, expert, uint32_t(word.rows()));
+      return;
+    }
     control.post(Message{kArrival, int32_t(source * local + expert), int32_t(word.rows()), int32_t(word.first_row())});
     ++mine;
   }
@@ -544,7 +586,16 @@ template <Math M>
 FLASHMOE_DEVICE void kernel_body(const KernelParams& params, int32_t block, uint8_t* smem, Task& task,
                                  uint32_t& sequence) {
   if (block == 0) {
-    if (threadIdx.x == 0) task.epoch = params.ranks.epoch ? SignalWord::next_epoch(*params.ranks.epoch) : params.epoch;
+    if (threadIdx.x == 0) {
+      task.epoch = params.ranks.epoch ? SignalWord::next_epoch(*params.ranks.epoch) : params.epoch;
+      // An earlier call left an error (kernel_error.h: sticky): this one aborts before it starts.
+      if (params.ranks.status && params.ranks.status[0] != kNoError) {
+        Control(params).counters[kAborted] = 1;
+        task.kind = TaskKind::stop;
+      } else {
+        task.kind = TaskKind::gate;
+      }
+    }
     __syncthreads();
     const uint32_t epoch = task.epoch;
     if (threadIdx.x == 0) {
@@ -552,7 +603,9 @@ FLASHMOE_DEVICE void kernel_body(const KernelParams& params, int32_t block, uint
       const Workspace& w = params.workspace;
       int32_t* state = reinterpret_cast<int32_t*>(
           w.scheduler_in_smem() ? smem : static_cast<uint8_t*>(params.pointers.workspace) + w.scheduler_state);
-      Scheduler(params, control, state, epoch).run();
+      Scheduler scheduler(params, control, state, epoch);
+      scheduler.aborted = task.kind == TaskKind::stop;
+      scheduler.run();
     } else if (threadIdx.x >= 32) {
       subscriber(params, epoch, int(threadIdx.x) - 32, kThreads - 32);
     }

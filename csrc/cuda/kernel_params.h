@@ -33,6 +33,10 @@ struct Ranks {
   // a peer's flag that passes peer_timeout_ns writes what it waited for there, and the call exits.
   uint32_t* status = nullptr;
   uint64_t peer_timeout_ns = 60ull * 1000 * 1000 * 1000;
+  // Tests only (tests/cpp/test_cuda_emulation.cpp): a rank that sends its dispatch flags but never a
+  // return flag and then vanishes, so that its peers' return-flag waits must give up on it.
+  enum Fault : int32_t { kNoFault = 0, kVanishAfterDispatch = 1 };
+  int32_t fault = kNoFault;
 };
 
 struct KernelParams {
@@ -46,7 +50,17 @@ struct KernelParams {
   // Debug builds (FLASHMOE_BOUNDED_WAITS): how long any one wait may last before it traps. Idle
   // processors wait through the whole gate; under compute-sanitizer everything is ~100x slower.
   uint64_t wait_limit_ns = 10ull * 1000 * 1000 * 1000;
+
+  // The limit of a wait on this rank's own actors (a doorbell, the inbox). Under expert parallelism
+  // they may idle as long as a peer works (up to the peer timeout), so the limit grows by it: the
+  // debug trap never fires before a cross-rank wait gives up and names the peer.
+  FLASHMOE_HD uint64_t local_wait_limit_ns() const {
+    return ranks.world > 1 ? wait_limit_ns + ranks.peer_timeout_ns : wait_limit_ns;
+  }
 };
+
+// The launch passes KernelParams by value (__grid_constant__): the classic 4 KB parameter space.
+static_assert(sizeof(KernelParams) <= 4096, "KernelParams fits a kernel's parameter space");
 
 // The parameters of one call with `processors` processor CTAs (plus the OS CTA). Under expert
 // parallelism (`ranks.world` > 1) the weights are this rank's L = E / W experts, `max_tokens` sizes
@@ -77,6 +91,10 @@ inline KernelParams make_params(const Problem& problem, const Pointers& pointers
       if (ranks.heaps[r] == nullptr) {
         throw std::invalid_argument("flashmoe: rank " + std::to_string(r) +
                                     "'s heap is not reachable by load/store (no pointer to it)");
+      }
+      if (reinterpret_cast<uintptr_t>(ranks.heaps[r]) % HeapLayout::kAlignment != 0) {
+        throw std::invalid_argument("flashmoe: rank " + std::to_string(r) + "'s heap must be " +
+                                    std::to_string(HeapLayout::kAlignment) + "-byte aligned");
       }
     }
   }

@@ -44,6 +44,10 @@ struct Buffers {
   FLASHMOE_DEVICE int32_t* admitted() const { return at<int32_t>(params.workspace.admitted); }
   FLASHMOE_DEVICE float* scores() const { return at<float>(params.workspace.scores); }
   FLASHMOE_DEVICE int32_t* pick_row() const { return at<int32_t>(params.workspace.pick_row); }
+  FLASHMOE_DEVICE int32_t* gather_rows() const { return at<int32_t>(params.workspace.gather_rows); }
+  // Whether this rank's own cells read their rows straight from x (gather_rows) instead of a copy
+  // in its heap: always, unless each row is x scaled by its pick's weight (weight_on_input).
+  FLASHMOE_DEVICE bool gathers_own_rows() const { return !params.problem.weight_on_input; }
   FLASHMOE_DEVICE T* h() const { return at<T>(params.workspace.h); }
   FLASHMOE_DEVICE const T* shared_w1() const { return static_cast<const T*>(params.pointers.shared_w1); }
   FLASHMOE_DEVICE const T* shared_w2() const { return static_cast<const T*>(params.pointers.shared_w2); }
@@ -83,8 +87,10 @@ struct Buffers {
 // shared gate, σ(x·shared_gateᵀ) into shared_weight. The router is LoadW (x's dtype, or fp32 with
 // problem.router_f32: x upcast). A pass covers one column per warp: the warp carries kGateTokens
 // tokens at a time through its column's weight chunks, its lanes' partials of every token meet in
-// shared memory (`partials`: 4 warps · kGateTokenTile tokens · 32 lanes floats), and one thread per
-// logit adds them. Two barriers per pass, which every thread reaches.
+// shared memory (`partials`: 4 warps · kGateTokenTile tokens · kPartialStride floats: a logit's 32
+// lane partials padded to 33, so that the threads adding them, one logit each, read 32 different
+// banks rather than one), and one thread per logit adds them. Two barriers per pass, which every
+// thread reaches.
 template <Math M, typename LoadW>
 FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int64_t first, int64_t count,
                                  int64_t column_begin, int64_t column_end) {
@@ -99,7 +105,8 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
   const W* bias = static_cast<const W*>(buffers.params.pointers.router_bias);
   const T* shared_gate = buffers.shared_gate();
   auto aligned = [](const void* pointer) { return (reinterpret_cast<uintptr_t>(pointer) & 15) == 0; };
-  static_assert(kWarps * kGateTokenTile * kLogitLanes * sizeof(float) + sizeof(uint32_t) <= kTileSmemBytes,
+  constexpr int kPartialStride = kLogitLanes + 1;
+  static_assert(kWarps * kGateTokenTile * kPartialStride * sizeof(float) + sizeof(uint32_t) <= kTileSmemBytes,
                 "the gate's partials and flag fit the tile's shared memory");
   const bool chunks = H % kLogitChunk == 0 && aligned(x);
   const bool router_vector = chunks && aligned(router), gate_vector = chunks && aligned(shared_gate);
@@ -117,7 +124,7 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
         }
         FLASHMOE_UNROLL
         for (int t = 0; t < kGateTokens; ++t) {
-          if (t < tokens) partials[((warp * kGateTokenTile) + t0 + t) * kLogitLanes + lane] = partial[t];
+          if (t < tokens) partials[((warp * kGateTokenTile) + t0 + t) * kPartialStride + lane] = partial[t];
         }
       }
     }
@@ -125,7 +132,7 @@ FLASHMOE_DEVICE void gate_logits(const Buffers<M>& buffers, float* partials, int
     for (int64_t i = threadIdx.x; i < kWarps * count; i += kThreads) {
       const int64_t column = i / count, t = i - column * count, c = e0 + column, token = first + t;
       if (c >= column_end) continue;
-      const float logit = sum_lane_partials(partials + (column * kGateTokenTile + t) * kLogitLanes);
+      const float logit = sum_lane_partials(partials + (column * kGateTokenTile + t) * kPartialStride);
       if (c == E) {
         buffers.shared_weight()[token] = 1.0f / (1.0f + std::exp(-logit));
       } else {
@@ -220,8 +227,9 @@ FLASHMOE_DEVICE void route_tile(const Buffers<M>& buffers, float* per_token, int
 // counter per tile in the workspace, acq_rel) then routes the tile (route_tile) and writes its
 // expert histogram for the ordered prefix. With routing from outside (problem.routing_given)
 // topk_ids is an input and the router is skipped: only the shared gate and the histogram are left.
+// Returns whether this task routed its tile (every thread gets the same answer).
 template <Math M>
-FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
+FLASHMOE_DEVICE bool gate_task(const Buffers<M>& buffers, uint8_t* smem, const Task& task, int64_t tile) {
   const Problem& problem = buffers.params.problem;
   const int64_t first = task.column_begin, count = task.columns;
   if (count > kGateTokenTile) __trap();  // the shared partials hold kGateTokenTile tokens (gpu_tiling().token_tile)
@@ -243,7 +251,7 @@ FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const T
       *last = atomic_add_acq_rel(done, 1u) + 1u == uint32_t(columns.tiles());
     }
     __syncthreads();
-    if (!*last) return;
+    if (!*last) return false;
   }
   if (!problem.routing_given) route_tile(buffers, scratch, first, count);
   const int64_t E = problem.experts, k = problem.top_k;
@@ -253,6 +261,7 @@ FLASHMOE_DEVICE void gate_task(const Buffers<M>& buffers, uint8_t* smem, const T
     for (int64_t p = 0; p < count * k; ++p) picks += ids[p] == int32_t(e) && routed_pick(ids + p / k * k, p % k, E);
     buffers.tile_counts()[tile * E + e] = picks;
   }
+  return true;
 }
 
 // The ordered prefix over gate tiles: each expert's slots in ascending token order, its admitted
@@ -301,7 +310,9 @@ FLASHMOE_DEVICE void warp_copy(void* destination, const void* source, int64_t by
 // Dispatch of tokens [first, first + count): the row of every pick (its expert's offset plus its
 // slot, less the first offset of the expert's owner: the row in this rank's region of the owner's
 // heap, protocol.md §2; -1 past the capacity), and the admitted tokens copied into those rows of
-// the owner's heap, by load/store (kernel_params.h Ranks). Returns whether any row went to a peer.
+// the owner's heap, by load/store (kernel_params.h Ranks). A row this rank sends itself is not
+// copied: its token goes into gather_rows, and the cell's GEMM0 reads x. Returns whether any row
+// went to a peer.
 // The scheduler signals the cells (a peer's by its dispatch flag, its own directly) when every
 // tile is done.
 template <Math M>
@@ -334,6 +345,10 @@ FLASHMOE_DEVICE bool dispatch_task(const Buffers<M>& buffers, int64_t first, int
     const int32_t row = rows[p];
     if (row < 0) continue;
     const int64_t owner = ids[p] / L;
+    if (owner == buffers.rank() && buffers.gathers_own_rows()) {
+      if (lane == 0) buffers.gather_rows()[row] = int32_t(first + p / k);
+      continue;
+    }
     remote = remote || owner != buffers.rank();
     auto* destination = buffers.dispatch_row_at(owner, row);
     if (problem.weight_on_input) {  // round(x · w), the product in fp32 (cpu/source_steps.h dispatch_row)
@@ -375,12 +390,16 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
   const auto* w1 = shared ? buffers.shared_w1() : buffers.w1() + cell.expert * problem.gemm0_cols() * H;
   const auto* b1 = !shared && buffers.b1() ? buffers.b1() + cell.expert * problem.gemm0_cols() : nullptr;
   auto* h = shared ? buffers.shared_h() : buffers.h() + cell.source * buffers.params.workspace.region_rows() * I;
+  // The rows of a cell this rank sent itself are its tokens in x (dispatch_task's gather_rows).
+  const bool gather = !shared && cell.source == buffers.rank() && buffers.gathers_own_rows();
   const float limit = float(problem.swiglu_limit), alpha = float(problem.swiglu_alpha);
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;
     const int64_t rows = task.rows - m0 < kTileM ? task.rows - m0 : kTileM;
-    const Operand a{shared ? buffers.x() + row0 * H : buffers.dispatch_row(cell.source, row0), rows, H};
+    const Operand a = shared   ? Operand{buffers.x() + row0 * H, rows, H}
+                      : gather ? Operand{buffers.x(), rows, H, buffers.gather_rows() + row0}
+                               : Operand{buffers.dispatch_row(cell.source, row0), rows, H};
     for (int64_t n0 = task.column_begin; n0 < column_end; n0 += kTileN) {
       const int64_t columns = column_end - n0 < kTileN ? column_end - n0 : kTileN;
       const Operand gate{w1 + n0 * H, columns, H};

@@ -60,11 +60,16 @@ template <Math M> constexpr int tile_k() { return kRowBytes / int(sizeof(typenam
 // XORed with the row within the 8-row atom (bits 7..9). 16-byte chunks stay contiguous.
 FLASHMOE_HD uint32_t swizzle128(uint32_t linear) { return linear ^ ((linear >> 3) & 0x70u); }
 
-// A row-major [rows, K] operand in global memory: `rows` valid rows from `base`, `ld` elements apart.
+// A row-major [rows, K] operand in global memory: `rows` valid rows from `base`, `ld` elements apart;
+// with `gather`, row r is row gather[r] of base (a cell's tokens read straight from x).
 struct Operand {
   const void* base = nullptr;
   int64_t rows = 0;
   int64_t ld = 0;
+  const int32_t* gather = nullptr;
+
+  // Element offset of row `row` (< rows) from base.
+  FLASHMOE_HD int64_t row_offset(int64_t row) const { return (gather ? int64_t(gather[row]) : row) * ld; }
 };
 
 #if defined(__CUDACC__)
@@ -103,13 +108,14 @@ __device__ __forceinline__ void stage_operand(uint8_t* stage, const Operand& ope
     const uint32_t destination = stage_address + swizzle128(uint32_t(row * kRowBytes + column * 16));
     if (vector) {
       const bool inside = row < operand.rows && k < K;
-      const Raw* source = inside ? base + int64_t(row) * operand.ld + k : base;
+      const Raw* source = inside ? base + operand.row_offset(row) + k : base;
       cp_async_16(destination, source, inside ? 16u : 0u);
     } else {
       alignas(16) Raw values[kVector];
+      const int64_t offset = row < operand.rows ? operand.row_offset(row) : 0;
 #pragma unroll
       for (int i = 0; i < kVector; ++i) {
-        values[i] = (row < operand.rows && k + i < K) ? base[int64_t(row) * operand.ld + k + i] : Raw(0);
+        values[i] = (row < operand.rows && k + i < K) ? base[offset + k + i] : Raw(0);
       }
       const uint4 packed = *reinterpret_cast<const uint4*>(values);
       asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" : : "r"(destination), "r"(packed.x), "r"(packed.y),
@@ -258,9 +264,10 @@ __device__ __forceinline__ void gemm_tile(uint8_t* smem, const Operand& a, const
 
 template <Math M>
 float host_operand(const Operand& operand, int64_t row, int64_t k) {
-  if constexpr (M == Math::bf16) return to_float(static_cast<const bfloat16*>(operand.base)[row * operand.ld + k]);
-  else if constexpr (M == Math::f16) return to_float(static_cast<const float16*>(operand.base)[row * operand.ld + k]);
-  else return static_cast<const float*>(operand.base)[row * operand.ld + k];
+  const int64_t at = operand.row_offset(row) + k;
+  if constexpr (M == Math::bf16) return to_float(static_cast<const bfloat16*>(operand.base)[at]);
+  else if constexpr (M == Math::f16) return to_float(static_cast<const float16*>(operand.base)[at]);
+  else return static_cast<const float*>(operand.base)[at];
 }
 
 // The same contract as the GPU's gemm_tile, as a plain loop: every element of the 64×64 tile

@@ -17,6 +17,8 @@
 //   admitted            int32 [E]                 admitted rows of each expert
 //   scores              float [T][scores_per_token] (route_token's scratch: E, plus 2 per group under a group limit)
 //   pick_row            int32 [T·k]               dispatch row of each pick, -1 when dropped
+//   gather_rows         int32 [region_rows]       the token of each row this rank sends itself: its
+//                                                 own cells' GEMM0s read x, no copy (tasks.cuh)
 //   scheduler_state     SchedulerState            only when it does not fit CTA 0's shared memory
 //   h                   dtype [region_rows][I]    the intermediate activation, one row per dispatch row
 //   shared_h            dtype [T][S]              the shared expert's intermediate activation  } with a shared
@@ -110,7 +112,7 @@ struct Workspace {
   int64_t inbox_ready = 0, inbox = 0, counters = 0, doorbells = 0, gate_done = 0, control_end = 0;
   int64_t heap = 0, heap_flags_end = 0;
   int64_t task_slots = 0, tile_counts = 0, tile_base = 0, expert_offsets = 0, admitted = 0, scores = 0;
-  int64_t pick_row = 0, scheduler_state = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
+  int64_t pick_row = 0, gather_rows = 0, scheduler_state = 0, h = 0, shared_h = 0, shared_out = 0, shared_weight = 0, total = 0;
   // Shared memory the scheduler's state may take in CTA 0; the tests set 0 to run it from the workspace.
   int64_t scheduler_smem_bytes = kSchedulerSmemBytes;
 
@@ -179,6 +181,7 @@ struct Workspace {
     take(&Workspace::admitted, N(experts) * four);
     take(&Workspace::scores, N(tokens) * N(scores_per_token > 0 ? scores_per_token : experts) * four);
     take(&Workspace::pick_row, N(tokens) * N(top_k) * four);
+    take(&Workspace::gather_rows, layout.region_rows<N>() * four);
     const N scheduler_bytes = SchedulerState::bytes<N>(N(processors), cells_n, row_tile_capacity<N>());
     take(&Workspace::scheduler_state, scheduler_bytes > N(scheduler_smem_bytes) ? scheduler_bytes : N(0));
     take(&Workspace::h, h_rows<N>() * N(ffn) * N(element_size));

@@ -15,6 +15,9 @@
 //       (over_budget), counted by the emulation; the costs of decode and prefill shapes are printed.
 //   (g) router_logits bit for bit in gate.cuh's order (a float32 router for bf16/fp16 x included),
 //       whichever gate task of a token tile finishes last and routes it.
+//   (h) expert parallelism (issue 11): W = 2, 3, 4 ranks' kernels side by side over each other's heaps
+//       (run_ep_case), every rank bitwise equal to the single-rank kernel across drifting calls, and
+//       the error paths: a killed rank, a rank that vanishes after dispatching, a rank out of step.
 // Under ThreadSanitizer this also checks that every hand-off between actors is ordered by the
 // kernel's acquire/release pairs.
 //
@@ -396,6 +399,8 @@ struct EpCase {
   int processors = 2;        // per rank
   bool chaos = false;
   int64_t killed = -1;       // a rank whose kernel never runs (the last call): the others must give up on it
+  int64_t vanish = -1;       // a rank that vanishes once its dispatch flags are out (the last call)
+  int64_t out_of_step = -1;  // a rank whose epoch word starts 4 calls ahead (the only call)
 };
 
 template <typename T, Math M>
@@ -425,7 +430,10 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
   std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> heaps;
   std::vector<uint32_t> epochs(size_t(W), 0);
   std::vector<std::array<uint32_t, cuda::kStatusWords>> statuses(static_cast<size_t>(W));
-  const uint64_t peer_timeout_ns = c.killed >= 0 ? 300ull * 1000 * 1000 : 60ull * 1000 * 1000 * 1000;
+  // A minute for healthy calls; 2 s for the one a fault makes fail (every healthy peer's flags come
+  // well within it, also under ThreadSanitizer, so the error names the faulty rank).
+  const bool faults = c.killed >= 0 || c.vanish >= 0 || c.out_of_step >= 0;
+  const uint64_t healthy_timeout_ns = 60ull * 1000 * 1000 * 1000, fault_timeout_ns = 2000ull * 1000 * 1000;
   cuda::Ranks table;
   table.world = int32_t(W);
   for (int64_t r = 0; r < W; ++r) {
@@ -443,18 +451,23 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
                 static_cast<long long>(W), what.c_str());
     ok = false;
   };
-  for (size_t call = 0; call < c.calls.size(); ++call) {
-    struct Rank {
-      Problem problem;
-      std::vector<T> x;
-      Outputs got, want, cpu;
-      cuda::Pointers pointers;
-      std::unique_ptr<uint8_t, decltype(&std::free)> workspace{nullptr, &std::free};
-    };
-    std::vector<Rank> ranks(static_cast<size_t>(W));
-    std::vector<cuda::KernelParams> params;
+  // Every call of every rank is prepared first (inputs, the references, the kernel's parameters),
+  // then each rank runs its calls back to back in a thread of its own, its CTAs joined per call
+  // (a launch boundary), never waiting for the other ranks: they drift by up to an epoch, as
+  // ranks do, while their flags are reused without zeroing (protocol.md §6b).
+  struct Rank {
+    Problem problem;
+    std::vector<T> x;
+    Outputs got, want, cpu;
+    std::unique_ptr<uint8_t, decltype(&std::free)> workspace{nullptr, &std::free};
+  };
+  const size_t calls = c.calls.size();
+  std::vector<std::vector<Rank>> runs(calls);
+  std::vector<std::vector<cuda::KernelParams>> launches(static_cast<size_t>(W));  // [rank][call]
+  for (size_t call = 0; call < calls; ++call) {
+    runs[call].resize(static_cast<size_t>(W));
     for (int64_t r = 0; r < W; ++r) {
-      Rank& rank = ranks[size_t(r)];
+      Rank& rank = runs[call][size_t(r)];
       const int64_t T_ = c.calls[call][size_t(r)];
       rank.problem = base;
       rank.problem.tokens = T_;
@@ -521,9 +534,10 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       cuda::Ranks ranks_of_r = table;
       ranks_of_r.rank = int32_t(r);
       ranks_of_r.epoch = &epochs[size_t(r)];
-      statuses[size_t(r)].fill(0);
       ranks_of_r.status = statuses[size_t(r)].data();
-      ranks_of_r.peer_timeout_ns = peer_timeout_ns;
+      const bool last = call + 1 == calls;
+      ranks_of_r.peer_timeout_ns = faults && last ? fault_timeout_ns : healthy_timeout_ns;
+      if (last && r == c.vanish) ranks_of_r.fault = cuda::Ranks::kVanishAfterDispatch;
       cuda::KernelParams rank_params =
           cuda::make_params(rank.problem, pointers_of(rank.got, true), c.processors, ranks_of_r, max_tokens);
       rank.workspace.reset(static_cast<uint8_t*>(
@@ -531,32 +545,97 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       std::memset(rank.workspace.get(), 0xab, size_t(rank_params.workspace.total));
       std::memset(rank.workspace.get(), 0, size_t(rank_params.workspace.zeroed_bytes()));
       rank_params.pointers.workspace = rank.workspace.get();
-      const bool killed = r == c.killed && call + 1 == c.calls.size();
-      if (!killed) params.push_back(rank_params);
+      const bool killed = last && r == c.killed;
+      if (!killed) launches[size_t(r)].push_back(rank_params);
     }
-    cuda::emulation::chaos_seed = c.chaos ? seed + call : 0;
-    emulate_launches<M>(params);
-    cuda::emulation::chaos_seed = 0;
-    if (c.killed >= 0 && call + 1 == c.calls.size()) {
-      // Every survivor gave up on the killed rank's dispatch flags within the timeout, and says so.
+  }
+  for (auto& status : statuses) status.fill(0);  // zeroed once, with the heaps
+  if (c.out_of_step >= 0) epochs[size_t(c.out_of_step)] = 4;
+  std::vector<uint32_t> epochs_after(static_cast<size_t>(W) * calls), errors_after(static_cast<size_t>(W) * calls);
+  cuda::emulation::chaos_seed = c.chaos ? seed : 0;
+  {
+    std::vector<std::thread> drivers;
+    for (int64_t r = 0; r < W; ++r) {
+      drivers.emplace_back([&, r] {
+        for (size_t call = 0; call < launches[size_t(r)].size(); ++call) {
+          emulate_launch<M>(launches[size_t(r)][call]);
+          epochs_after[size_t(r) * calls + call] = epochs[size_t(r)];
+          errors_after[size_t(r) * calls + call] = statuses[size_t(r)][0];
+        }
+      });
+    }
+    for (auto& driver : drivers) driver.join();
+  }
+  cuda::emulation::chaos_seed = 0;
+
+  if (c.out_of_step >= 0) {
+    // The rank ahead sees its peers' flags at an epoch that is neither its own nor the previous: no
+    // wait can mend that, so it stops at once and says so. It never dispatched, so its peers give up
+    // on its dispatch flags at their timeout (or see its stale flags first, if it had run before).
+    for (int64_t r = 0; r < W; ++r) {
+      const auto& status = statuses[size_t(r)];
+      const std::string message = cuda::describe_kernel_error(status.data(), r, double(fault_timeout_ns) * 1e-9);
+      const bool named = status[0] == cuda::kEpochMismatch ? message.find("out of step") != std::string::npos
+                         : r != c.out_of_step && status[0] == cuda::kDispatchFlagTimeout &&
+                               int64_t(status[1]) == c.out_of_step;
+      if (!named || (r == c.out_of_step && status[0] != cuda::kEpochMismatch)) {
+        fail(0, r, "no error naming the rank out of step: '" + message + "'");
+      } else if (verbose) {
+        std::printf("  %s\n", message.c_str());
+      }
+    }
+    return ok;
+  }
+  const int64_t faulty = c.killed >= 0 ? c.killed : c.vanish;
+  for (size_t call = 0; call < calls; ++call) {
+    if (faulty >= 0 && call + 1 == calls) {
+      // Every survivor gave up on the faulty rank within the timeout and names the flag it waited
+      // for: a killed rank's dispatch flag, or the return flag of one that vanished after dispatching.
+      const uint32_t kind = c.killed >= 0 ? cuda::kDispatchFlagTimeout : cuda::kReturnFlagTimeout;
+      const std::string named = c.killed >= 0 ? "dispatch flag of source rank " : "return flag of owner rank ";
       for (int64_t r = 0; r < W; ++r) {
-        if (r == c.killed) continue;
+        if (r == faulty) continue;
         const auto& status = statuses[size_t(r)];
-        const std::string message = cuda::describe_kernel_error(status.data(), r, double(peer_timeout_ns) * 1e-9);
-        if (status[0] != cuda::kDispatchFlagTimeout || int64_t(status[1]) != c.killed || status[3] != call + 1 ||
-            message.find("dispatch flag of source rank " + std::to_string(c.killed)) == std::string::npos) {
-          fail(call, r, "no error naming the killed rank's dispatch flag: '" + message + "'");
+        const std::string message = cuda::describe_kernel_error(status.data(), r, double(fault_timeout_ns) * 1e-9);
+        if (status[0] != kind || int64_t(status[1]) != faulty || (status[3] & 0xffffu) != call + 1 ||
+            message.find(named + std::to_string(faulty)) == std::string::npos) {
+          fail(call, r, "no error naming the faulty rank's flag: '" + message + "'");
         } else if (verbose) {
           std::printf("  %s\n", message.c_str());
         }
+        // No plausible output: y is NaN wherever the call did not finish.
+        const Rank& rank = runs[call][size_t(r)];
+        bool poisoned = true;
+        for (size_t i = 0; i + sizeof(T) <= size_t(rank.problem.tokens * H) * sizeof(T); i += sizeof(T)) {
+          poisoned = poisoned && std::isnan(to_float(*reinterpret_cast<const T*>(rank.got.y.data() + i)));
+        }
+        if (!poisoned) fail(call, r, "an aborted call left a y that is not all NaN");
+      }
+      // The words stick: the next launch of a survivor aborts at once, whatever its peers do.
+      for (int64_t r = 0; r < W; ++r) {
+        if (r == faulty) continue;
+        const uint32_t before = statuses[size_t(r)][0];
+        Rank& rank = runs[call][size_t(r)];
+        std::memset(rank.workspace.get(), 0, size_t(launches[size_t(r)].back().workspace.zeroed_bytes()));
+        std::memset(rank.got.y.data(), 0, rank.got.y.size());
+        emulate_launch<M>(launches[size_t(r)].back());
+        if (statuses[size_t(r)][0] != before) fail(call, r, "a launch after an error changed its error words");
+        bool poisoned = true;
+        for (size_t i = 0; i + sizeof(T) <= size_t(rank.problem.tokens * H) * sizeof(T); i += sizeof(T)) {
+          poisoned = poisoned && std::isnan(to_float(*reinterpret_cast<const T*>(rank.got.y.data() + i)));
+        }
+        if (!poisoned) fail(call, r, "a launch after an error did not poison y");
       }
       break;
     }
     for (int64_t r = 0; r < W; ++r) {
-      Rank& rank = ranks[size_t(r)];
+      Rank& rank = runs[call][size_t(r)];
       const int64_t T_ = rank.problem.tokens;
-      if (statuses[size_t(r)][0] != 0) fail(call, r, "a healthy call left an error word");
-      if (epochs[size_t(r)] != uint32_t(call + 1)) fail(call, r, "the epoch word did not advance to this call's");
+      if (errors_after[size_t(r) * calls + call] != 0) {
+        fail(call, r, "an error word: " +
+                          cuda::describe_kernel_error(statuses[size_t(r)].data(), r, double(fault_timeout_ns) * 1e-9));
+      }
+      if (epochs_after[size_t(r) * calls + call] != uint32_t(call + 1)) fail(call, r, "the epoch word did not advance to this call's");
       if (rank.got.expert_counts != rank.want.expert_counts) fail(call, r, "expert_counts differ from the single rank's");
       if (rank.got.dropped != rank.want.dropped) fail(call, r, "dropped differs from the single rank's");
       if (T_ == 0) continue;
@@ -618,6 +697,10 @@ std::vector<EpCase> ep_cases() {
   // timeout, name it, and exit (no hang, no trap).
   add("ep W=3 killed rank", 3, {{9, 14, 3}, {12, 12, 12}}, 24, 16, 6, 2, Activation::silu, 0, 2, false);
   all.back().killed = 1;
+  add("ep W=2 rank vanishes after dispatch", 2, {{20, 7}, {33, 40}}, 24, 16, 4, 2, Activation::silu, 0, 2, false);
+  all.back().vanish = 0;
+  add("ep W=3 a rank out of step", 3, {{8, 8, 8}}, 24, 16, 6, 2, Activation::silu, 0, 2, false);
+  all.back().out_of_step = 2;
   return all;
 }
 
