@@ -200,9 +200,18 @@ def test_describe_dispatch_flag_timeout():
 
 
 def test_describe_return_flag_timeout():
-    message = describe_kernel_error([2, 0, 5, 4294967295], 1, 60)
-    assert "of rank 1 gave up after 60 s waiting for the return flag of owner rank 0, local expert 5 " \
-           "(epoch 4294967295)" in message
+    message = describe_kernel_error([2, 0, 5, 9], 1, 60)
+    assert "of rank 1 gave up after 60 s waiting for the return flag of owner rank 0, local expert 5 (epoch 9)" \
+        in message
+
+
+def test_describe_epoch_mismatch_and_bad_signal():
+    """status[3] holds the epoch waited for in bits 0..15, and what the flag held in bits 16..31."""
+    message = describe_kernel_error([3, 1, 2, (5 << 16) | 7], 0, 1.0)
+    assert "of rank 0 found the flag of rank 1, local expert 2 at epoch 5 while at epoch 7" in message
+    message = describe_kernel_error([4, 2, 0, (300 << 16) | 3], 3, 1.0)
+    assert "of rank 3 got a dispatch flag from rank 2, local expert 0 announcing 300 rows past its region " \
+           "(epoch 3)" in message
 
 
 def test_describe_healthy_and_unknown_words():
@@ -393,3 +402,18 @@ def test_call_guards_on_gpu():
             world.forward([xs[0].cpu(), xs[0]])
     with pytest.raises(RuntimeError, match="destroyed"):
         world.forward(xs)
+
+
+@gpu_test
+def test_error_words_are_sticky_and_raise():
+    """A rank whose status words are already set (as an earlier failed call leaves them) aborts at
+    once; its peer gives up on it within the timeout instead of hanging, forward raises the kernel's
+    text naming the rank, and the world refuses further calls."""
+    weights = layer(800, torch.bfloat16, device="cuda")
+    xs = tokens(801, [12, 30], torch.bfloat16, "cuda")
+    with LoopbackWorld(2, **weights, max_tokens=30, top_k=2, peer_timeout_s=0.5) as world:
+        world._status[1] = torch.tensor([4, 0, 0, 1], dtype=torch.int32, device="cuda")
+        with pytest.raises(RuntimeError, match="persistent kernel of rank 1"):
+            world.forward(xs)
+        with pytest.raises(RuntimeError, match="unusable"):
+            world.forward(xs)
