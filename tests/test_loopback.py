@@ -129,6 +129,67 @@ def test_host_sizes_agree_and_check_their_arguments():
         _C.cuda_ep_heap_bytes(problem, 4, 0)
 
 
+def entry_problem(hidden=H):
+    from flashmoe import ops
+    problem = ops.problem_shape(hidden, I, E, 2, gated=True, activation="silu", normalize=True, scoring="softmax",
+                                dtype=torch.bfloat16, has_router_bias=False, has_b1=False, has_b2=False)
+    problem.tokens = 4
+    return problem
+
+
+# Stand-in addresses: every check below fails before any of them is dereferenced or the device touched.
+ENTRY_POINTERS = dict(x=4096, router_weight=4096, w1=4096, w2=4096, y=4096, topk_ids=4096, topk_weights=4096,
+                      expert_counts=4096, router_logits=4096, dropped=4096, workspace=4096)
+
+
+@pytest.mark.skipif(not CUDA_COMPILED, reason="flashmoe built without its CUDA backend")
+@pytest.mark.parametrize("change,message", [
+    (dict(problems=[entry_problem()]), "one entry per virtual rank"),
+    (dict(problems=[entry_problem()], pointers=[ENTRY_POINTERS], workspace_bytes=[1], heaps=[4096], epochs=[4096],
+          statuses=[8192]), "holds 2..16 virtual ranks, got 1"),
+    (dict(problems=[entry_problem(), entry_problem(hidden=2 * H)]), "rank 1's problem differs from rank 0's"),
+    (dict(pointers=[ENTRY_POINTERS, dict(ENTRY_POINTERS, bogus=1)]), "pointers\\[1\\] has an unknown key 'bogus'"),
+    (dict(pointers=[ENTRY_POINTERS, dict(ENTRY_POINTERS, w1=0)]), "a required weight or output pointer is null"),
+    (dict(pointers=[dict(ENTRY_POINTERS, y=0), ENTRY_POINTERS]), "a required token tensor pointer is null"),
+    (dict(heaps=[4096, 0]), "heaps\\[1\\] is null"),
+    (dict(heaps=[4096, 4100]), "heaps\\[1\\] must be 128-byte aligned"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(peer_timeout_s=0.0), "peer_timeout_s must be a number of seconds"),
+    (dict(epochs=[0, 4100]), "epoch is null"),
+    (dict(statuses=[8192, 0]), "status is null"),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_loopback_entry_checks_before_touching_the_device(change, message):
+    """moe_forward_cuda_loopback names every bad argument before it touches the device (so this runs
+    without a GPU in a CUDA build)."""
+    args = dict(problems=[entry_problem()] * 2, pointers=[ENTRY_POINTERS] * 2, workspace_bytes=[1 << 20] * 2,
+                heaps=[4096, 8192], epochs=[4096, 4100], statuses=[8192, 8208], max_tokens=8, peer_timeout_s=1.0,
+                allow_tf32=False, device=0, stream=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        _C.moe_forward_cuda_loopback(**args)
+
+
+@pytest.mark.skipif(not CUDA_COMPILED, reason="flashmoe built without its CUDA backend")
+@pytest.mark.parametrize("change,message", [
+    (dict(heaps=[4096]), "heaps must hold world_size=2 addresses, got 1"),
+    (dict(rank=2), "rank must be in \\[0, world_size=2\\), got 2"),
+    (dict(world=65, heaps=[4096] * 65), "world_size must be 1..64, got 65"),
+    (dict(heaps=[4096, 0]), "heaps\\[1\\] is null"),
+    (dict(epoch=0), "epoch is null"),
+    (dict(status=0), "status is null"),
+    (dict(peer_timeout_s=math.nan), "peer_timeout_s must be a number of seconds"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(w2=0), "a required weight or output pointer is null"),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_ep_entry_checks_before_touching_the_device(change, message):
+    args = dict(ENTRY_POINTERS, problem=entry_problem(), router_bias=0, b1=0, b2=0, workspace_bytes=1 << 20,
+                allow_tf32=False, device=0, stream=0, heaps=[4096, 8192], rank=0, world=2, max_tokens=8,
+                epoch=4096, status=8192, peer_timeout_s=1.0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        _C.moe_forward_cuda_ep(**args)
+
+
 # --------------------------------------------------------------------------- the kernel's error words
 
 def test_describe_dispatch_flag_timeout():
@@ -139,9 +200,18 @@ def test_describe_dispatch_flag_timeout():
 
 
 def test_describe_return_flag_timeout():
-    message = describe_kernel_error([2, 0, 5, 4294967295], 1, 60)
-    assert "of rank 1 gave up after 60 s waiting for the return flag of owner rank 0, local expert 5 " \
-           "(epoch 4294967295)" in message
+    message = describe_kernel_error([2, 0, 5, 9], 1, 60)
+    assert "of rank 1 gave up after 60 s waiting for the return flag of owner rank 0, local expert 5 (epoch 9)" \
+        in message
+
+
+def test_describe_epoch_mismatch_and_bad_signal():
+    """status[3] holds the epoch waited for in bits 0..15, and what the flag held in bits 16..31."""
+    message = describe_kernel_error([3, 1, 2, (5 << 16) | 7], 0, 1.0)
+    assert "of rank 0 found the flag of rank 1, local expert 2 at epoch 5 while at epoch 7" in message
+    message = describe_kernel_error([4, 2, 0, (300 << 16) | 3], 3, 1.0)
+    assert "of rank 3 got a dispatch flag from rank 2, local expert 0 announcing 300 rows past its region " \
+           "(epoch 3)" in message
 
 
 def test_describe_healthy_and_unknown_words():
@@ -332,3 +402,18 @@ def test_call_guards_on_gpu():
             world.forward([xs[0].cpu(), xs[0]])
     with pytest.raises(RuntimeError, match="destroyed"):
         world.forward(xs)
+
+
+@gpu_test
+def test_error_words_are_sticky_and_raise():
+    """A rank whose status words are already set (as an earlier failed call leaves them) aborts at
+    once; its peer gives up on it within the timeout instead of hanging, forward raises the kernel's
+    text naming the rank, and the world refuses further calls."""
+    weights = layer(800, torch.bfloat16, device="cuda")
+    xs = tokens(801, [12, 30], torch.bfloat16, "cuda")
+    with LoopbackWorld(2, **weights, max_tokens=30, top_k=2, peer_timeout_s=0.5) as world:
+        world._status[1] = torch.tensor([4, 0, 0, 1], dtype=torch.int32, device="cuda")
+        with pytest.raises(RuntimeError, match="persistent kernel of rank 1"):
+            world.forward(xs)
+        with pytest.raises(RuntimeError, match="unusable"):
+            world.forward(xs)

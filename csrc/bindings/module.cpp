@@ -581,8 +581,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rank"), py::arg("world"), py::arg("max_tokens"), py::arg("epoch"), py::arg("status"),
         py::arg("peer_timeout_s"),
         "This rank's part of an expert-parallel forward on `stream`: w1/b1/w2/b2 are its E/world local experts, "
-        "heaps[r] rank r's heap as this GPU reaches it, epoch (1 word, kept) and status (4 words, zeroed before "
-        "the call) device addresses. A rank without tokens launches too.");
+        "heaps[r] rank r's heap as this GPU reaches it, epoch (1 word, kept) and status (4 words, zeroed once: "
+        "sticky) device addresses. A rank without tokens launches too.");
   m.def("moe_forward_cuda_loopback", &moe_forward_cuda_loopback, py::kw_only(), py::arg("problems"),
         py::arg("pointers"), py::arg("workspace_bytes"), py::arg("heaps"), py::arg("epochs"), py::arg("statuses"),
         py::arg("max_tokens"), py::arg("peer_timeout_s"), py::arg("allow_tf32"), py::arg("device"), py::arg("stream"),

@@ -60,7 +60,7 @@ struct RankTable {
   int32_t world = 1;
   std::vector<uintptr_t> heaps;  // [world] device addresses: rank r's heap as this GPU reaches it
   uint32_t* epoch = nullptr;     // 1 word of device memory, zero before the first call, kept across calls
-  uint32_t* status = nullptr;    // kStatusWords words of device memory, zero before each call
+  uint32_t* status = nullptr;    // kStatusWords words of device memory, zeroed once with the heap (sticky)
   double peer_timeout_s = 60.0;  // how long a wait for a peer's flag may last before the call gives up
   int64_t max_tokens = 0;        // the most tokens any rank brings to one call; the same on every rank
 };

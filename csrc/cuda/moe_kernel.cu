@@ -358,6 +358,8 @@ void moe_forward_ep(const Problem& problem, const Pointers& pointers, const Rank
     moe_forward(problem, pointers, workspace_bytes, fp32_math, device, stream_handle);
     return;
   }
+  check_pointers(problem, pointers);
+  ranks_of(table);  // every argument is checked before the device is touched
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device);
   const int ctas = launch_ctas(device, math);
@@ -404,6 +406,10 @@ void moe_forward_loopback(const std::vector<Problem>& problems, const std::vecto
     if (t.heaps != ranks[0].heaps || t.max_tokens != ranks[0].max_tokens) {
       invalid(which + "rank table differs from rank 0's in heaps or max_tokens (every rank reaches the same heaps)");
     }
+    // Every argument is checked before the device is touched.
+    check_problem(p);
+    check_pointers(p, pointers[size_t(r)]);
+    ranks_of(t);
   }
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   DeviceScope scope(device);

@@ -7,7 +7,8 @@ on the same GPU, through the same device code that reaches a peer over NVLink by
 So every rank's dispatch, remote GEMMs, returns, signals and device epochs run for real, on one GPU.
 
 :class:`LoopbackWorld` owns what outlives a call, as an EP layer would: the W heaps (flags zeroed
-once, at allocation), the W epoch words (the kernel advances them itself) and the W status words.
+once, at allocation), the W epoch words (the kernel advances them itself) and the W status words
+(zeroed once too: they are sticky, a launch that finds them set aborts at once).
 Each :meth:`LoopbackWorld.forward` takes every rank's tokens and returns every rank's outputs,
 which equal, bit for bit, single-process ``flashmoe.moe`` on that rank's tokens with all E experts
 (docs/cuda_kernel.md "Loopback"). :func:`loopback_moe` is the one-call form.
@@ -133,6 +134,8 @@ class LoopbackWorld:
         for heap in self._heaps:
             heap[:2 * layout.flags_bytes()].zero_()
         self._epochs = torch.zeros(world, dtype=torch.int32, device=self.device)
+        # Sticky (csrc/cuda/kernel_error.h): zeroed once, never per call, so that a graph replay after
+        # an error aborts at once instead of yielding plausible y.
         self._status = torch.zeros((world, STATUS_WORDS), dtype=torch.int32, device=self.device)
         self._broken: Optional[str] = None
         self.calls = 0
@@ -209,7 +212,6 @@ class LoopbackWorld:
             addresses = {name: ops._address(tensor) for name, tensor in named.items()}
             addresses["workspace"] = base + offsets[r]
             pointers.append(addresses)
-        self._status.zero_()
         epoch0, status0 = self._epochs.data_ptr(), self._status.data_ptr()
         with torch.cuda.device(self.device_index):
             _C.moe_forward_cuda_loopback(
