@@ -297,6 +297,16 @@ def watchdog():
 
 
 @pytest.fixture
+def exact_fp32():
+    """fp32 runs with exact fp32 math (the CUDA tests' default; a test may ask for TF32 after it);
+    torch's global flag is restored."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture
 def num_threads():
     """Restores torch's intra-op thread count after the test."""
     before = torch.get_num_threads()

@@ -243,12 +243,8 @@ def test_bench_bytes_per_rank():
 # --------------------------------------------------------------------------- on a GPU
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 runs with exact fp32 math (the CUDA tests' default); the global flag is restored."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+def _exact_fp32(exact_fp32):
+    """Every test here runs with exact fp32 math (conftest's exact_fp32) unless it asks for TF32."""
 
 
 def single_process(x, weights, **options):

@@ -44,12 +44,8 @@ CAPACITY_CASES = [(0.5, 8, 2), (1.0, 8, 2), (1.25, 4, 1), (0.3, 64, 2), (1.0, 4,
 # --------------------------------------------------------------------------- fixtures and helpers
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 runs with exact fp32 math unless a test asks for TF32; the global flag is restored."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+def _exact_fp32(exact_fp32):
+    """Every test here runs with exact fp32 math (conftest's exact_fp32) unless it asks for TF32."""
 
 
 @pytest.fixture

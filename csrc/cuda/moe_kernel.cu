@@ -33,6 +33,16 @@ const void* persistent_kernel_of(Math math) {
 // The persistent kernel's grid on `device` (launch.cuh launch_ctas).
 int persistent_ctas(int device, Math math) { return launch_ctas(device, math, false, persistent_kernel_of(math)); }
 
+// The persistent kernel of `math`, cooperatively, on `ctas` CTAs.
+void launch_persistent(Math math, const KernelParams& params, int ctas, cudaStream_t stream) {
+  switch (math) {
+    case Math::bf16: launch_cooperative(moe_persistent_kernel<Math::bf16>, params, ctas, stream); break;
+    case Math::f16: launch_cooperative(moe_persistent_kernel<Math::f16>, params, ctas, stream); break;
+    case Math::tf32: launch_cooperative(moe_persistent_kernel<Math::tf32>, params, ctas, stream); break;
+    case Math::f32: launch_cooperative(moe_persistent_kernel<Math::f32>, params, ctas, stream); break;
+  }
+}
+
 }  // namespace
 
 BuildInfo build_info() {
@@ -71,12 +81,7 @@ void moe_forward(const Problem& problem, const Pointers& pointers, int64_t works
   apply_wait_timeout(params);
   check_workspace(params, workspace_bytes, "workspace");
   FLASHMOE_CUDA_CHECK(cudaMemsetAsync(pointers.workspace, 0, size_t(params.workspace.zeroed_bytes()), stream));
-  switch (math) {
-    case Math::bf16: launch_cooperative(moe_persistent_kernel<Math::bf16>, params, ctas, stream); break;
-    case Math::f16: launch_cooperative(moe_persistent_kernel<Math::f16>, params, ctas, stream); break;
-    case Math::tf32: launch_cooperative(moe_persistent_kernel<Math::tf32>, params, ctas, stream); break;
-    case Math::f32: launch_cooperative(moe_persistent_kernel<Math::f32>, params, ctas, stream); break;
-  }
+  launch_persistent(math, params, ctas, stream);
 }
 
 int64_t ep_heap_bytes(const Problem& problem, int64_t world, int64_t max_tokens) {
@@ -125,12 +130,7 @@ void moe_forward_ep(const Problem& problem, const Pointers& pointers, const Rank
   KernelParams params = ep_params(problem, pointers, table, ctas - 1);
   check_workspace(params, workspace_bytes, "workspace");
   FLASHMOE_CUDA_CHECK(cudaMemsetAsync(pointers.workspace, 0, size_t(params.workspace.zeroed_bytes()), stream));
-  switch (math) {
-    case Math::bf16: launch_cooperative(moe_persistent_kernel<Math::bf16>, params, ctas, stream); break;
-    case Math::f16: launch_cooperative(moe_persistent_kernel<Math::f16>, params, ctas, stream); break;
-    case Math::tf32: launch_cooperative(moe_persistent_kernel<Math::tf32>, params, ctas, stream); break;
-    case Math::f32: launch_cooperative(moe_persistent_kernel<Math::f32>, params, ctas, stream); break;
-  }
+  launch_persistent(math, params, ctas, stream);
 }
 
 }  // namespace flashmoe::cuda
