@@ -549,11 +549,7 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, "What the CUDA backend was compiled with: archs, CUDA and CUTLASS versions.");
   m.def("cuda_workspace_bytes", [](const Problem& problem, int device, bool allow_tf32) {
-    try {
-      return cuda::workspace_bytes(problem, device, allow_tf32 ? cuda::Fp32Math::tf32 : cuda::Fp32Math::exact);
-    } catch (const std::invalid_argument& error) {
-      throw py::value_error(error.what());
-    }
+    return value_errors([&] { return cuda::workspace_bytes(problem, device, fp32_math(allow_tf32)); });
   }, py::arg("problem"), py::arg("device"), py::arg("allow_tf32"),
      "Bytes of workspace one CUDA call of `problem` needs on `device` (host-only, no sync).");
   m.def("moe_forward_cuda", &moe_forward_cuda, py::kw_only(), py::arg("problem"), py::arg("x"),

@@ -148,6 +148,7 @@ struct Scheduler {
   const KernelParams& params;
   const Control& control;
   uint8_t* base;
+  const int32_t *admitted, *expert_offsets;  // the route stage's, per expert (workspace.h)
   uint32_t epoch;  // this call's (kernel_body)
   int64_t rank, world, local;  // expert parallelism: this rank of `world`, L local experts each
   Tiling tiling = gpu_tiling();
@@ -184,6 +185,8 @@ struct Scheduler {
       : params(p), control(c), epoch(call_epoch) {
     base = static_cast<uint8_t*>(p.pointers.workspace);
     const Workspace& w = p.workspace;
+    admitted = reinterpret_cast<const int32_t*>(base + w.admitted);
+    expert_offsets = reinterpret_cast<const int32_t*>(base + w.expert_offsets);
     rank = p.ranks.rank, world = p.ranks.world, local = w.local_experts();
     tiles = w.token_tiles();
     ffn_tiles = tiling.ffn_tiles(p.problem.ffn);
@@ -344,12 +347,10 @@ struct Scheduler {
 
   // Every row of this rank's tokens is in its owner's heap. The cells this rank sends itself go
   // straight into the bookkeeping, no flag, subscriber or inbox between; each peer's dispatch flags
-  // go out with the round's fence (publish_dispatch_flags).
+  // go out with the round's fence (publish_flags).
   FLASHMOE_DEVICE void dispatch_done() {
-    const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
-    const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
     const int32_t first_expert = int32_t(rank * local);
-    const int32_t first_offset = rank == 0 ? 0 : offsets[first_expert];
+    const int32_t first_offset = rank == 0 ? 0 : expert_offsets[first_expert];
     // Loaded before any bookkeeping store (which could alias them for the compiler), so the
     // loads of a chunk overlap instead of serialising behind arrived()'s stores.
     constexpr int32_t kChunk = 16;
@@ -358,7 +359,10 @@ struct Scheduler {
       const int32_t left = int32_t(local) - l0, n = left < kChunk ? left : kChunk;
       FLASHMOE_UNROLL
       for (int32_t i = 0; i < kChunk; ++i) {
-        if (i < n) rows[i] = admitted[first_expert + l0 + i], first_rows[i] = offsets[first_expert + l0 + i] - first_offset;
+        if (i < n) {
+          rows[i] = admitted[first_expert + l0 + i];
+          first_rows[i] = expert_offsets[first_expert + l0 + i] - first_offset;
+        }
       }
       for (int32_t i = 0; i < n; ++i) arrived(first_expert + l0 + i, rows[i], first_rows[i]);
     }
@@ -391,6 +395,11 @@ struct Scheduler {
 
   FLASHMOE_DEVICE bool flags_pending() const { return signal_dispatch || returns_pending_count > 0; }
 
+  // The rounds end when every task of the bound has completed, or, in an aborted call (tasks left:
+  // its y is poisoned, the host raises), once every busy processor has completed: a task slot is
+  // rewritten only after its processor read it (tasks never wait on peers, so the busy ones finish).
+  FLASHMOE_DEVICE bool finished() const { return done == bound || (aborted && idle_count == params.processors); }
+
   // After the round's system-scope fence, relaxed stores: this rank's dispatch flag of every peer's
   // expert (rows and first row in that peer's region, empty cells included: protocol.md §3), and the
   // return flag of every peer's cell done this round.
@@ -399,14 +408,12 @@ struct Scheduler {
     if (signal_dispatch) {
       signal_dispatch = false;
       if (params.ranks.fault == Ranks::kVanishAfterDispatch) aborted = true;  // tests: gone once this is out
-      const int32_t* admitted = reinterpret_cast<const int32_t*>(base + params.workspace.admitted);
-      const int32_t* offsets = reinterpret_cast<const int32_t*>(base + params.workspace.expert_offsets);
       for (int64_t owner = 0; owner < world; ++owner) {
         if (owner == rank) continue;
-        const int32_t first_offset = offsets[owner * local];
+        const int32_t first_offset = expert_offsets[owner * local];
         for (int64_t l = 0; l < local; ++l) {
           const int64_t e = owner * local + l;
-          const SignalWord word = SignalWord::make(epoch, admitted[e], offsets[e] - first_offset);
+          const SignalWord word = SignalWord::make(epoch, admitted[e], expert_offsets[e] - first_offset);
           st_relaxed_sys(reinterpret_cast<uint64_t*>(params.ranks.heaps[owner] + layout.dispatch_flag(rank, l)),
                          word.bits);
         }
@@ -474,14 +481,10 @@ struct Scheduler {
         }
       }
       // Last: the round that completes the bound may still owe peers their flags (published above).
-      // An aborted call stops with tasks left (its y is poisoned, the host raises), once every busy
-      // processor has completed: a task slot is rewritten only after its processor read it (tasks
-      // never wait on peers, so the busy ones finish).
-      if (done == bound || (aborted && idle_count == params.processors)) break;
+      if (finished()) break;
 #if FLASHMOE_BOUNDED_WAITS  // only to name a stuck scheduler: the next round's drain acquires
       wait_until([&] { return ld_poll(&control.inbox_ready[int64_t(head) % control.inbox_capacity]) == head + 1 ||
-                              done == bound || (aborted && idle_count == params.processors); },
-                 "scheduler inbox", 0, params.local_wait_limit_ns());
+                              finished(); }, "scheduler inbox", 0, params.local_wait_limit_ns());
 #endif
     }
     // The stop broadcast: every slot, one fence, then the doorbells. An aborted call's stops each
@@ -586,25 +589,22 @@ template <Math M>
 FLASHMOE_DEVICE void kernel_body(const KernelParams& params, int32_t block, uint8_t* smem, Task& task,
                                  uint32_t& sequence) {
   if (block == 0) {
+    const Control control(params);
+    // Thread 0 (the scheduler): whether an earlier call left an error (kernel_error.h: sticky), so
+    // that this one aborts before it starts; the subscribers learn it from the aborted counter.
+    const bool refused = threadIdx.x == 0 && params.ranks.status && params.ranks.status[0] != kNoError;
     if (threadIdx.x == 0) {
       task.epoch = params.ranks.epoch ? SignalWord::next_epoch(*params.ranks.epoch) : params.epoch;
-      // An earlier call left an error (kernel_error.h: sticky): this one aborts before it starts.
-      if (params.ranks.status && params.ranks.status[0] != kNoError) {
-        Control(params).counters[kAborted] = 1;
-        task.kind = TaskKind::stop;
-      } else {
-        task.kind = TaskKind::gate;
-      }
+      if (refused) control.counters[kAborted] = 1;
     }
     __syncthreads();
     const uint32_t epoch = task.epoch;
     if (threadIdx.x == 0) {
-      const Control control(params);
       const Workspace& w = params.workspace;
       int32_t* state = reinterpret_cast<int32_t*>(
           w.scheduler_in_smem() ? smem : static_cast<uint8_t*>(params.pointers.workspace) + w.scheduler_state);
       Scheduler scheduler(params, control, state, epoch);
-      scheduler.aborted = task.kind == TaskKind::stop;
+      scheduler.aborted = refused;
       scheduler.run();
     } else if (threadIdx.x >= 32) {
       subscriber(params, epoch, int(threadIdx.x) - 32, kThreads - 32);

@@ -49,6 +49,8 @@ struct Buffers {
   // in its heap: always, unless each row is x scaled by its pick's weight (weight_on_input).
   FLASHMOE_DEVICE bool gathers_own_rows() const { return !params.problem.weight_on_input; }
   FLASHMOE_DEVICE T* h() const { return at<T>(params.workspace.h); }
+  // The h rows of the cells whose rows `source` sent (Workspace::h_rows: region by region).
+  FLASHMOE_DEVICE T* h_of(int64_t source) const { return h() + source * params.workspace.region_rows() * params.problem.ffn; }
   FLASHMOE_DEVICE const T* shared_w1() const { return static_cast<const T*>(params.pointers.shared_w1); }
   FLASHMOE_DEVICE const T* shared_w2() const { return static_cast<const T*>(params.pointers.shared_w2); }
   FLASHMOE_DEVICE const T* shared_gate() const { return static_cast<const T*>(params.pointers.shared_gate); }
@@ -389,7 +391,7 @@ FLASHMOE_DEVICE void gemm0_task(const Buffers<M>& buffers, uint8_t* smem, const 
   const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
   const auto* w1 = shared ? buffers.shared_w1() : buffers.w1() + cell.expert * problem.gemm0_cols() * H;
   const auto* b1 = !shared && buffers.b1() ? buffers.b1() + cell.expert * problem.gemm0_cols() : nullptr;
-  auto* h = shared ? buffers.shared_h() : buffers.h() + cell.source * buffers.params.workspace.region_rows() * I;
+  auto* h = shared ? buffers.shared_h() : buffers.h_of(cell.source);
   // The rows of a cell this rank sent itself are its tokens in x (dispatch_task's gather_rows).
   const bool gather = !shared && cell.source == buffers.rank() && buffers.gathers_own_rows();
   const float limit = float(problem.swiglu_limit), alpha = float(problem.swiglu_alpha);
@@ -436,7 +438,7 @@ FLASHMOE_DEVICE bool gemm1_task(const Buffers<M>& buffers, uint8_t* smem, const 
   const int64_t H = problem.hidden, I = shared ? problem.shared_ffn : problem.ffn;
   const auto* w2 = shared ? buffers.shared_w2() : buffers.w2() + cell.expert * H * I;
   const auto* b2 = !shared && buffers.b2() ? buffers.b2() + cell.expert * H : nullptr;
-  const auto* h = shared ? buffers.shared_h() : buffers.h() + cell.source * buffers.params.workspace.region_rows() * I;
+  const auto* h = shared ? buffers.shared_h() : buffers.h_of(cell.source);
   const int64_t column_end = task.column_begin + task.columns;
   for (int64_t m0 = 0; m0 < task.rows; m0 += kTileM) {
     const int64_t row0 = task.first_row + m0;

@@ -100,6 +100,19 @@ void emulate_launch(const cuda::KernelParams& params) {
   emulate_launches<M>({params});
 }
 
+// A workspace for `params`, as a launch finds it: garbage everywhere, then the launcher's memset of
+// its first zeroed_bytes(); params.pointers.workspace points at it.
+std::unique_ptr<uint8_t, decltype(&std::free)> launch_workspace(cuda::KernelParams& params) {
+  std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
+      static_cast<uint8_t*>(std::aligned_alloc(cuda::Workspace::kAlignment,
+                                               size_t(cuda::Workspace::align(params.workspace.total)))),
+      &std::free);
+  std::memset(workspace.get(), 0xab, size_t(params.workspace.total));
+  std::memset(workspace.get(), 0, size_t(params.workspace.zeroed_bytes()));
+  params.pointers.workspace = workspace.get();
+  return workspace;
+}
+
 template <typename T>
 std::vector<T> random_values(std::mt19937& rng, size_t count, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
@@ -321,14 +334,7 @@ bool run_case(const Case& c, uint64_t seed, bool verbose, std::initializer_list<
     // On 2 processors the scheduler's state lives in the workspace, as when it is too big for CTA 0's
     // shared memory; on the other grids in shared memory.
     if (processors == 2) params.workspace.scheduler_smem_bytes = 0, params.workspace.plan();
-    // Garbage everywhere, then the launcher's memset of the control block and heap flags.
-    std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
-        static_cast<uint8_t*>(std::aligned_alloc(cuda::Workspace::kAlignment,
-                                                 size_t(cuda::Workspace::align(params.workspace.total)))),
-        &std::free);
-    std::memset(workspace.get(), 0xab, size_t(params.workspace.total));
-    std::memset(workspace.get(), 0, size_t(params.workspace.zeroed_bytes()));
-    params.pointers.workspace = workspace.get();
+    const auto workspace = launch_workspace(params);
     cuda::emulation::counters.reset();
     cuda::emulation::chaos_seed = processors == 5 ? seed : 0;  // one grid under chaos
     emulate_launch<M>(params);
@@ -510,13 +516,7 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       // host: no counts, nothing dropped), and the CPU backend.
       if (T_ > 0) {
         cuda::KernelParams single = cuda::make_params(rank.problem, pointers_of(rank.want, false), 2);
-        std::unique_ptr<uint8_t, decltype(&std::free)> workspace(
-            static_cast<uint8_t*>(std::aligned_alloc(cuda::Workspace::kAlignment,
-                                                     size_t(cuda::Workspace::align(single.workspace.total)))),
-            &std::free);
-        std::memset(workspace.get(), 0xab, size_t(single.workspace.total));
-        std::memset(workspace.get(), 0, size_t(single.workspace.zeroed_bytes()));
-        single.pointers.workspace = workspace.get();
+        const auto workspace = launch_workspace(single);
         emulate_launch<M>(single);
         const cpu::ExpertWeights weights{router.data(), optional(base.has_router_bias, router_bias.data()), w1.data(),
                                          optional(base.has_b1, b1.data()), w2.data(), optional(base.has_b2, b2.data()),
@@ -540,11 +540,7 @@ bool run_ep_case(const EpCase& c, uint64_t seed, bool verbose) {
       if (last && r == c.vanish) ranks_of_r.fault = cuda::Ranks::kVanishAfterDispatch;
       cuda::KernelParams rank_params =
           cuda::make_params(rank.problem, pointers_of(rank.got, true), c.processors, ranks_of_r, max_tokens);
-      rank.workspace.reset(static_cast<uint8_t*>(
-          std::aligned_alloc(cuda::Workspace::kAlignment, size_t(cuda::Workspace::align(rank_params.workspace.total)))));
-      std::memset(rank.workspace.get(), 0xab, size_t(rank_params.workspace.total));
-      std::memset(rank.workspace.get(), 0, size_t(rank_params.workspace.zeroed_bytes()));
-      rank_params.pointers.workspace = rank.workspace.get();
+      rank.workspace = launch_workspace(rank_params);
       const bool killed = last && r == c.killed;
       if (!killed) launches[size_t(r)].push_back(rank_params);
     }

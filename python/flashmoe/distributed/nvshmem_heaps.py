@@ -388,14 +388,5 @@ class NvshmemHeaps:
         words = [word & 0xFFFFFFFF for word in self.status.cpu().tolist()]  # the copy waits for the stream
         if words[0] == 0:
             return
-        self.broken = describe_status(words, self.context.rank, self.context.watchdog_seconds)
+        self.broken = _C.describe_kernel_error(words, self.context.rank, float(self.context.watchdog_seconds))
         raise RuntimeError(f"flashmoe.distributed: rank {self.context.rank} (nvshmem transport): {self.broken}")
-
-
-def describe_status(words: list, rank: int, timeout_s: float) -> str:
-    """The kernel's text for non-zero status words (``_C.describe_kernel_error``)."""
-    describe = getattr(_C, "describe_kernel_error", None)
-    if describe is not None:
-        return describe(list(words), int(rank), float(timeout_s))
-    return (f"flashmoe: the persistent kernel of rank {rank} gave up waiting for a peer (status words {list(words)}; "
-            f"this flashmoe._C cannot describe them)")
